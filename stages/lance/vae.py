@@ -19,6 +19,8 @@ from diffusers import AutoencoderKLWan
 from PIL import Image
 from torch import nn
 
+from .checkpoint import check_keys
+
 # Per-channel latent statistics of the Wan2.2 VAE (identical in Wan2.2, Lance and diffusers).
 LATENTS_MEAN = (
     -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557, -0.1382, 0.0542, 0.2813, 0.0891,
@@ -178,22 +180,25 @@ class LanceVAE(nn.Module):
     def from_wan22_state_dict(
         cls, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu", encoder: bool = True, decoder: bool = True,
+        source: str = "Wan2.2 VAE state dict",
     ) -> "LanceVAE":
         if not (encoder or decoder):
             raise ValueError("load at least one of encoder / decoder")
-        config = wan22_vae_config({k: tuple(v.shape) for k, v in state_dict.items()})
-        converted = wan22_to_diffusers_state_dict(state_dict)
+        shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
         with torch.device("meta"):
-            model = AutoencoderKLWan(**config)
-        dropped = []
+            model = AutoencoderKLWan(**wan22_vae_config(shapes))
+        expected = {k: tuple(v.shape) for k, v in diffusers_to_wan22_state_dict(model.state_dict()).items()}
+        check_keys(shapes, expected, source=source)  # strict, in the file's own names; raises listing
+        dropped = ()
         if not encoder:
             model.encoder, model.quant_conv = None, None
-            dropped += ["encoder.", "quant_conv."]
+            dropped += ("encoder.", "quant_conv.")
         if not decoder:
             model.decoder, model.post_quant_conv = None, None
-            dropped += ["decoder.", "post_quant_conv."]
-        kept = {k: v.to(device=device, dtype=dtype) for k, v in converted.items() if not k.startswith(tuple(dropped))}
-        model.load_state_dict(kept, strict=True, assign=True)  # raises listing missing / unexpected keys
+            dropped += ("decoder.", "post_quant_conv.")
+        kept = {k: v.to(device=device, dtype=dtype)
+                for k, v in wan22_to_diffusers_state_dict(state_dict).items() if not k.startswith(dropped)}
+        model.load_state_dict(kept, strict=True, assign=True)
         return cls(model, dtype).to(device)
 
     @classmethod
@@ -203,8 +208,7 @@ class LanceVAE(nn.Module):
     ) -> "LanceVAE":
         """Load `Wan2.2_VAE.pth`; `encoder=False` (DiT stage) or `decoder=False` (thinker) skips a half."""
         state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        state_dict = state_dict.get("state_dict", state_dict) if isinstance(state_dict, dict) else state_dict
-        return cls.from_wan22_state_dict(state_dict, dtype, device, encoder, decoder)
+        return cls.from_wan22_state_dict(state_dict, dtype, device, encoder, decoder, source=str(path))
 
     @property
     def has_encoder(self) -> bool:

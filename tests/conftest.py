@@ -1,0 +1,58 @@
+"""Shared test fixtures: the golden data (tiny checkpoint + upstream outputs) and its comparison rule."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    """$LANCE_GOLDEN_DIR, default <repo>/../shared/golden; missing goldens fail the run (never skip)."""
+    path = Path(os.environ.get("LANCE_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
+    if not (path / "cases").is_dir():
+        pytest.fail(f"golden data not found at {path} (set LANCE_GOLDEN_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_dir(golden_dir: Path) -> Path:
+    return golden_dir / "tiny_ckpt"
+
+
+@pytest.fixture(scope="session")
+def golden(golden_dir: Path):
+    """golden(case) -> dict of the case's tensors (cases/<case>/tensors.safetensors), cached."""
+    cache: dict[str, dict[str, torch.Tensor]] = {}
+
+    def load(case: str) -> dict[str, torch.Tensor]:
+        if case not in cache:
+            path = golden_dir / "cases" / case / "tensors.safetensors"
+            if not path.is_file():
+                pytest.fail(f"golden case {case!r} missing: {path}")
+            cache[case] = load_file(str(path))
+        return cache[case]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def assert_golden(golden_dir: Path):
+    """assert_golden(actual, expected, name): the goldens' own compare.py rule (default tolerance:
+    max_abs <= 1e-5 + 1e-4 * max|golden|; ints exact; uint8 images +-1; leading singleton dims ignored)."""
+    spec = importlib.util.spec_from_file_location("lance_golden_compare", golden_dir / "compare.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+
+    def check(actual: torch.Tensor, expected: torch.Tensor, name: str = "tensor", atol=1e-5, rtol=1e-4) -> None:
+        status, message = compare.compare_one(expected.detach().cpu().numpy(), actual.detach().cpu().numpy(),
+                                               atol, rtol)
+        assert status == "PASS", f"{name}: {message}"
+
+    return check
