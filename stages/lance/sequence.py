@@ -71,6 +71,17 @@ class LanceSequence:
         ids = torch.cat([self.input_ids[self.span(i)] for i in keep])
         return LanceSequence(ids, [self.segments[i] for i in keep])
 
+    def head(self, n: int) -> "LanceSequence":
+        """The first n tokens (segments cut at n)."""
+        segs, at = [], 0
+        for s in self.segments:
+            if at >= n:
+                break
+            take = min(s.length, n - at)
+            segs.append(s if take == s.length else Segment(s.kind, take, s.grid, s.is_caption))
+            at += take
+        return LanceSequence(self.input_ids[:n], segs)
+
     def kept_token_index(self) -> torch.Tensor:
         """Token indexes of `without_caption()` within this sequence."""
         return torch.cat([torch.arange(self.span(i).start, self.span(i).stop)

@@ -1,0 +1,247 @@
+"""`LancePipeline`: Lance in one process (diffusers style); the reference every stage is checked against.
+
+    pipe = LancePipeline.from_pretrained("bytedance-research/Lance")      # or a local folder
+    pipe.text_to_image("A red cube on a blue table", height=768, width=768).image
+    pipe.edit_image(Image.open("in.png"), "Make the square green").image
+    pipe.image_to_text(Image.open("in.png"), "What color is the square?").text
+
+Each task reads top to bottom: build the sequence -> encode visual inputs -> prefill the context of each
+CFG branch -> prepare latents -> denoising loop -> decode.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from .checkpoint import load_lance_config, load_tokenizer, resolve_checkpoint, SafetensorsFile
+from .config import LanceConfig, SpecialTokens
+from .context import prefill_context
+from .denoise import BranchState, denoise, initial_noise, posterior_eps
+from .model import LanceModel
+from .preprocessing import vae_image_tensor, vit_image_tensor
+from .prompts import Visual, default_system_prompt
+from .requests import DenoiseParams
+from .scheduler import FlowMatchEulerScheduler
+from .sequence import (BranchPlan, build_generation_sequence, build_understanding_sequence, mrope_positions,
+                       plan_generation)
+from .transformer import KVCache
+from .vae import LanceVAE, decode_to_uint8, uint8_to_pil
+from .vit import LanceViT, patchify_video_with_merge
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationContext:
+    """Everything computed before the denoising loop (kept on outputs for inspection and tests)."""
+
+    cond: BranchPlan
+    uncond: BranchPlan | None
+    latent_grid: tuple[int, int, int]
+    num_reference_tokens: int = 0
+    vit_features: torch.Tensor | None = None
+    reference_latents: torch.Tensor | None = None  # [tokens, 48], posterior sample
+    cond_cache: KVCache | None = None
+    uncond_cache: KVCache | None = None
+
+
+@dataclass
+class ImageOutput:
+    image: Image.Image
+    latents: torch.Tensor          # final target latents [tokens, 48], token-major
+    decoded: torch.Tensor          # VAE output [3, T, H, W] in [-1, 1]
+    context: GenerationContext
+
+
+@dataclass
+class TextOutput:
+    text: str
+    token_ids: list[int]
+    logits: list[torch.Tensor] = field(default_factory=list)  # per step, when output_logits=True
+
+
+StepCallback = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor | None], None]
+
+
+class LancePipeline:
+    def __init__(self, model: LanceModel, tokenizer, tokens: SpecialTokens, vae: LanceVAE | None,
+                 vit: LanceViT | None, config: LanceConfig):
+        self.model, self.tokenizer, self.tokens = model, tokenizer, tokens
+        self.vae, self.vit, self.config = vae, vit, config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.vae2llm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.vae2llm.weight.dtype
+
+    # --- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                        variant: str | None = None) -> "LancePipeline":
+        files = resolve_checkpoint(path_or_repo_id, variant)
+        config = load_lance_config(files)
+        tokenizer = load_tokenizer(files)
+        tokens = SpecialTokens.from_config_and_tokenizer(config.raw_llm_config, tokenizer)
+        model = load_lance_model(files.llm_weights_path, config, dtype, device)
+        vae = LanceVAE.from_wan22_pth(files.vae_path, dtype=dtype, device=device)
+        vit = load_lance_vit(files, dtype, device)
+        return cls(model, tokenizer, tokens, vae, vit, config)
+
+    # --- tasks -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def text_to_image(self, prompt: str, height: int = 768, width: int = 768, num_inference_steps: int = 30,
+                      timestep_shift: float = 3.5, cfg_text_scale: float = 4.0,
+                      cfg_interval: tuple[float, float] = (0.4, 1.0), seed: int = 42,
+                      latents: torch.Tensor | None = None, negative_prompt: str | None = None,
+                      system_prompt: str | None = None, callback: StepCallback | None = None) -> ImageOutput:
+        grid = self.config.latent.latent_grid(1, height, width)
+        if grid[1] * 16 != height or grid[2] * 16 != width:
+            raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
+        params = DenoiseParams(num_inference_steps, timestep_shift, cfg_text_scale, tuple(cfg_interval), seed=seed)
+        system = system_prompt if system_prompt is not None else default_system_prompt("t2i")
+        ctx = self.prepare_generation(system, prompt, [], grid, negative_prompt)
+        return self.generate(ctx, params, latents, callback)
+
+    @torch.no_grad()
+    def edit_image(self, image: Image.Image, instruction: str, resolution: str = "image_768res",
+                   num_inference_steps: int = 30, timestep_shift: float = 3.5, cfg_text_scale: float = 4.0,
+                   cfg_interval: tuple[float, float] = (0.4, 1.0), seed: int = 42,
+                   latents: torch.Tensor | None = None, reference_eps: torch.Tensor | None = None,
+                   system_prompt: str | None = None, callback: StepCallback | None = None) -> ImageOutput:
+        params = DenoiseParams(num_inference_steps, timestep_shift, cfg_text_scale, tuple(cfg_interval), seed=seed)
+        vit_features, vit_grid = self.encode_vit(image, resolution)
+        reference = self.encode_reference(image, resolution, seed, reference_eps)  # [1, 48, t, h, w]
+        grid = tuple(reference.shape[2:])
+        system = system_prompt if system_prompt is not None else default_system_prompt("image_edit")
+        ref_tokens = reference[0].permute(1, 2, 3, 0).reshape(-1, reference.shape[1])
+        ctx = self.prepare_generation(system, instruction, [("vit", vit_grid), ("vae_ref", grid)], grid,
+                                      vit_features=vit_features, reference_latents=ref_tokens)
+        return self.generate(ctx, params, latents, callback)
+
+    @torch.no_grad()
+    def image_to_text(self, image: Image.Image, question: str, system_prompt: str | None = None,
+                      resolution: str = "image_768res", max_new_tokens: int = 256,
+                      output_logits: bool = False) -> TextOutput:
+        vit_features, vit_grid = self.encode_vit(image, resolution)
+        system = system_prompt if system_prompt is not None else default_system_prompt("x2t")
+        parts = [Visual("vit")] + ([question] if question else [])
+        seq = build_understanding_sequence(self.tokenizer, self.tokens, system, [("user", parts)], [vit_grid])
+        positions = mrope_positions(seq, self.config.llm.tokens_per_second)  # x2t: no ViT shift
+        return self.decode_greedy(BranchPlan(seq, positions, positions[:, :0]), vit_features, max_new_tokens,
+                                  output_logits)
+
+    # --- building blocks (the stages reuse the same steps) ----------------------------------------
+
+    def encode_vit(self, image: Image.Image, resolution: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """ViT features [tokens, hidden] and the block's LLM grid (T/2, H/28, W/28)."""
+        video = vit_image_tensor(image, resolution).to(self.device, self.vit.dtype)
+        patches, grid_thw = patchify_video_with_merge(video, self.vit.patch_size, self.vit.temporal_patch_size,
+                                                      self.vit.spatial_merge_size)
+        feats = self.vit(patches, grid_thw)
+        t, h, w = grid_thw[0].tolist()
+        m = self.vit.spatial_merge_size
+        return feats.to(self.dtype), (t, h // m, w // m)
+
+    def encode_reference(self, image: Image.Image, resolution: str, seed: int,
+                         eps: torch.Tensor | None = None) -> torch.Tensor:
+        """Lance's reference latent: posterior *sample* of the bucketed image, [1, 48, t, h, w]."""
+        video = vae_image_tensor(image, resolution)[None].to(self.device, self.vae.latents_mean.dtype)
+        mean, logvar = self.vae.encode(video)
+        if eps is None:
+            eps = posterior_eps(mean.shape, seed, mean.device, mean.dtype)
+        return self.vae.sample_posterior(mean, logvar, eps=eps)
+
+    def prepare_generation(self, system: str, caption: str, context_visuals, grid, negative_prompt=None,
+                           vit_features=None, reference_latents=None) -> GenerationContext:
+        build = lambda text: build_generation_sequence(self.tokenizer, self.tokens, system, text, context_visuals, grid)
+        negative = build(negative_prompt) if negative_prompt is not None else None
+        cond, uncond = plan_generation(build(caption), negative, self.config.llm.tokens_per_second)
+        n_ref = 0 if reference_latents is None else reference_latents.shape[0]
+        return GenerationContext(cond, uncond, tuple(grid), n_ref, vit_features, reference_latents)
+
+    def generate(self, ctx: GenerationContext, params: DenoiseParams, latents: torch.Tensor | None = None,
+                 callback: StepCallback | None = None) -> ImageOutput:
+        ctx.cond_cache = prefill_context(self.model, ctx.cond, ctx.vit_features, ctx.reference_latents)
+        if params.uses_cfg:
+            ctx.uncond_cache = prefill_context(self.model, ctx.uncond, ctx.vit_features, ctx.reference_latents)
+        t, h, w = ctx.latent_grid
+        channels = self.config.latent.channels
+        if latents is None:
+            latents = initial_noise(t * h * w, ctx.num_reference_tokens, params.seed, channels, self.device, self.dtype)
+        elif tuple(latents.shape) != (t * h * w, channels):
+            raise ValueError(f"latents must be [{t * h * w}, {channels}], got {list(latents.shape)}")
+        markers = torch.tensor([self.tokens.vision_start, self.tokens.vision_end], device=self.device)
+        uncond = BranchState(ctx.uncond_cache, ctx.uncond.query_positions.to(self.device)) if params.uses_cfg else None
+        x = denoise(self.model, FlowMatchEulerScheduler(params), latents.to(self.device, self.dtype), ctx.latent_grid,
+                    markers, BranchState(ctx.cond_cache, ctx.cond.query_positions.to(self.device)), uncond, callback)
+        decoded = self.decode_latents(x, ctx.latent_grid)
+        return ImageOutput(uint8_to_pil(decode_to_uint8(decoded))[0], x, decoded, ctx)
+
+    def decode_latents(self, latents: torch.Tensor, grid) -> torch.Tensor:
+        """Token-major latents [t*h*w, 48] -> VAE video [3, T, H, W] in [-1, 1]."""
+        t, h, w = grid
+        z = latents.reshape(t, h, w, -1).permute(3, 0, 1, 2)[None]
+        return self.vae.decode(z)[0]
+
+    def decode_greedy(self, plan: BranchPlan, vit_features, max_new_tokens: int, output_logits: bool) -> TextOutput:
+        """Prefill the prompt, then greedy decoding over `logits[:len(tokenizer)]`, stop at <|im_end|>."""
+        lm = self.model.language_model
+        n = plan.context.input_ids.numel() - 1
+        cache = prefill_context(self.model, BranchPlan(plan.context.head(n), plan.context_positions[:, :n],
+                                                       plan.query_positions), vit_features)
+        next_id = plan.context.input_ids[-1:].to(self.device)  # the "\n" after assistant (upstream decode 0)
+        pos = int(plan.context_positions[0, -1])
+        out, logits_seen = [], []
+        for _ in range(max_new_tokens):
+            hidden = lm(lm.embed_tokens(next_id)[None], torch.full((3, 1), pos, device=self.device),
+                        cache=cache, causal=True, update_cache=True)
+            logits = lm.lm_head(hidden[0, -1]).float()
+            if output_logits:
+                logits_seen.append(logits)
+            token = int(logits[: self.tokens.len_tokenizer].argmax())
+            if token == self.tokens.im_end:
+                break
+            out.append(token)
+            next_id, pos = torch.tensor([token], device=self.device), pos + 1
+        return TextOutput(self.tokenizer.decode(out), out, logits_seen)
+
+
+def load_lance_model(weights_path, config: LanceConfig, dtype: torch.dtype, device, drop_lm_head: bool = False) -> LanceModel:
+    """Build on the meta device, allocate in `dtype` on `device`, fill from the checkpoint lazily.
+
+    Strict: every parameter must be filled, and the only file tensors allowed to go unused are the
+    bundled ViT's (`vit_model.*`, Lance_3B_Video), loaded separately.
+    """
+    with torch.device("meta"):
+        model = LanceModel(config)
+    if drop_lm_head:
+        model.language_model.lm_head = None
+    model = model.to_empty(device=device).to(dtype)
+    with SafetensorsFile(weights_path) as f:
+        _, unused = model.load_weights((name, f.get(name)) for name in f.names())
+    unexpected = sorted(n for n in unused if not n.startswith("vit_model.")
+                        and not (drop_lm_head and n == "language_model.lm_head.weight"))
+    missing = model.missing_parameters()
+    if unexpected or missing:
+        raise ValueError(f"{weights_path}: {len(missing)} missing parameters {missing[:10]}, "
+                         f"{len(unexpected)} unexpected tensors {unexpected[:10]}")
+    return model.eval()
+
+
+def load_lance_vit(files, dtype: torch.dtype, device) -> LanceViT:
+    """Lance_3B_Video bundles its ViT (`vit_model.*`), which upstream loads over vit.safetensors."""
+    with SafetensorsFile(files.llm_weights_path) as f:
+        bundled = any(n.startswith("vit_model.") for n in f.names())
+    if bundled:
+        return LanceViT.from_pretrained(files.vit_dir, dtype, device, weights_path=files.llm_weights_path,
+                                        prefix="vit_model.")
+    return LanceViT.from_pretrained(files.vit_dir, dtype, device)
