@@ -172,6 +172,8 @@ def test_unknown_or_missing_keys_are_rejected(tiny_wan22_state_dict):
     incomplete = {k: v for k, v in tiny_wan22_state_dict.items() if k != "decoder.middle.1.proj.bias"}
     with pytest.raises(CheckpointKeyError, match="decoder.middle.1.proj.bias"):
         LanceVAE.from_wan22_state_dict(incomplete)
+    with pytest.raises(VAEKeyError, match="Wan2.1 tree"):  # flat decoder indices: not this key tree
+        wan22_vae_config({"encoder.downsamples.0.residual.0.gamma": (16, 1, 1, 1)})
     reshaped = {**tiny_wan22_state_dict, "conv1.bias": torch.zeros(95)}
     with pytest.raises(CheckpointKeyError, match="conv1.bias"):
         LanceVAE.from_wan22_state_dict(reshaped)

@@ -113,7 +113,8 @@ def diffusers_to_wan22_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[s
             return f"{m[1]}.middle.{2 * int(m[2]) + 1}.{m[3]}"
         if m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
             return f"{m[1]}.middle.{2 * int(m[2])}.{resblock(m[3], key)}"
-        if m := re.fullmatch(r"(encoder|decoder)\.(?:down|up)_blocks\.(\d+)\.(resnets\.(\d+)|downsampler|upsampler)\.(.+)", key):
+        block = r"(encoder|decoder)\.(?:down|up)_blocks\.(\d+)\.(resnets\.(\d+)|downsampler|upsampler)\.(.+)"
+        if m := re.fullmatch(block, key):
             side, stage = m[1], m[2]
             wan_name = _STAGES[side][0]
             if m[4] is not None:
@@ -126,17 +127,20 @@ def diffusers_to_wan22_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[s
 
 def wan22_vae_config(shapes: dict[str, tuple[int, ...]]) -> dict:
     """`AutoencoderKLWan` kwargs for a stock Wan2.2 VAE state dict, read from its tensor shapes."""
+    stage_of = {k: int(m[1]) for k in shapes if (m := re.match(r"encoder\.downsamples\.(\d+)\.downsamples\.", k))}
+    if not stage_of:
+        raise VAEKeyError("not a Wan2.2 VAE state dict: no encoder.downsamples.<i>.downsamples.* (Wan2.1 tree?)")
+    n_stages = 1 + max(stage_of.values())
     try:
-        base_dim = shapes["encoder.conv1.weight"][0]
-        in_channels = shapes["encoder.conv1.weight"][1]
+        base_dim, in_channels = shapes["encoder.conv1.weight"][:2]
         z_dim = shapes["conv2.weight"][0]
-        decoder_in, decoder_out = shapes["decoder.head.2.weight"][1], shapes["decoder.head.2.weight"][0]
+        decoder_out, decoder_in = shapes["decoder.head.2.weight"][:2]
+        dim_mult = [shapes[f"encoder.downsamples.{i}.downsamples.0.residual.2.weight"][0] // base_dim
+                    for i in range(n_stages)]
     except KeyError as missing:
         raise VAEKeyError(f"not a Wan2.2 VAE state dict: no {missing}") from None
-    n_stages = 1 + max(int(m[1]) for k in shapes if (m := re.match(r"encoder\.downsamples\.(\d+)\.", k)))
-    dim_mult = [shapes[f"encoder.downsamples.{i}.downsamples.0.residual.2.weight"][0] // base_dim for i in range(n_stages)]
-    num_res_blocks = len({k.split(".")[4] for k in shapes if re.match(r"encoder\.downsamples\.0\.downsamples\.\d+\.residual\.", k)})
-    temporal = [any(k.startswith(f"encoder.downsamples.{i}.") and ".time_conv." in k for k in shapes) for i in range(n_stages - 1)]
+    num_res_blocks = len({k.split(".")[4] for k in stage_of if stage_of[k] == 0 and ".residual." in k})
+    temporal = [any(stage_of[k] == i and ".time_conv." in k for k in stage_of) for i in range(n_stages - 1)]
     patch_size = int(round((in_channels / 3) ** 0.5))
     return dict(
         base_dim=base_dim,
