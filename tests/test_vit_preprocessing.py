@@ -73,6 +73,7 @@ def test_bucket_tables_match_spec():
     image = get_preset("image_768res")
     assert image.vae.output_sizes() == [vae for vae, _ in IMAGE_768RES]
     assert image.vit.output_sizes() == [vit for _, vit in IMAGE_768RES]
+    assert image.sizes_by_aspect()["21:9"] == IMAGE_768RES[0] and len(image.sizes_by_aspect()) == 6
     video = get_preset("video_480p")
     assert video.vae.output_sizes() == VIDEO_480P_VAE and video.vit.output_sizes() == VIDEO_480P_VIT
     assert set(RESOLUTION_PRESETS) == {"image_256res", "image_512res", "image_768res",

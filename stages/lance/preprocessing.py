@@ -51,6 +51,10 @@ class ResolutionPreset:
     vae: StreamTransform
     vit: StreamTransform
 
+    def sizes_by_aspect(self) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+        """{"16:9": ((vae H, W), (vit H, W)), ...}: the only sizes this preset produces."""
+        return dict(zip(self.vae.aspect_ratios, zip(self.vae.output_sizes(), self.vit.output_sizes())))
+
 
 def _preset(name: str, vae_res: int, vit_res: int) -> ResolutionPreset:
     vae = StreamTransform(vae_res, divisible_crop=16, mean=(0.5,) * 3, std=(0.5,) * 3)
