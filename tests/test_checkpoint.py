@@ -178,7 +178,7 @@ def test_check_keys_allows_only_the_given_prefixes():
         check_keys(["a"], ["a", "b.y"], allowed_missing=("c.",))
 
 
-def test_model_file_with_a_missing_and_an_unexpected_tensor_is_rejected(tmp_path, golden_files):
+def test_model_file_with_a_missing_and_an_unexpected_tensor_is_rejected(tmp_path, capsys, golden_files):
     root = tmp_path / "ckpt"
     shutil.copytree(golden_files.root, root)
     path = root / "Lance_3B" / "model.safetensors"
@@ -191,6 +191,15 @@ def test_model_file_with_a_missing_and_an_unexpected_tensor_is_rejected(tmp_path
         check_model_file(resolve_checkpoint(root))
     assert "language_model.model.layers.1.self_attn.k_norm_moe_gen.weight" in str(err.value)
     assert "connector.fc1.weight" in str(err.value)
+    assert cli_main(["check-checkpoint", str(root)]) == 1
+    out = capsys.readouterr().out
+    assert "1 missing, 1 unexpected" in out and "connector.fc1.weight" in out
+    assert "Wan2.2_VAE.pth: 196 tensors matched, 0 missing" in out
+
+
+def test_check_checkpoint_cli_passes_the_golden(capsys, tiny_ckpt_dir):
+    assert cli_main(["check-checkpoint", str(tiny_ckpt_dir / "Lance_3B")]) == 0
+    assert "Lance_3B/model.safetensors: 69 tensors matched, 0 missing, 0 unexpected" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -162,9 +162,9 @@ def load_tokenizer(files: CheckpointFiles):
     return AutoTokenizer.from_pretrained(str(files.llm_dir), local_files_only=True)
 
 
-def read_vit_config(files_or_dir: CheckpointFiles | Path) -> dict:
-    vit_dir = files_or_dir.vit_config_path.parent if isinstance(files_or_dir, CheckpointFiles) else Path(files_or_dir)
-    return json.loads((vit_dir / VIT_CONFIG_NAME).read_text())
+def read_vit_config(files: CheckpointFiles) -> dict:
+    """`Qwen2.5-VL-ViT/config.json` as a dict (kwargs of `Qwen2_5_VLVisionConfig`, plus private keys)."""
+    return json.loads(files.vit_config_path.read_text())
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -107,5 +107,25 @@ def _run_make_tiny_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------
+# check-checkpoint
+# ----------------------------------------------------------------------------------------------------
+@subcommand("check-checkpoint", help="account for every tensor of a checkpoint (headers only, no weights read)")
+def _configure_check_checkpoint(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="checkpoint folder, variant folder, or hub repo id (downloads the variant)")
+    parser.add_argument("--variant", choices=("Lance_3B", "Lance_3B_Video"), default=None,
+                        help="variant to check (default: Lance_3B, or the variant folder given)")
+    parser.set_defaults(run=_run_check_checkpoint)
+
+
+def _run_check_checkpoint(args: argparse.Namespace) -> int:
+    from .checkpoint import check_checkpoint, resolve_checkpoint
+
+    files = resolve_checkpoint(args.path, args.variant)
+    report = check_checkpoint(files, raise_on_error=False)
+    print(report)
+    return 0 if report.ok else 1
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_SEED = 20260714  # the golden tiny checkpoint's seed
 # Head sizes vLLM's CPU attention backend supports; the tiny LLM must run in the vLLM thinker too.
 VLLM_CPU_HEAD_DIMS = (64, 80, 112, 128)
+POS_EMBED_NAME = "latent_pos_embed.pos_embed"
 TINY_TOKENIZER_DIR = Path(__file__).parent / "data" / "tiny_tokenizer"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
 # Wan2.2 VAE structure (spec §6.1); only the widths are tiny.
@@ -210,9 +211,10 @@ def make_tiny_checkpoint(out_dir: str | Path, spec: TinyCheckpointSpec = TinyChe
         cfg = LanceConfig(llm=LanceLLMConfig.from_dict(raw_llm), variant=variant, raw_llm_config=raw_llm)
         # Variants are separate fine-tunes: seed the non-default ones' tensors apart from Lance_3B's.
         tag = "" if variant == VARIANTS[0] else f"{variant}/"
-        tensors = {n: transformer_tensor(n, s, spec.seed, tag + n) for n, s in expected_llm_tensor_shapes(cfg).items()}
+        tensors = {n: transformer_tensor(n, s, spec.seed, tag + n) for n, s in expected_llm_tensor_shapes(cfg).items()
+                   if n != POS_EMBED_NAME}
         frames = stored_latent_pos_embed_frames(cfg)
-        tensors["latent_pos_embed.pos_embed"] = latent_pos_embed_table(spec.hidden, frames, cfg.latent.max_latent_size)
+        tensors[POS_EMBED_NAME] = latent_pos_embed_table(spec.hidden, frames, cfg.latent.max_latent_size)
         if variant in VIDEO_VARIANTS:  # the video file carries its own ViT copy (spec §1.1)
             tensors |= {VIT_PREFIX + n: transformer_tensor(n, s, spec.seed, tag + VIT_PREFIX + n)
                         for n, s in vit_shapes.items()}
