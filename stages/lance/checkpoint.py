@@ -96,8 +96,9 @@ def resolve_checkpoint(path_or_repo_id: str | Path, variant: str | None = None, 
                        cache_dir: str | Path | None = None) -> CheckpointFiles:
     """Locate a checkpoint variant: an existing local path (never touches the network) or a hub repo id.
 
-    `variant` defaults to "Lance_3B", or to the folder's own name when the path points at a variant
-    folder. Raises FileNotFoundError naming what is missing.
+    A path that does not exist and reads `owner/name` is taken as a repo id. `variant` defaults to
+    "Lance_3B", or to the folder's own name when the path points at a variant folder. Raises
+    FileNotFoundError naming what is missing.
     """
     path = Path(path_or_repo_id).expanduser()
     if path.exists():
@@ -122,6 +123,7 @@ def _resolve_local(path: Path, variant: str | None, need_vit: bool, need_vae: bo
         if variant is not None and path.name in VARIANTS and path.name != variant:
             raise ValueError(f"{path} is the {path.name} variant, but variant={variant!r} was asked for")
         variant = path.name if path.name in VARIANTS else (variant or VARIANTS[0])
+        _check_variant_name(variant)
         llm_dir = path
     elif path.is_dir():
         root = path
