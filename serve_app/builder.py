@@ -1,0 +1,131 @@
+"""Ray Serve application builder: `import_path: serve_app.builder:build_app`.
+
+    args:                       (all optional; unknown keys are errors with a suggested fix)
+      stage_graph: auto         auto | cpu | single_gpu | multi_gpu | path/to/graph.yaml
+                                (auto: cpu.yaml with no GPU, single_gpu.yaml with one, multi_gpu.yaml
+                                with more; GPUs of the Ray cluster when the builder runs in it)
+      model: null               local dir or hub id (see model_choice.py for the precedence)
+      served_model_name: null   the id clients send as `model` (default: the model's own)
+      allow_remote_images: false   fetch http(s) image_url parts (off: data URLs only)
+      request_timeout_s: 600    a request still running after this gets a 504
+      max_image_bytes: 20971520 largest accepted input image
+
+The stage graph sets each deployment's Serve options; the stage classes get the engine arguments:
+    ThinkerStage(model, variant, engine_args)
+    DiTStage(model, variant, engine_args, max_batch_size, batch_wait_timeout_s, cfg_parallel)
+    LanceIngress(thinker_handle, dit_handle, settings)
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from pydantic import PositiveFloat, PositiveInt, ValidationError
+from ray import serve
+from ray.serve.deployment import Application, Deployment
+
+from stages.lance.config import LatentConfig
+
+from .ingress import IngressSettings, LanceIngress
+from .model_choice import ServedModel, choose_model, count_gpus
+from .request_parsing import RequestLimits
+from .stage_graph import SHIPPED_GRAPHS_DIR, StageGraph, StageGraphError, load_stage_graph
+from .strict_model import StrictModel, error_lines
+
+logger = logging.getLogger("ray.serve")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class AppArgs(StrictModel):
+    stage_graph: str = "auto"
+    model: Optional[str] = None
+    served_model_name: Optional[str] = None
+    allow_remote_images: bool = False
+    request_timeout_s: PositiveFloat = 600.0
+    max_image_bytes: PositiveInt = 20 * 2**20
+
+
+def parse_app_args(args: dict | None) -> AppArgs:
+    try:
+        return AppArgs.model_validate(args or {})
+    except ValidationError as e:
+        lines = [f"args.{key}: {msg}" for key, msg in error_lines(e)]
+        raise ValueError("invalid serve_app.builder:build_app args:\n  " + "\n  ".join(lines)) from None
+
+
+def resolve_stage_graph_path(name: str, num_gpus: int) -> Path:
+    if name == "auto":
+        name = "cpu" if num_gpus == 0 else "single_gpu" if num_gpus == 1 else "multi_gpu"
+    if "/" not in name and not name.endswith((".yaml", ".yml")):
+        return SHIPPED_GRAPHS_DIR / f"{name}.yaml"
+    path = Path(name)
+    # relative paths: from the working dir (Serve's working_dir), else from the repository root
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path
+
+
+@dataclass(frozen=True)
+class AppPlan:
+    """Everything build_app decides before it imports the stage classes and binds them."""
+
+    graph_path: Path
+    graph: StageGraph
+    served: ServedModel
+    settings: IngressSettings
+    thinker_init: dict
+    dit_init: dict
+
+
+def plan_app(args: dict | None, num_gpus: int | None = None) -> AppPlan:
+    app_args = parse_app_args(args)
+    num_gpus = count_gpus() if num_gpus is None else num_gpus
+    graph_path = resolve_stage_graph_path(app_args.stage_graph, num_gpus)
+    graph = load_stage_graph(graph_path)
+    served = choose_model(app_args.model, graph.model, num_gpus)
+    thinker, dit = graph.stages.thinker, graph.stages.dit
+    limits = RequestLimits(max_image_side=LatentConfig().max_image_side,
+                           max_new_tokens=thinker.engine.max_model_len,
+                           max_image_bytes=app_args.max_image_bytes,
+                           allow_remote_images=app_args.allow_remote_images)
+    settings = IngressSettings(served_model_name=app_args.served_model_name or served.name,
+                               model_path=served.path,
+                               tiny_random_weights=served.tiny_random_weights,
+                               stage_graph=graph.name,
+                               request_timeout_s=app_args.request_timeout_s, limits=limits)
+    return AppPlan(
+        graph_path=graph_path, graph=graph, served=served, settings=settings,
+        thinker_init={"model": served.path, "variant": graph.variant,
+                      "engine_args": thinker.engine.vllm_engine_args()},
+        dit_init={"model": served.path, "variant": graph.variant,
+                  "engine_args": dit.engine.model_dump(),
+                  "max_batch_size": dit.batching.max_batch_size,
+                  "batch_wait_timeout_s": dit.batching.batch_wait_timeout_s,
+                  "cfg_parallel": dit.cfg_parallel})
+
+
+def _stage_deployment(import_path: str, name: str, options: dict) -> Deployment:
+    module_name, _, attr = import_path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise StageGraphError(f"cannot import the {name} class {import_path!r}: {e}") from e
+    deployment = cls if isinstance(cls, Deployment) else serve.deployment(cls)
+    return deployment.options(name=name, **options)
+
+
+def build_app(args: dict) -> Application:
+    plan = plan_app(args)
+    stages = plan.graph.stages
+    logger.info("lance-serve: stage graph %s (%s), model %s (from %s)", plan.graph.name,
+                plan.graph_path, plan.served.path, plan.served.source)
+    thinker = _stage_deployment(stages.thinker.deployment_class, "ThinkerStage",
+                                stages.thinker.deployment_options()).bind(**plan.thinker_init)
+    dit = _stage_deployment(stages.dit.deployment_class, "DiTStage",
+                            stages.dit.deployment_options()).bind(**plan.dit_init)
+    ingress = serve.deployment(LanceIngress).options(name="LanceIngress",
+                                                     **stages.ingress.deployment_options())
+    return ingress.bind(thinker, dit, plan.settings)

@@ -1,0 +1,297 @@
+"""HTTP ingress: OpenAI-compatible routes over the thinker and DiT deployments (no model code).
+
+  POST /v1/chat/completions   t2i / image_edit / x2t_image / chat (request_parsing.py routes)
+  POST /v1/images/generations OpenAI images API (JSON), b64_json
+  POST /v1/images/edits       OpenAI images API (multipart: image + prompt), b64_json
+  GET  /v1/models             the served model, and whether it is the tiny random checkpoint
+  GET  /health                200 only when both stages answer check_health
+
+`build_fastapi_app(service)` makes the app; `LanceIngress` is the Serve deployment that owns one.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from stages.lance.requests import ImageRequest
+
+from . import openai_protocol as oai
+from .errors import OpenAIError, bad_request, install_error_handlers, stage_error
+from .media import decode_image_bytes, png_base64, png_data_url
+from .metrics import StageMetrics
+from .pipeline import StagePipeline
+from .request_parsing import (RequestLimits, form_fields, parse_chat_request, parse_edit_form,
+                              parse_generation_json)
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass(frozen=True)
+class IngressSettings:
+    served_model_name: str
+    model_path: str
+    tiny_random_weights: bool = False
+    stage_graph: str = ""
+    request_timeout_s: float = 600.0
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+    @property
+    def max_body_bytes(self) -> int:
+        # one base64 image (4/3 of its bytes) plus generous room for text
+        return self.limits.max_image_bytes * 4 // 3 + 4 * 2**20
+
+
+def _timeout_error(seconds: float) -> OpenAIError:
+    return OpenAIError(f"the request did not finish within {seconds:.0f}s", status=504,
+                       type="timeout", code="timeout")
+
+
+@asynccontextmanager
+async def _deadline(seconds: float):
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError:
+        raise _timeout_error(seconds) from None
+
+
+class LanceService:
+    """What the routes do; holds the stage pipeline and the settings."""
+
+    def __init__(self, settings: IngressSettings, thinker=None, dit=None):
+        self.settings = settings
+        self.metrics = StageMetrics()
+        self.pipeline = StagePipeline(thinker, dit, self.metrics)
+
+    # -- helpers ------------------------------------------------------------------------------------
+    def _check_model(self, model: str | None) -> None:
+        s = self.settings
+        if model and model not in (s.served_model_name, s.model_path):
+            raise OpenAIError(f"model {model!r} is not served here; this server serves "
+                              f"{s.served_model_name!r}", status=404, type="not_found_error",
+                              param="model", code="model_not_found")
+
+    def _check_body_size(self, size: int) -> None:
+        limit = self.settings.max_body_bytes
+        if size > limit:
+            raise OpenAIError(f"the request body is larger than {limit} bytes", status=413,
+                              code="request_too_large")
+
+    async def _read_body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit():
+            self._check_body_size(int(declared))
+        body = await request.body()
+        self._check_body_size(len(body))
+        return body
+
+    def _image_usage(self, handoffs) -> dict:
+        return oai.usage(sum(h.cond.context_len for h in handoffs),
+                         sum(h.num_target_tokens for h in handoffs))
+
+    # -- /v1/chat/completions -----------------------------------------------------------------------
+    async def chat_completions(self, request: Request):
+        parsed = await parse_chat_request(await self._read_body(request), self.settings.limits)
+        self._check_model(parsed.model)
+        model, req = self.settings.served_model_name, parsed.request
+        timeout = self.settings.request_timeout_s
+        if isinstance(req, ImageRequest):
+            if parsed.stream:
+                async with _deadline(timeout):
+                    handoff = await self.pipeline.prefill(req)   # errors here are still 4xx
+                return self._sse(self._image_events(req, handoff, model, parsed.include_usage))
+            async with _deadline(timeout):
+                image, handoff = await self.pipeline.generate_image(req)
+            return oai.chat_completion(req.request_id, model,
+                                       oai.image_content(png_data_url(image["png"])), "stop",
+                                       self._image_usage([handoff]))
+        if parsed.stream:
+            tokens = self.pipeline.generate_text(req)
+            async with _deadline(timeout):
+                first = await anext(tokens)   # context overflow surfaces here, as a 400
+            return self._sse(self._text_events(req, tokens, first, model, parsed.include_usage))
+        text, finish, last = [], "stop", {}
+        async with _deadline(timeout), aclosing(self.pipeline.generate_text(req)) as tokens:
+            async for item in tokens:
+                text.append(item.get("text", ""))
+                finish, last = item.get("finish_reason") or finish, item
+        return oai.chat_completion(req.request_id, model, "".join(text), finish,
+                                   oai.usage(last.get("prompt_tokens", 0),
+                                             last.get("completion_tokens", 0)))
+
+    def _sse(self, events) -> StreamingResponse:
+        timeout = self.settings.request_timeout_s
+
+        async def body():
+            deadline = time.monotonic() + timeout
+            async with aclosing(events) as chunks:
+                try:
+                    while True:
+                        try:
+                            async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                                chunk = await anext(chunks)
+                        except StopAsyncIteration:
+                            break
+                        yield oai.sse(chunk)
+                except TimeoutError:   # headers are sent: errors go into the stream
+                    yield oai.sse(_timeout_error(timeout).body())
+                except OpenAIError as e:
+                    yield oai.sse(e.body())
+                except Exception as e:
+                    yield oai.sse(stage_error(e, "stream").body())
+            yield oai.SSE_DONE
+        return StreamingResponse(body(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _image_events(self, req: ImageRequest, handoff, model: str, include_usage: bool):
+        rid = req.request_id
+        yield oai.chat_chunk(rid, model, {"role": "assistant", "content": ""})
+        async with aclosing(self.pipeline.denoise(handoff)) as items:
+            async for item in items:
+                if "png" in item:
+                    yield oai.chat_chunk(rid, model, {"content": oai.image_content(
+                        png_data_url(item["png"]))})
+                else:
+                    yield oai.chat_chunk(rid, model, {}, lance_progress={
+                        "step": item.get("step"), "total": item.get("total")})
+        yield oai.chat_chunk(rid, model, {}, finish_reason="stop")
+        if include_usage:
+            yield oai.usage_chunk(rid, model, self._image_usage([handoff]))
+
+    async def _text_events(self, req, tokens, first: dict, model: str, include_usage: bool):
+        rid, last = req.request_id, first
+        yield oai.chat_chunk(rid, model, {"role": "assistant", "content": ""})
+        async with aclosing(tokens):
+            item = first
+            while True:
+                if item.get("text"):
+                    yield oai.chat_chunk(rid, model, {"content": item["text"]})
+                last = item
+                if item.get("finish_reason"):
+                    break
+                try:
+                    item = await anext(tokens)
+                except StopAsyncIteration:
+                    break
+        yield oai.chat_chunk(rid, model, {}, finish_reason=last.get("finish_reason") or "stop")
+        if include_usage:
+            yield oai.usage_chunk(rid, model, oai.usage(last.get("prompt_tokens", 0),
+                                                        last.get("completion_tokens", 0)))
+
+    # -- /v1/images/* -------------------------------------------------------------------------------
+    async def images_generations(self, request: Request):
+        parsed = parse_generation_json(await self._read_body(request), self.settings.limits)
+        return await self._run_images(parsed)
+
+    async def images_edits(self, request: Request):
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise bad_request("send the edit as multipart/form-data with fields image and prompt",
+                              code="invalid_content_type")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit():
+            self._check_body_size(int(declared))
+        async with request.form(max_files=8, max_fields=200) as form:
+            texts, files = [], []
+            for key, value in form.multi_items():
+                if isinstance(value, str):
+                    texts.append((key, value))
+                else:
+                    files.append((key, value))
+            image = await self._edit_image(files)
+        parsed = parse_edit_form(form_fields(texts), image, self.settings.limits)
+        return await self._run_images(parsed)
+
+    async def _edit_image(self, files):
+        if any(key == "mask" for key, _ in files):
+            raise bad_request("masks are not supported: Lance edits follow the text instruction",
+                              param="mask", code="unsupported_parameter")
+        unknown = [key for key, _ in files if key not in ("image", "image[]")]
+        if unknown:
+            raise bad_request(f"unexpected file field {unknown[0]!r}; send the image as 'image'",
+                              param=unknown[0], code="unknown_parameter")
+        if not files:
+            raise bad_request("the edit needs an image file field 'image'", param="image",
+                              code="missing_required_parameter")
+        limit = self.settings.limits
+        if len(files) > limit.max_input_images:
+            raise bad_request(f"{len(files)} images were sent; at most {limit.max_input_images}",
+                              param="image", code="too_many_images")
+        data = await files[0][1].read(limit.max_image_bytes + 1)
+        if len(data) > limit.max_image_bytes:
+            raise bad_request(f"the image is larger than {limit.max_image_bytes} bytes",
+                              param="image", code="image_too_large")
+        return decode_image_bytes(data, "image")
+
+    async def _run_images(self, parsed):
+        self._check_model(parsed.model)
+        tasks = [asyncio.ensure_future(self.pipeline.generate_image(r)) for r in parsed.requests]
+        try:
+            async with _deadline(self.settings.request_timeout_s):
+                results = await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:   # one failed image fails the request: stop the others
+                t.cancel()
+            raise
+        images = [img for img, _ in results]
+        size = f"{images[0]['width']}x{images[0]['height']}"
+        return oai.images_response([png_base64(img["png"]) for img in images], size,
+                                   self._image_usage([h for _, h in results]))
+
+    # -- /v1/models, /health ------------------------------------------------------------------------
+    async def models(self):
+        s = self.settings
+        return {"object": "list", "data": [{
+            "id": s.served_model_name, "object": "model", "created": 0, "owned_by": "lance-serve",
+            "root": s.model_path,
+            "lance": {"tiny_random_weights": s.tiny_random_weights, "stage_graph": s.stage_graph,
+                      "max_image_side": s.limits.max_image_side,
+                      "max_model_len": s.limits.max_new_tokens}}]}
+
+    async def health(self):
+        stages = await self.pipeline.check_health()
+        if all(v == "ok" for v in stages.values()):
+            return {"status": "ok", "stages": stages}
+        bad = ", ".join(f"{k}: {v}" for k, v in stages.items() if v != "ok")
+        err = OpenAIError(f"not ready ({bad})", status=503, type="service_unavailable",
+                          code="not_ready")
+        return JSONResponse(dict(err.body(), stages=stages), status_code=503)
+
+
+def build_fastapi_app(service: LanceService) -> FastAPI:
+    app = FastAPI(title="lance-serve", version="0.1.0")
+    install_error_handlers(app)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label set
+        service.metrics.requests.inc(tags={"route": route, "status": str(response.status_code)})
+        return response
+
+    app.post("/v1/chat/completions")(service.chat_completions)
+    app.post("/v1/images/generations")(service.images_generations)
+    app.post("/v1/images/edits")(service.images_edits)
+    app.get("/v1/models")(service.models)
+    app.get("/health")(service.health)
+    return app
+
+
+@serve.ingress()
+class LanceIngress:
+    """Serve deployment owning the FastAPI app; the app is built on the replica (late-bound)."""
+
+    def __init__(self, thinker, dit, settings: IngressSettings):
+        self.service = LanceService(settings, thinker=thinker, dit=dit)
+        if settings.tiny_random_weights:
+            logger.warning("SERVING THE TINY RANDOM-WEIGHTS CHECKPOINT %s: IMAGES WILL BE NOISE",
+                           settings.model_path)
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return build_fastapi_app(self.service)
