@@ -1,0 +1,15 @@
+"""The DiT stage: denoises thinker hand-offs with Lance's generation expert and decodes them to images.
+
+    engine.py   DenoiseEngine - many requests' steps in shared forwards (plain Python)
+    forward.py  ReferenceForward (the model core) and FastForward (packed, fused) velocity forwards
+    runner.py   DiTRunner - load, engine, VAE decode to PNG (no Ray)
+    stage.py    DiTStage - the Ray Serve deployment (imported lazily: `stages.dit:DiTStage`)
+"""
+
+
+def __getattr__(name):
+    if name == "DiTStage":  # keeps `import stages.dit.engine` free of Ray
+        from .stage import DiTStage
+
+        return DiTStage
+    raise AttributeError(name)

@@ -1,0 +1,255 @@
+"""The DiT stepping engine: many requests' denoising loops advanced together, one step at a time.
+
+Plain Python (no Ray, no asyncio): the deployment drives it from a worker thread; tests and the
+benchmark call it directly. Each `step()` admits waiting requests, builds one row per CFG branch that
+is active at each request's current step (cond always, uncond inside the CFG interval), runs them in
+as few forwards as the token budget allows (a request's rows always share a forward), then applies
+CFG + renorm and the Euler update per request. Requests join and leave between steps; each keeps
+its own schedule, step count and CFG knobs, so batching never changes what a request computes.
+
+The latent state is kept in fp32 whatever the model dtype (upstream keeps it in bf16); the model
+sees it in its own dtype, as the model core's loop does.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from stages.lance.denoise import initial_noise
+from stages.lance.handoff import ContextHandoff
+from stages.lance.model import LanceModel
+from stages.lance.scheduler import FlowMatchEulerScheduler
+
+from .forward import BranchContext, FastForward, ReferenceForward, Row, VelocityForward
+
+MAX_STEPS = 1000
+RENORM_TYPES = ("global", "channel", "none", "")
+
+
+class DiTRequestError(ValueError):
+    """A hand-off the DiT cannot run; carries an HTTP status for the ingress (serve_app.errors)."""
+
+    http_status = 400
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_handoff"):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+
+@dataclass(eq=False)
+class DenoiseJob:
+    """One request's denoising loop."""
+
+    request_id: str
+    grid: tuple[int, int, int]
+    scheduler: FlowMatchEulerScheduler
+    cond: BranchContext
+    uncond: BranchContext | None
+    x: torch.Tensor                                  # [n, channels] fp32, the current latents
+    on_step: Callable[[int, int], None] | None = None  # (steps done, total) after every step
+    step: int = 0
+    cancelled: bool = False
+    error: BaseException | None = None
+    forward_calls: list[int] = field(default_factory=list)  # rows of each forward it took part in
+
+    @property
+    def total_steps(self) -> int:
+        return self.scheduler.num_steps
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps or self.cancelled or self.error is not None
+
+    def rows(self, dtype: torch.dtype) -> list[Row]:
+        sigma = self.scheduler.sigmas[self.step]
+        latents = self.x.to(dtype)
+        rows = [Row(self.cond, latents, sigma, request=self)]
+        if self.uses_cfg_now:
+            rows.append(Row(self.uncond, latents, sigma, request=self))
+        return rows
+
+    @property
+    def uses_cfg_now(self) -> bool:
+        return self.uncond is not None and self.scheduler.uses_cfg(self.step)
+
+    @property
+    def tokens_now(self) -> int:
+        return (self.x.shape[0] + 2) * (2 if self.uses_cfg_now else 1)
+
+    def apply(self, velocities: list[torch.Tensor]) -> None:
+        """CFG-combine this step's velocities and take the Euler step."""
+        if len(velocities) == 2:
+            v = self.scheduler.guide(velocities[0], velocities[1])
+        else:
+            v = velocities[0]
+        self.x = self.scheduler.step(self.x, v, self.step)
+        self.step += 1
+
+
+class DenoiseEngine:
+    """Runs `DenoiseJob`s to completion in shared forwards (see the module docstring)."""
+
+    def __init__(self, model: LanceModel, forward: str | VelocityForward = "fast", *, kernels: str = "torch",
+                 attention_backends=None, max_batch_size: int = 8, max_tokens_per_forward: int = 32768):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        self.model = model
+        self.cfg = model.config
+        self.device = model.vae2llm.weight.device
+        self.dtype = model.vae2llm.weight.dtype
+        if forward == "fast":
+            forward = FastForward(model, kernels=kernels, attention_backends=attention_backends)
+        elif forward == "reference":
+            forward = ReferenceForward(model)
+        elif isinstance(forward, str):
+            raise ValueError(f"unknown forward {forward!r} (fast | reference)")
+        self.forward: VelocityForward = forward
+        self.max_batch_size = max_batch_size
+        self.max_tokens_per_forward = max_tokens_per_forward
+        self.active: list[DenoiseJob] = []
+        self._pending: collections.deque[DenoiseJob] = collections.deque()
+        self._lock = threading.Lock()
+        self.forwards_run = 0
+
+    # --- building jobs -----------------------------------------------------------------------------
+
+    def prepare(self, handoff: ContextHandoff, cond_kv: tuple[torch.Tensor, torch.Tensor],
+                uncond_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                on_step: Callable[[int, int], None] | None = None) -> DenoiseJob:
+        """Validate a hand-off (with its fetched K/V) and turn it into a job on this engine's device."""
+        grid = self._check_grid(handoff.latent_grid)
+        n = grid[0] * grid[1] * grid[2]
+        p = handoff.params
+        self._check_params(p)
+        if p.uses_cfg and handoff.uncond is None:
+            raise DiTRequestError(f"cfg_text_scale={p.cfg_text_scale} needs the text-uncond branch, but the "
+                                  "hand-off has none", param="uncond")
+        cond = self._branch(handoff.cond, cond_kv, grid, "cond")
+        uncond = None
+        if handoff.uncond is not None and p.uses_cfg:
+            if uncond_kv is None:
+                raise DiTRequestError("the hand-off has an uncond branch but no K/V was given for it", param="uncond")
+            uncond = self._branch(handoff.uncond, uncond_kv, grid, "uncond")
+        channels = self.cfg.latent.channels
+        if handoff.initial_noise is not None:
+            noise = handoff.initial_noise
+            if tuple(noise.shape) != (n, channels):
+                raise DiTRequestError(f"initial_noise has shape {list(noise.shape)}, expected [{n}, {channels}]",
+                                      param="initial_noise")
+        else:
+            if handoff.num_reference_tokens < 0:
+                raise DiTRequestError("num_reference_tokens must be >= 0", param="num_reference_tokens")
+            # upstream's draw: on the model's device, in its dtype, over all VAE tokens of the sample
+            noise = initial_noise(n, handoff.num_reference_tokens, p.seed, channels, self.device, self.dtype)
+        x = noise.to(self.device, torch.float32)
+        return DenoiseJob(handoff.request_id, grid, FlowMatchEulerScheduler(p), cond, uncond, x, on_step)
+
+    def _check_grid(self, grid) -> tuple[int, int, int]:
+        try:
+            t, h, w = (int(g) for g in grid)
+        except (TypeError, ValueError):
+            raise DiTRequestError(f"latent_grid must be (t, h, w), got {grid!r}", param="latent_grid") from None
+        lat = self.cfg.latent
+        if min(t, h, w) < 1 or max(h, w) > lat.max_latent_size or t > lat.max_latent_frames:
+            raise DiTRequestError(f"latent_grid {(t, h, w)} out of range: 1 <= h, w <= {lat.max_latent_size}, "
+                                  f"1 <= t <= {lat.max_latent_frames}", param="latent_grid")
+        return t, h, w
+
+    @staticmethod
+    def _check_params(p) -> None:
+        def bad(msg, param):
+            raise DiTRequestError(msg, param=param, code="invalid_value")
+
+        if not 1 <= p.num_inference_steps <= MAX_STEPS:
+            bad(f"num_inference_steps must be in [1, {MAX_STEPS}], got {p.num_inference_steps}", "num_inference_steps")
+        if not p.timestep_shift > 0:
+            bad(f"timestep_shift must be > 0, got {p.timestep_shift}", "timestep_shift")
+        lo, hi = p.cfg_interval
+        if not 0.0 <= lo <= hi <= 1.0:
+            bad(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {p.cfg_interval}", "cfg_interval")
+        if p.cfg_renorm_type not in RENORM_TYPES:
+            bad(f"cfg_renorm_type must be one of global, channel, none; got {p.cfg_renorm_type!r}", "cfg_renorm_type")
+        if not p.cfg_renorm_min >= 0:
+            bad(f"cfg_renorm_min must be >= 0, got {p.cfg_renorm_min}", "cfg_renorm_min")
+
+    def _branch(self, branch, kv, grid, name: str) -> BranchContext:
+        llm = self.cfg.llm
+        k, v = kv
+        want = (llm.num_hidden_layers, branch.context_len, llm.num_key_value_heads, llm.head_dim)
+        for label, t in (("K", k), ("V", v)):
+            if tuple(t.shape) != want:
+                raise DiTRequestError(f"{name} {label} has shape {list(t.shape)}, expected {list(want)} "
+                                      "([layers, context_len, kv_heads, head_dim])", param=f"{name}.kv")
+        n = grid[0] * grid[1] * grid[2]
+        pos = branch.query_positions
+        if tuple(pos.shape) != (3, n + 2):
+            raise DiTRequestError(f"{name} query_positions has shape {list(pos.shape)}, expected [3, {n + 2}]",
+                                  param=f"{name}.query_positions")
+        return BranchContext(k.to(self.device, self.dtype), v.to(self.device, self.dtype),
+                             pos.to(self.device, torch.long), grid)
+
+    # --- running -----------------------------------------------------------------------------------
+
+    def submit(self, job: DenoiseJob) -> None:
+        """Queue a job; it joins at the next step (thread-safe)."""
+        with self._lock:
+            self._pending.append(job)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.active or self._pending)
+
+    def step(self) -> list[DenoiseJob]:
+        """Advance every active job by one step; returns the jobs that finished (or were cancelled)."""
+        with self._lock:
+            while self._pending and len(self.active) < self.max_batch_size:
+                self.active.append(self._pending.popleft())
+        finished = [j for j in self.active if j.done]
+        running = [j for j in self.active if not j.done]
+        for chunk in self._chunks(running):
+            rows = [r for job in chunk for r in job.rows(self.dtype)]
+            try:
+                velocities = self.forward(rows)
+            except Exception as e:  # a failed forward fails its jobs, not the engine
+                for job in chunk:
+                    job.error = e
+                continue
+            self.forwards_run += 1
+            at = 0
+            for job in chunk:
+                k = 2 if job.uses_cfg_now else 1
+                job.forward_calls.append(len(rows))
+                job.apply(velocities[at:at + k])
+                at += k
+                if job.on_step is not None:
+                    job.on_step(job.step, job.total_steps)
+        finished += [j for j in running if j.done]
+        self.active = [j for j in self.active if not j.done]
+        return finished
+
+    def _chunks(self, jobs: list[DenoiseJob]):
+        chunk, tokens = [], 0
+        for job in jobs:
+            t = job.tokens_now
+            if chunk and tokens + t > self.max_tokens_per_forward:
+                yield chunk
+                chunk, tokens = [], 0
+            chunk.append(job)
+            tokens += t
+        if chunk:
+            yield chunk
+
+    def run(self, jobs: list[DenoiseJob]) -> list[torch.Tensor]:
+        """Submit jobs and step until all are done; their final latents [n, channels] (fp32)."""
+        for job in jobs:
+            self.submit(job)
+        while any(not j.done for j in jobs):
+            self.step()
+        for job in jobs:
+            if job.error is not None:
+                raise job.error
+        return [j.x for j in jobs]

@@ -1,0 +1,293 @@
+"""Velocity forwards of the DiT: rows (one CFG branch of one request at one step) in, velocities out.
+
+Two implementations of one function, checked against each other:
+
+* `ReferenceForward` - the model core as it is (`stages.lance.denoise.predict_velocity`): one forward
+  per request with its cond and uncond rows padded into a batch with a mask, experts routed by index.
+* `FastForward` - every row of every request packed into one token stream. The gen expert runs on
+  all tokens and the und expert re-runs only the two markers of each row, whose results are patched
+  in (2 tokens per row of wasted gen work instead of a gather/scatter of every activation); residual
+  adds ride in the GEMM epilogue (addmm); attention runs per group of rows with equal shapes as one
+  dense SDPA call without a mask, so flash/cuDNN kernels apply. Token order inside a row is
+  [latents, vision_start, vision_end]: the query block is non-causal and RoPE uses explicit positions,
+  so the order does not change the result.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from stages.lance.denoise import batch_caches, predict_velocity
+from stages.lance.model import LanceModel
+from stages.lance.transformer import KVCache, mrope_cos_sin
+
+from .kernels import ElementwiseOps
+from .model import MARKER_IDS
+
+_uids = itertools.count()
+
+
+@dataclass(eq=False)
+class BranchContext:
+    """One CFG branch of one request on the model's device: its context cache and target positions."""
+
+    keys: torch.Tensor        # [num_layers, L, Hkv, d], after qk-norm and RoPE
+    values: torch.Tensor      # [num_layers, L, Hkv, d]
+    positions: torch.Tensor   # [3, n + 2] int64: vision_start, latents (t, h, w order), vision_end
+    grid: tuple[int, int, int]
+    uid: int = field(default_factory=lambda: next(_uids))
+    _cache: KVCache | None = field(default=None, repr=False)
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def num_latents(self) -> int:
+        return self.positions.shape[1] - 2
+
+    def as_kv_cache(self) -> KVCache:
+        """The model core's cache view ([1, L, Hkv, d] per layer, no copy)."""
+        if self._cache is None:
+            self._cache = KVCache.from_stacked(self.keys, self.values)
+        return self._cache
+
+
+@dataclass(eq=False)
+class Row:
+    """One forward row: a branch's target block at the current latents and sigma."""
+
+    branch: BranchContext
+    latents: torch.Tensor     # [n, channels] in the model dtype
+    sigma: torch.Tensor       # scalar
+    request: object = None    # rows of one request share this key (the reference path batches them)
+
+
+class VelocityForward(Protocol):
+    def __call__(self, rows: list[Row]) -> list[torch.Tensor]:
+        """Velocities [n, channels] (fp32) of the rows, in order."""
+
+
+class ReferenceForward:
+    """The model core's forward, one request at a time (its rows batched with a padding mask)."""
+
+    def __init__(self, model: LanceModel):
+        self.model = model
+        self.markers = MARKER_IDS.to(model.vae2llm.weight.device)
+        self._batched: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
+
+    @torch.no_grad()
+    def __call__(self, rows: list[Row]) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        by_request: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            by_request.setdefault(id(row.request) if row.request is not None else -i - 1, []).append(i)
+        for idx in by_request.values():
+            group = [rows[i] for i in idx]
+            x = torch.stack([r.latents for r in group])
+            sigma = torch.stack([r.sigma.reshape(()) for r in group]).to(x)
+            positions = torch.stack([r.branch.positions for r in group])
+            v = predict_velocity(self.model, x, sigma, group[0].branch.grid, self.markers, positions,
+                                 self._cache([r.branch for r in group]))
+            for j, i in enumerate(idx):
+                out[i] = v[j].float()
+        return out
+
+    def _cache(self, branches: list[BranchContext]) -> KVCache:
+        if len(branches) == 1:
+            return branches[0].as_kv_cache()
+        key = tuple(b.uid for b in branches)
+        if key not in self._batched:
+            self._batched[key] = batch_caches([b.as_kv_cache() for b in branches])
+            while len(self._batched) > 16:
+                self._batched.popitem(last=False)
+        self._batched.move_to_end(key)
+        return self._batched[key]
+
+
+@dataclass
+class _Group:
+    """Rows with equal (context length, query length), contiguous in the packed token stream."""
+
+    token_start: int
+    token_end: int
+    rows: int
+    query_len: int
+    keys: torch.Tensor    # [num_layers, rows, L, Hkv, d]
+    values: torch.Tensor
+
+
+@dataclass
+class _Plan:
+    """Everything about one batch composition that does not change from step to step."""
+
+    order: list[int]              # packed row -> index into the caller's rows
+    latent_counts: list[int]      # per packed row
+    latent_index: torch.Tensor    # [T_lat] positions of latent tokens in the packed stream
+    marker_index: torch.Tensor    # [2R] positions of (vision_start, vision_end) of every row
+    groups: list[_Group]
+    cos: torch.Tensor             # [T, d] fp32
+    sin: torch.Tensor
+    pos_embed: torch.Tensor       # [T_lat, hidden] latent position embeddings
+    tokens: int
+
+
+class FastForward:
+    """All rows in one packed forward (see the module docstring). Same function as ReferenceForward."""
+
+    def __init__(self, model: LanceModel, kernels: str = "torch", attention_backends=None, max_plans: int = 8):
+        self.model = model
+        self.cfg = model.config.llm
+        self.ops = ElementwiseOps(kernels)
+        self.attention_backends = attention_backends   # e.g. [SDPBackend.CUDNN_ATTENTION]; None = SDPA's choice
+        self.expand_kv: bool | None = None             # decided on first use: does the backend take GQA?
+        self.device = model.vae2llm.weight.device
+        self.dtype = model.vae2llm.weight.dtype
+        self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
+        self.max_plans = max_plans
+
+    # --- per batch composition --------------------------------------------------------------------
+
+    def plan(self, rows: list[Row]) -> _Plan:
+        key = tuple(r.branch.uid for r in rows)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._build_plan(rows)
+            while len(self._plans) > self.max_plans:
+                self._plans.popitem(last=False)
+        self._plans.move_to_end(key)
+        return plan
+
+    def _build_plan(self, rows: list[Row]) -> _Plan:
+        shape_of = [(r.branch.length, r.branch.num_latents) for r in rows]
+        order = sorted(range(len(rows)), key=lambda i: shape_of[i])   # stable: equal shapes stay in order
+        lat_index, mk_index, cos, sin, pos, groups = [], [], [], [], [], []
+        at = 0
+        for shape, members in itertools.groupby(order, key=lambda i: shape_of[i]):
+            members = list(members)
+            length, n = shape
+            start = at
+            for i in members:
+                b = rows[i].branch
+                lat_index.append(torch.arange(at, at + n))
+                mk_index.append(torch.tensor([at + n, at + n + 1]))
+                # [vs, latents, ve] -> [latents, vs, ve]
+                perm = torch.cat([torch.arange(1, n + 1), torch.tensor([0, n + 1])]).to(b.positions.device)
+                c, s = mrope_cos_sin(b.positions[:, perm][None].to(self.device), self.cfg, torch.float32)
+                cos.append(c[0])
+                sin.append(s[0])
+                pos.append(self.model.latent_positions(b.grid))
+                at += n + 2
+            keys = torch.stack([rows[i].branch.keys for i in members], dim=1)
+            values = torch.stack([rows[i].branch.values for i in members], dim=1)
+            groups.append(_Group(start, at, len(members), n + 2, keys, values))
+        return _Plan(order=order, latent_counts=[shape_of[i][1] for i in order],
+                     latent_index=torch.cat(lat_index).to(self.device), marker_index=torch.cat(mk_index).to(self.device),
+                     groups=groups, cos=torch.cat(cos).contiguous(), sin=torch.cat(sin).contiguous(),
+                     pos_embed=torch.cat(pos), tokens=at)
+
+    # --- the forward --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, rows: list[Row]) -> list[torch.Tensor]:
+        plan = self.plan(rows)
+        x = self.embed(plan, rows)
+        v = self.run_layers(plan, x)
+        out: list[torch.Tensor | None] = [None] * len(rows)
+        for i, part in zip(plan.order, v.split(plan.latent_counts)):
+            out[i] = part.float()
+        return out
+
+    def embed(self, plan: _Plan, rows: list[Row]) -> torch.Tensor:
+        """Packed input embeddings [T, hidden]."""
+        m = self.model
+        ordered = [rows[i] for i in plan.order]
+        latents = torch.cat([r.latents for r in ordered]).to(self.dtype)
+        sigmas = torch.stack([r.sigma.reshape(()) for r in ordered]).to(self.device, self.dtype)  # as the core does
+        temb = m.time_embedder(sigmas).to(self.dtype)
+        temb = temb.repeat_interleave(torch.tensor(plan.latent_counts, device=self.device), dim=0)
+        lat = m.vae2llm(latents) + temb + plan.pos_embed
+        x = lat.new_empty(plan.tokens, lat.shape[1])
+        x.index_copy_(0, plan.latent_index, lat)
+        x.index_copy_(0, plan.marker_index, m.language_model.embed_tokens.weight.repeat(len(ordered), 1))
+        return x
+
+    def run_layers(self, plan: _Plan, x: torch.Tensor) -> torch.Tensor:
+        """Packed embeddings [T, hidden] -> velocities of the latent tokens [T_lat, channels]."""
+        lm = self.model.language_model
+        for i, layer in enumerate(lm.layers):
+            x = self.layer(i, layer, x, plan)
+        h = self.ops.rms_norm(x.index_select(0, plan.latent_index), lm.norm_gen.weight, lm.norm_gen.eps)
+        return self.model.llm2vae(h)
+
+    def layer(self, index: int, layer, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        gen, und, ops, mk = layer.gen, layer.und, self.ops, plan.marker_index
+        # attention block: gen expert on every token, und expert re-run on the markers and patched in
+        q, k, v = self._qkv(gen, x, plan.cos, plan.sin)
+        q_u, k_u, v_u = self._qkv(und, x.index_select(0, mk), plan.cos.index_select(0, mk), plan.sin.index_select(0, mk))
+        q.index_copy_(0, mk, q_u)
+        k.index_copy_(0, mk, k_u)
+        v.index_copy_(0, mk, v_u)   # v is a view into the gen qkv output, patched in place
+        o = self.attention(q, k, v, plan, index)
+        x_u, o_u = x.index_select(0, mk), o.index_select(0, mk)
+        x = torch.addmm(x, o, gen.attn.o_proj.weight.t())
+        x.index_copy_(0, mk, torch.addmm(x_u, o_u, und.attn.o_proj.weight.t()))
+        # MLP block, same split
+        x_u = x.index_select(0, mk)
+        y = self._mlp(gen, x)
+        y.index_copy_(0, mk, self._mlp(und, x_u))
+        return y
+
+    def _qkv(self, expert, x, cos, sin):
+        attn = expert.attn
+        h = self.ops.rms_norm(x, expert.input_layernorm.weight, expert.input_layernorm.eps)
+        qkv = F.linear(h, attn.qkv_proj.weight, attn.qkv_proj.bias)
+        return self.ops.qk_norm_rope(qkv, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin,
+                                     self.cfg.num_attention_heads, self.cfg.num_key_value_heads)
+
+    def _mlp(self, expert, x):
+        """x + mlp(post_attention_layernorm(x))."""
+        ln = expert.post_attention_layernorm
+        h = self.ops.rms_norm(x, ln.weight, ln.eps)
+        act = self.ops.silu_mul(F.linear(h, expert.mlp.gate_up_proj.weight))
+        return torch.addmm(x, act, expert.mlp.down_proj.weight.t())
+
+    def attention(self, q, k, v, plan: _Plan, layer: int) -> torch.Tensor:
+        """Per group: [context K/V ; the group's own K/V] against its queries, no mask. -> [T, Hq*d]."""
+        outs = []
+        for g in plan.groups:
+            rows, n = g.rows, g.query_len
+            qg = q[g.token_start:g.token_end].view(rows, n, *q.shape[1:]).transpose(1, 2)
+            kg = torch.cat([g.keys[layer], k[g.token_start:g.token_end].view(rows, n, *k.shape[1:])], dim=1)
+            vg = torch.cat([g.values[layer], v[g.token_start:g.token_end].reshape(rows, n, *v.shape[1:])], dim=1)
+            og = self._sdpa(qg, kg.transpose(1, 2), vg.transpose(1, 2))
+            outs.append(og.transpose(1, 2).reshape(rows * n, -1))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _sdpa(self, q, k, v):
+        if self.expand_kv is None:      # first call: does the chosen backend take GQA as is?
+            try:
+                out = self._sdpa_call(q, k, v, expand=False)
+                self.expand_kv = False
+                return out
+            except RuntimeError:
+                self.expand_kv = True
+        return self._sdpa_call(q, k, v, expand=self.expand_kv)
+
+    def _sdpa_call(self, q, k, v, expand: bool):
+        gqa = q.shape[1] != k.shape[1]
+        if expand and gqa:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            gqa = False
+        if self.attention_backends is None:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(self.attention_backends):
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)

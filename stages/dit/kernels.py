@@ -1,0 +1,160 @@
+"""Element-wise ops of the DiT forward, in plain torch and fused in Triton (same semantics).
+
+The plain versions are the reference (they follow `stages.lance.transformer` op for op, in the input
+dtype with fp32 statistics); the Triton versions do each op in one pass over memory, which is what
+matters once the GEMMs and attention run near peak: unfused, these ops move ~250 KB per token and
+layer, fused ~100 KB (see benchmarks/dit_notes.md).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # Triton is only needed (and only present) where the fast GPU path runs
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only installs
+    triton = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain torch (reference semantics)
+# ---------------------------------------------------------------------------------------------
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2 RMSNorm over the last dim: statistics in fp32, weight applied in the input dtype."""
+    xf = x.float()
+    return weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def qk_norm_rope_torch(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                       cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int):
+    """qkv [T, (Hq + 2 Hkv) d] -> q [T, Hq, d], k [T, Hkv, d] (per-head RMSNorm, then mRoPE), v [T, Hkv, d].
+
+    cos/sin [T, d] in fp32; RoPE is applied in the input dtype as the model core does.
+    """
+    d = q_weight.shape[0]
+    q, k, v = qkv.split([num_heads * d, num_kv_heads * d, num_kv_heads * d], dim=-1)
+    q = rms_norm_torch(q.unflatten(-1, (num_heads, d)), q_weight, eps)
+    k = rms_norm_torch(k.unflatten(-1, (num_kv_heads, d)), k_weight, eps)
+    c, s = cos.to(qkv.dtype).unsqueeze(1), sin.to(qkv.dtype).unsqueeze(1)
+
+    def rope(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * c + torch.cat([-x2, x1], dim=-1) * s
+
+    return rope(q), rope(k), v.unflatten(-1, (num_kv_heads, d))
+
+
+def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+# ---------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        normed = (x * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _qk_norm_rope_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, stride_qkv, eps,
+                             HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+        # One token per program: all q and k heads as rows of a [BLOCK_H, HALF] tile (two halves).
+        tok = tl.program_id(0)
+        heads = tl.arange(0, BLOCK_H)[:, None]
+        lanes = tl.arange(0, HALF)[None, :]
+        valid = heads < HQ + HKV
+        is_q = heads < HQ
+        src = qkv_ptr + tok * stride_qkv + heads * (2 * HALF) + lanes
+        x1 = tl.load(src, mask=valid, other=0.0).to(tl.float32)
+        x2 = tl.load(src + HALF, mask=valid, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * HALF) + eps)
+        dt = q_ptr.dtype.element_ty
+        w1 = tl.where(is_q, tl.load(qw_ptr + lanes), tl.load(kw_ptr + lanes)).to(tl.float32)
+        w2 = tl.where(is_q, tl.load(qw_ptr + HALF + lanes), tl.load(kw_ptr + HALF + lanes)).to(tl.float32)
+        n1 = ((x1 * rstd[:, None]).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+        n2 = ((x2 * rstd[:, None]).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
+        c1 = tl.load(cos_ptr + tok * 2 * HALF + lanes)
+        c2 = tl.load(cos_ptr + tok * 2 * HALF + HALF + lanes)
+        s1 = tl.load(sin_ptr + tok * 2 * HALF + lanes)
+        s2 = tl.load(sin_ptr + tok * 2 * HALF + HALF + lanes)
+        o1 = (n1 * c1 - n2 * s1).to(dt)
+        o2 = (n2 * c2 + n1 * s2).to(dt)
+        q_dst = q_ptr + tok * HQ * 2 * HALF + heads * (2 * HALF) + lanes
+        k_dst = k_ptr + tok * HKV * 2 * HALF + (heads - HQ) * (2 * HALF) + lanes
+        tl.store(q_dst, o1, mask=is_q)
+        tl.store(q_dst + HALF, o2, mask=is_q)
+        k_mask = valid & (heads >= HQ)
+        tl.store(k_dst, o1, mask=k_mask)
+        tl.store(k_dst + HALF, o2, mask=k_mask)
+
+    @triton.jit
+    def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_out, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * stride_gu + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        act = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + cols, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    assert x.dim() == 2 and x.stride(1) == 1
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if x.shape[0]:
+        _rms_norm_kernel[(x.shape[0],)](x, weight, out, x.stride(0), out.stride(0), x.shape[1], eps,
+                                        BLOCK=triton.next_power_of_2(x.shape[1]), num_warps=8)
+    return out
+
+
+def qk_norm_rope_triton(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                        cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int):
+    assert qkv.dim() == 2 and qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+    tokens, d = qkv.shape[0], q_weight.shape[0]
+    q = qkv.new_empty(tokens, num_heads, d)
+    k = qkv.new_empty(tokens, num_kv_heads, d)
+    if tokens:
+        _qk_norm_rope_kernel[(tokens,)](qkv, q_weight, k_weight, cos, sin, q, k, qkv.stride(0), eps,
+                                        HQ=num_heads, HKV=num_kv_heads, HALF=d // 2,
+                                        BLOCK_H=triton.next_power_of_2(num_heads + num_kv_heads), num_warps=4)
+    v = qkv[:, (num_heads + num_kv_heads) * d:].unflatten(-1, (num_kv_heads, d))
+    return q, k, v
+
+
+def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
+    assert gate_up.dim() == 2 and gate_up.stride(1) == 1
+    tokens, n = gate_up.shape[0], gate_up.shape[1] // 2
+    out = gate_up.new_empty(tokens, n)
+    block = 1024
+    if tokens:
+        _silu_mul_kernel[(tokens, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n,
+                                                          BLOCK=block, num_warps=4)
+    return out
+
+
+class ElementwiseOps:
+    """The three fused element-wise ops of a layer, in torch or Triton."""
+
+    def __init__(self, impl: str = "torch"):
+        if impl == "triton" and triton is None:
+            raise RuntimeError("kernels='triton' needs the triton package")
+        if impl not in ("torch", "triton"):
+            raise ValueError(f"unknown element-wise implementation {impl!r} (torch | triton)")
+        self.impl = impl
+        fused = impl == "triton"
+        self.rms_norm = rms_norm_triton if fused else rms_norm_torch
+        self.qk_norm_rope = qk_norm_rope_triton if fused else qk_norm_rope_torch
+        self.silu_mul = silu_mul_triton if fused else silu_mul_torch
