@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 # Modules whose import registers subcommands (this one registers make-tiny-checkpoint itself).
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("serve_app.k8s_cli",)
 
 
 @dataclass(frozen=True)

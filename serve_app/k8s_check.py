@@ -1,0 +1,459 @@
+"""Offline checks of a RayService manifest: what `kubectl apply` and the cluster would reject, found
+before anything is applied. Every problem comes back as one readable line that names where it is.
+
+  schema      the RayService CRD's openAPIV3Schema through jsonschema, unknown fields rejected (as
+              `kubectl apply --validate=strict` does), list-map keys unique, KubeRay's name and
+              ray.io/initializing-timeout rules
+  serve       serveConfigV2 through Ray's ServeDeploySchema (unknown keys, which Ray ignores, are
+              errors here), the import_path imported, the builder's args and the stage graph through
+              our schemas, and deployment overrides that agree with the graph
+  resources   each worker group as Ray's KubeRay autoscaler reads it; GPUs that Ray counts backed by
+              nvidia.com/gpu limits; no GPU on the head; every deployment fits some group, and all
+              replicas at their maximum fit the groups at theirs
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import math
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union, get_args
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from .k8s_render import (BUILDER_IMPORT_PATH, DEPLOYMENT_NAMES, GPU_RESOURCE, IMAGE_APP_ROOT,
+                         ReplicaRange, builder_application, ray_version, repo_path)
+from .stage_graph import StageGraphError, load_stage_graph
+from .strict_model import error_lines, suggest
+
+MAX_RAYSERVICE_NAME = 47          # KubeRay: 53-character RayCluster names minus its 6-character suffix
+INITIALIZING_TIMEOUT = "ray.io/initializing-timeout"
+INT_RANGES = {"int32": (-2**31, 2**31 - 1), "int64": (-2**63, 2**63 - 1)}
+OBJECT_META = {"type": "object", "additionalProperties": False, "required": ["name"], "properties": {
+    "name": {"type": "string"}, "namespace": {"type": "string"}, "generateName": {"type": "string"},
+    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+    "annotations": {"type": "object", "additionalProperties": {"type": "string"}}}}
+
+
+def load_yaml(path: Union[str, Path]):
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)   # the CRD is 1 MB of YAML
+    return yaml.load(Path(path).read_text(), Loader=loader)
+
+
+# ----------------------------------------------------------------------------------------------------
+# schema: the CRD's openAPIV3Schema as JSON Schema
+# ----------------------------------------------------------------------------------------------------
+def openapi_to_jsonschema(node: Any) -> Any:
+    """OpenAPI v3 (Kubernetes structural schema) -> JSON Schema Draft 7.
+
+    Objects with `properties` reject unknown fields unless x-kubernetes-preserve-unknown-fields;
+    `nullable` admits null; int32/int64 get their bounds. x-kubernetes-list-map-keys stays, for the
+    validator keyword below; x-kubernetes-validations (CEL) are not evaluated.
+    """
+    if isinstance(node, list):
+        return [openapi_to_jsonschema(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: openapi_to_jsonschema(v) for k, v in node.items()
+           if k not in ("nullable", "x-kubernetes-validations")}
+    if node.get("nullable") and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if node.get("format") in INT_RANGES and node.get("type") == "integer":
+        out["minimum"], out["maximum"] = INT_RANGES[node["format"]]
+    if ("properties" in node and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")):
+        out["additionalProperties"] = False
+    return out
+
+
+def _list_map_keys(validator, keys, instance, schema):
+    if not validator.is_type(instance, "array") or schema.get("x-kubernetes-list-type") != "map":
+        return
+    from jsonschema import ValidationError as SchemaError
+    seen = {}
+    for i, item in enumerate(instance):
+        if isinstance(item, dict):
+            key = tuple(json.dumps(item.get(k)) for k in keys)
+            if key in seen:
+                shown = ", ".join(f"{k}={item.get(k)!r}" for k in keys)
+                yield SchemaError(f"items [{seen[key]}] and [{i}] have the same {shown}; "
+                                  "Kubernetes keys this list by it")
+            seen[key] = i
+
+
+@lru_cache(maxsize=4)
+def crd_validator(crd_path: str, version: str = "v1"):
+    from jsonschema import Draft7Validator, validators
+
+    crd = load_yaml(crd_path)
+    versions = {v["name"]: v for v in crd["spec"]["versions"]}
+    if version not in versions:
+        raise ValueError(f"{crd_path}: no version {version!r} (has {', '.join(versions)})")
+    schema = openapi_to_jsonschema(versions[version]["schema"]["openAPIV3Schema"])
+    schema["properties"]["metadata"] = OBJECT_META
+    kind = crd["spec"]["names"]["kind"]
+    schema["properties"]["kind"] = {"const": kind}
+    schema["properties"]["apiVersion"] = {"const": f"{crd['spec']['group']}/{version}"}
+    schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata", "spec"})
+    cls = validators.extend(Draft7Validator, {"x-kubernetes-list-map-keys": _list_map_keys})
+    return cls(schema)
+
+
+def json_path(parts: Iterable) -> str:
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "<top level>"
+
+
+def _schema_message(error) -> str:
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = error.schema.get("properties", {})
+        return "; ".join(f"unknown field '{k}'{suggest(k, known)}"
+                         for k in sorted(error.instance) if k not in known)
+    if error.validator in ("anyOf", "oneOf") and error.context:
+        return "; ".join(sorted({e.message for e in error.context}))
+    return error.message
+
+
+def schema_problems(manifest: dict, crd_path: Union[str, Path]) -> list[str]:
+    validator = crd_validator(str(crd_path))
+    errors = sorted(validator.iter_errors(manifest), key=lambda e: list(map(str, e.absolute_path)))
+    problems = [f"{json_path(e.absolute_path)}: {_schema_message(e)}" for e in errors]
+    return problems + metadata_problems(manifest.get("metadata") or {})
+
+
+_DURATION = re.compile(r"^([0-9]+(\.[0-9]*)?(ns|us|µs|ms|s|m|h))+$")
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def metadata_problems(meta: dict) -> list[str]:
+    """The checks KubeRay's ValidateRayServiceMetadata makes."""
+    problems = []
+    name = str(meta.get("name", ""))
+    if len(name) > MAX_RAYSERVICE_NAME:
+        problems.append(f"metadata.name: {name!r} is longer than {MAX_RAYSERVICE_NAME} characters")
+    if name and not _DNS1035.match(name):
+        problems.append(f"metadata.name: {name!r} is not a DNS-1035 label (lowercase letters, digits, "
+                        "'-', starting with a letter)")
+    timeout = (meta.get("annotations") or {}).get(INITIALIZING_TIMEOUT)
+    if timeout is None:
+        problems.append(f"metadata.annotations: no {INITIALIZING_TIMEOUT}: the first start downloads "
+                        "and loads the weights; say how long KubeRay should wait for it")
+    elif not (_DURATION.match(str(timeout)) or str(timeout).isdigit()) or str(timeout).strip("0") == "":
+        problems.append(f"metadata.annotations.{INITIALIZING_TIMEOUT}: {timeout!r} is neither a Go "
+                        "duration ('90m', '2h') nor a positive number of seconds")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------
+# serve: serveConfigV2
+# ----------------------------------------------------------------------------------------------------
+def _model_classes(annotation) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [c for arg in get_args(annotation) for c in _model_classes(arg)]
+
+
+def unknown_keys(model: type[BaseModel], data: Any, where: str) -> list[str]:
+    """Keys a pydantic model would silently ignore (Ray's Serve schemas accept any key)."""
+    if not isinstance(data, dict):
+        return []
+    fields = model.model_fields
+    names = {f.alias or n: n for n, f in fields.items()} | {n: n for n in fields}
+    problems = []
+    for key, value in data.items():
+        if key not in names:
+            problems.append(f"{where}: unknown key '{key}'{suggest(str(key), fields)}")
+            continue
+        annotation = fields[names[key]].annotation
+        for cls in _model_classes(annotation)[:1]:
+            items = enumerate(value) if isinstance(value, list) else [(None, value)]
+            for i, item in items:
+                problems += unknown_keys(cls, item, f"{where}.{key}" + ("" if i is None else f"[{i}]"))
+    return problems
+
+
+def import_problems(import_path: str, where: str) -> list[str]:
+    """What Serve does with import_path: import the module, take the attribute."""
+    sep = ":" if ":" in import_path else "."
+    module_name, _, attr = import_path.rpartition(sep)
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as e:
+        return [f"{where}: {import_path!r} does not import: {type(e).__name__}: {e}"]
+    from ray.serve.deployment import Application
+    if not (callable(target) or isinstance(target, Application)):
+        return [f"{where}: {import_path!r} is neither an application nor an app builder"]
+    return []
+
+
+@dataclass(frozen=True)
+class DeploymentDemand:
+    name: str
+    ray_actor_options: dict
+    replicas: ReplicaRange
+
+
+def _replicas(options: dict) -> ReplicaRange:
+    auto = options.get("autoscaling_config")
+    if auto:
+        initial = auto.get("initial_replicas")
+        lo, hi = auto.get("min_replicas", 1), auto.get("max_replicas", 1)
+        return ReplicaRange(lo, lo if initial is None else initial, hi)
+    n = options.get("num_replicas") or 1
+    return ReplicaRange(n, n, n)
+
+
+def _graph_path(stage_graph: str) -> Optional[Path]:
+    if stage_graph.startswith("/"):
+        return repo_path(stage_graph)
+    from .builder import resolve_stage_graph_path
+    return resolve_stage_graph_path(stage_graph, num_gpus=1)
+
+
+def serve_problems(serve_config_text: str) -> tuple[list[str], list[DeploymentDemand]]:
+    """Problems of serveConfigV2, and the deployments it makes (for the resource checks)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    where = "spec.serveConfigV2"
+    try:
+        config = yaml.safe_load(serve_config_text)
+    except yaml.YAMLError as e:
+        return [f"{where}: not valid YAML: {e}"], []
+    try:
+        ServeDeploySchema.model_validate(config)
+    except ValidationError as e:
+        return [f"{where}: Ray ServeDeploySchema: {key}: {msg}" for key, msg in error_lines(e)], []
+    problems = unknown_keys(ServeDeploySchema, config, where)
+    imports = [p for i, app in enumerate(config["applications"])
+               for p in import_problems(app["import_path"], f"{where}.applications[{i}].import_path")]
+    if imports:
+        return problems + imports, []
+    try:
+        app = builder_application(config, where)
+    except ValueError as e:
+        return problems + [str(e)], []
+
+    from .builder import parse_app_args
+    try:
+        args = parse_app_args(app.get("args"))
+    except ValueError as e:
+        return problems + [f"{where}: {e}"], []
+    if args.stage_graph == "auto":
+        return problems + [f"{where}: args.stage_graph is 'auto', which counts the GPUs present when "
+                           "the app is built (GPU pods may not have joined yet); name the graph"], []
+    graph_file = _graph_path(args.stage_graph)
+    if graph_file is None or not graph_file.is_file():
+        return problems + [f"{where}: args.stage_graph {args.stage_graph!r} is not a stage graph the "
+                           f"image carries (configs/ is copied to {IMAGE_APP_ROOT}/configs)"], []
+    try:
+        graph = load_stage_graph(graph_file)
+    except StageGraphError as e:
+        return problems + [f"{where}: args.stage_graph: {e}"], []
+
+    options = {DEPLOYMENT_NAMES[s]: getattr(graph.stages, s).deployment_options()
+               for s in ("ingress", "thinker", "dit")}
+    for override in app.get("deployments") or []:
+        name = override.get("name")
+        if name not in options:
+            problems.append(f"{where}: deployments: no deployment {name!r} in the app "
+                            f"(it has {', '.join(options)})")
+            continue
+        problems += _override_problems(override, options[name], f"{where}: deployments[{name}]",
+                                       graph_file)
+        options[name] = {**options[name], **{k: v for k, v in override.items() if k != "name"}}
+    demands = [DeploymentDemand(n, o["ray_actor_options"], _replicas(o)) for n, o in options.items()]
+    return problems, demands
+
+
+def _override_problems(override: dict, graph_options: dict, where: str, graph_file: Path) -> list[str]:
+    """A rendered override repeats the graph's ray_actor_options and only adds custom resources."""
+    problems = []
+    for key in override:
+        if key not in ("name", "ray_actor_options"):
+            problems.append(f"{where}.{key}: set in the stage graph, not in serveConfigV2 overrides")
+    ours = graph_options["ray_actor_options"]
+    theirs = override.get("ray_actor_options") or {}
+    for key in sorted(set(ours) | set(theirs)):
+        if key == "resources":
+            added = theirs.get("resources") or {}
+            changed = {k: v for k, v in (ours.get("resources") or {}).items() if added.get(k) != v}
+            if changed:
+                problems.append(f"{where}.ray_actor_options.resources drops or changes {changed} "
+                                f"of {graph_file.name}")
+        elif ours.get(key) != theirs.get(key):
+            problems.append(f"{where}.ray_actor_options.{key} is {theirs.get(key)!r} but "
+                            f"{graph_file.name} says {ours.get(key)!r}: re-render the manifest")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------
+# resources: worker groups against deployments
+# ----------------------------------------------------------------------------------------------------
+@dataclass
+class NodeType:
+    label: str                      # e.g. "workerGroupSpecs[1] (dit)"
+    resources: dict[str, float]     # what Ray advertises per pod, as the autoscaler reads it
+    max_pods: int
+
+
+def _gpu_limit(group: dict) -> int:
+    from ray.autoscaler._private.kuberay.utils import parse_quantity
+    container = (group["template"]["spec"].get("containers") or [{}])[0]
+    limits = (container.get("resources") or {}).get("limits") or {}
+    return math.ceil(parse_quantity(str(limits[GPU_RESOURCE]))) if GPU_RESOURCE in limits else 0
+
+
+@contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level, logger.level = logger.level, logging.CRITICAL
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def node_types(cluster: dict) -> tuple[list[str], list[NodeType]]:
+    from ray.autoscaler._private.kuberay.autoscaling_config import _get_ray_resources_from_group_spec
+
+    problems, nodes = [], []
+    groups = [(cluster["headGroupSpec"], True, "headGroupSpec")] + [
+        (g, False, f"workerGroupSpecs[{i}] ({g.get('groupName')})")
+        for i, g in enumerate(cluster.get("workerGroupSpecs") or [])]
+    for group, is_head, label in groups:
+        try:
+            with _quiet("ray.autoscaler"):   # its own error log would repeat ours
+                resources = _get_ray_resources_from_group_spec(group, is_head)
+        except Exception as e:   # Ray's own reader: a value the autoscaler cannot parse
+            problems.append(f"{label}: Ray's autoscaler cannot read this group's resources "
+                            f"(rayStartParams {group.get('rayStartParams')}): {type(e).__name__}: {e}")
+            continue
+        ray_gpus, limit = resources.get("GPU", 0), _gpu_limit(group)
+        params = group.get("rayStartParams") or {}
+        if is_head and (ray_gpus or limit):
+            problems.append(f"{label}: the head would get {max(ray_gpus, limit)} GPU(s); set "
+                            "rayStartParams num-gpus '0' and no GPU limit, so no GPU work lands there")
+        elif ray_gpus > limit:
+            problems.append(f"{label}: Ray would count {ray_gpus} GPU(s) (rayStartParams num-gpus "
+                            f"{params.get('num-gpus')!r}) but the container has "
+                            + (f"an {GPU_RESOURCE} limit of {limit}" if limit else
+                               f"no {GPU_RESOURCE} limit") + ": Kubernetes would not give the pod "
+                            "those GPUs; set resources.limits['nvidia.com/gpu']")
+        elif limit and "num-gpus" not in params:
+            problems.append(f"{label}: set rayStartParams num-gpus to {limit!r} (the GPU limit) so "
+                            "Ray and Kubernetes agree on the GPUs")
+        max_pods = 1 if is_head else group.get("maxReplicas", 0) * group.get("numOfHosts", 1)
+        nodes.append(NodeType("headGroupSpec (head)" if is_head else label, resources, max_pods))
+    return problems, nodes
+
+
+def demand(options: dict) -> dict[str, float]:
+    need = {"CPU": options.get("num_cpus", 1) or 0, "GPU": options.get("num_gpus", 0) or 0,
+            "memory": options.get("memory", 0) or 0, **(options.get("resources") or {})}
+    if options.get("accelerator_type"):
+        need[f"accelerator_type:{options['accelerator_type']}"] = 0.001
+    return {k: v for k, v in need.items() if v}
+
+
+def _amount(key: str, value: float) -> str:
+    return f"{value / 2**30:.3g}Gi" if key == "memory" else f"{value:g}"
+
+
+def _short(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{k}: {_amount(k, v)}" for k, v in sorted(resources.items())) + "}"
+
+
+def shortfall(need: dict[str, float], have: dict[str, float]) -> list[str]:
+    return [f"{k} {_amount(k, have.get(k, 0))} < {_amount(k, v)}" for k, v in sorted(need.items())
+            if have.get(k, 0) + 1e-9 < v]
+
+
+def fit_problems(demands: list[DeploymentDemand], nodes: list[NodeType]) -> list[str]:
+    problems = []
+    for d in demands:
+        need = demand(d.ray_actor_options)
+        if not any(not shortfall(need, n.resources) for n in nodes):
+            why = "; ".join(f"{n.label} {_short(n.resources)} has {', '.join(shortfall(need, n.resources))}"
+                            for n in nodes)
+            problems.append(f"deployment {d.name} needs {_short(need)} per replica, which no group "
+                            f"can host: {why}")
+    if problems:
+        return problems
+    # All replicas at their maximum, first-fit by size into every group at its maxReplicas.
+    free = [(n, dict(n.resources)) for n in nodes for _ in range(n.max_pods)]
+    replicas = sorted(((d.name, demand(d.ray_actor_options)) for d in demands
+                       for _ in range(d.replicas.max)),
+                      key=lambda r: (-r[1].get("GPU", 0), -r[1].get("CPU", 0)))
+    placed: dict[str, int] = {}
+    for name, need in replicas:
+        for node, left in free:
+            if not shortfall(need, left):
+                for k, v in need.items():
+                    left[k] = left.get(k, 0) - v
+                placed[name] = placed.get(name, 0) + 1
+                break
+        else:
+            total = sum(d.replicas.max for d in demands if d.name == name)
+            problems.append(f"deployment {name}: only {placed.get(name, 0)} of its {total} max "
+                            f"replicas ({_short(need)} each) fit the cluster at its largest (every "
+                            "group at maxReplicas); raise the group's maxReplicas")
+            break
+    return problems
+
+
+def resource_problems(cluster: dict, demands: list[DeploymentDemand]) -> list[str]:
+    problems, nodes = node_types(cluster)
+    where = "spec.rayClusterConfig"
+    if cluster.get("rayVersion") != ray_version():
+        problems.append(f"{where}.rayVersion: {cluster.get('rayVersion')!r}, but the project "
+                        f"installs Ray {ray_version()}")
+    growing = [g.get("groupName") for g in cluster.get("workerGroupSpecs") or []
+               if g.get("minReplicas", 0) < g.get("maxReplicas", 0)]
+    if growing and not cluster.get("enableInTreeAutoscaling"):
+        problems.append(f"{where}: worker groups {growing} may grow but enableInTreeAutoscaling is "
+                        "off: no new pods would appear")
+    images = {c.get("image") for g in [cluster["headGroupSpec"], *(cluster.get("workerGroupSpecs") or [])]
+              for c in g["template"]["spec"].get("containers", [])[:1]}
+    if len(images) > 1:
+        problems.append(f"{where}: the Ray containers use different images {sorted(images)}; head and "
+                        "workers must run the same Ray and Python")
+    return problems + fit_problems(demands, nodes)
+
+
+# ----------------------------------------------------------------------------------------------------
+def check_manifest(manifest: dict, crd_path: Union[str, Path]) -> list[str]:
+    """Every problem of one RayService manifest (empty: good to apply)."""
+    problems = schema_problems(manifest, crd_path)
+    spec = manifest.get("spec") or {}
+    serve_text = spec.get("serveConfigV2")
+    if not isinstance(serve_text, str):
+        return problems + ["spec.serveConfigV2: missing"]
+    serve, demands = serve_problems(serve_text)
+    problems += serve
+    cluster = spec.get("rayClusterConfig")
+    if isinstance(cluster, dict) and isinstance(cluster.get("headGroupSpec"), dict) and demands:
+        try:
+            problems += resource_problems(cluster, demands)
+        except (KeyError, TypeError, IndexError) as e:   # shapes the schema check already reported
+            problems.append(f"spec.rayClusterConfig: cannot read the groups' resources ({e!r})")
+    return problems
+
+
+def check_file(path: Union[str, Path], crd_path: Union[str, Path]) -> list[str]:
+    docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+    problems = []
+    for i, doc in enumerate(docs):
+        if isinstance(doc, dict) and doc.get("kind") == "RayService":
+            prefix = f"{path}" + (f" (document {i + 1})" if len(docs) > 1 else "")
+            problems += [f"{prefix}: {p}" for p in check_manifest(doc, crd_path)]
+    if not any(isinstance(d, dict) and d.get("kind") == "RayService" for d in docs):
+        problems.append(f"{path}: no RayService in this file")
+    return problems

@@ -1,0 +1,420 @@
+"""Render a KubeRay RayService manifest from a stage graph and the Serve config.
+
+The manifest runs what `serve run configs/lance_2stage.yaml` runs: its serveConfigV2 is that
+application config with the stage graph named explicitly, and the Ray worker groups are sized from
+the same graph, so the two cannot drift (tests/test_k8s.py re-renders the committed k8s/*.yaml).
+
+Cluster layout
+  head    GCS, Serve controller, a proxy, and CPUs for the ingress replicas; never a GPU
+          (rayStartParams num-gpus "0", no GPU limit).
+  workers one group hosting a thinker and a DiT replica per pod when both fit one GPU
+          (single_gpu); otherwise a `thinker` and a `dit` group whose pods hold whole replicas and
+          advertise a custom Ray resource (lance_thinker / lance_dit) that the stage's replicas
+          request, which pins each stage to its group. A group scales between its stage's min and
+          max replicas, through the KubeRay autoscaler.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .stage_graph import SHIPPED_GRAPHS_DIR, DeploymentSpec, StageGraph, load_stage_graph
+
+REPO_ROOT = SHIPPED_GRAPHS_DIR.parent.parent
+DEFAULT_SERVE_CONFIG = REPO_ROOT / "configs" / "lance_2stage.yaml"
+BUILDER_IMPORT_PATH = "serve_app.builder:build_app"
+# The Dockerfile copies the repository's configs/ here; serveConfigV2 names graphs by this path.
+IMAGE_APP_ROOT = "/app"
+# Serve deployment names that serve_app.builder.build_app gives the stages.
+DEPLOYMENT_NAMES = {"ingress": "LanceIngress", "thinker": "ThinkerStage", "dit": "DiTStage"}
+PIN_RESOURCE = {"thinker": "lance_thinker", "dit": "lance_dit"}
+COLOCATED_GROUP = "thinker-dit"
+
+HF_CACHE_MOUNT = "/data/hf"
+DEFAULT_HF_CACHE_PVC = "lance-hf-cache"
+DEFAULT_HF_TOKEN_SECRET = "lance-hf-token"
+HF_TOKEN_SECRET_KEY = "token"
+GPU_RESOURCE = "nvidia.com/gpu"
+# CPUs beyond the Ray CPUs of a pod: raylet, dashboard agent, object transfers (and on the head the
+# GCS and Serve controller), which Ray does not count but the container has to run.
+SYSTEM_CPUS = {"head": 2, "worker": 2}
+HEAD_MEMORY_GIB = 16
+CPU_POD_MEMORY_GIB_PER_CPU = 4
+HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000),
+              ("metrics", 8080))
+
+
+class RenderError(ValueError):
+    """A stage graph or option the renderer cannot turn into a working manifest."""
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    stage_graph: str                              # shipped graph name or path to a graph in configs/
+    image: str
+    name: Optional[str] = None                    # RayService name; default lance-<graph>
+    namespace: Optional[str] = None
+    model: Optional[str] = None                   # app arg `model` (else LANCE_MODEL / the graph's)
+    serve_config: Path = DEFAULT_SERVE_CONFIG
+    hf_cache_pvc: str = DEFAULT_HF_CACHE_PVC      # "" : an emptyDir per pod (downloads every start)
+    hf_token_secret: str = DEFAULT_HF_TOKEN_SECRET
+    initializing_timeout: str = "2h"              # first start: download (~29 GB) + load + compile
+    memory_per_gpu_gib: int = 64
+    idle_timeout_s: int = 300                     # an idle autoscaled pod lives this long
+    image_pull_policy: str = "IfNotPresent"
+
+    def command(self) -> str:
+        """The `lance-serve k8s render` command line that renders these options."""
+        args = ["lance-serve", "k8s", "render", "--stage-graph", self.stage_graph, "--image", self.image]
+        defaults = RenderOptions(stage_graph=self.stage_graph, image=self.image)
+        for flag, attr in CLI_FLAGS:
+            value = getattr(self, attr)
+            if value != getattr(defaults, attr):
+                shown = _repo_relative(value) if isinstance(value, Path) else value
+                args += [flag, str(shown)]
+        return shlex.join(args)
+
+
+# (flag, RenderOptions attribute) of the optional command-line flags, in command-line order.
+CLI_FLAGS = (("--name", "name"), ("--namespace", "namespace"), ("--model", "model"),
+             ("--serve-config", "serve_config"), ("--hf-cache-pvc", "hf_cache_pvc"),
+             ("--hf-token-secret", "hf_token_secret"),
+             ("--initializing-timeout", "initializing_timeout"),
+             ("--memory-per-gpu-gib", "memory_per_gpu_gib"), ("--idle-timeout-s", "idle_timeout_s"),
+             ("--image-pull-policy", "image_pull_policy"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cluster plan: which pods host which stage replicas
+# ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ReplicaRange:
+    min: int
+    initial: int
+    max: int
+
+
+def replica_range(spec: DeploymentSpec) -> ReplicaRange:
+    if spec.autoscaling is None:
+        n = spec.num_replicas or 1
+        return ReplicaRange(n, n, n)
+    a = spec.autoscaling
+    initial = a.initial_replicas if a.initial_replicas is not None else a.min_replicas
+    return ReplicaRange(a.min_replicas, initial, a.max_replicas)
+
+
+@dataclass
+class GroupPlan:
+    """One Ray node type: what a pod advertises to Ray and how many pods there may be."""
+
+    name: str
+    stages: tuple[str, ...]
+    ray_cpus: int
+    gpus: int
+    custom: dict[str, int] = field(default_factory=dict)
+    ray_memory_bytes: Optional[int] = None        # set only when a stage reserves memory
+    pods: ReplicaRange = ReplicaRange(1, 1, 1)
+
+
+@dataclass
+class ClusterPlan:
+    head: GroupPlan
+    workers: list[GroupPlan]
+    pins: dict[str, dict[str, float]]             # stage -> custom resources its replicas request
+
+
+def _add(into: dict[str, float], resources: dict[str, float], times: float) -> None:
+    for key, value in resources.items():
+        into[key] = into.get(key, 0) + value * times
+
+
+def _stage_custom(spec: DeploymentSpec) -> dict[str, float]:
+    """Custom resources a replica requests beyond CPU/GPU/memory (accelerator_type included)."""
+    custom = dict(spec.resources.custom)
+    if spec.resources.accelerator_type:
+        custom[f"accelerator_type:{spec.resources.accelerator_type}"] = 0.001
+    return custom
+
+
+def _advertised(custom: dict[str, float]) -> dict[str, int]:
+    # Ray's autoscaler reads rayStartParams resources as whole numbers; round up.
+    return {k: max(1, math.ceil(v - 1e-9)) for k, v in custom.items()}
+
+
+def _group(name: str, hosted: dict[str, tuple[DeploymentSpec, int]], pods: ReplicaRange,
+           pins: dict[str, dict[str, float]]) -> GroupPlan:
+    """A group whose pods each hold `count` replicas of every stage in `hosted`."""
+    cpus = gpus = memory = 0.0
+    custom: dict[str, float] = {}
+    for stage, (spec, count) in hosted.items():
+        r = spec.resources
+        cpus += r.num_cpus * count
+        gpus += r.num_gpus * count
+        memory += (r.memory_gib or 0) * count
+        _add(custom, _stage_custom(spec), count)
+        _add(custom, pins.get(stage, {}), count)
+    return GroupPlan(name=name, stages=tuple(hosted), ray_cpus=math.ceil(cpus - 1e-9),
+                     gpus=math.ceil(gpus - 1e-9), custom=_advertised(custom),
+                     ray_memory_bytes=int(memory * 2**30) if memory else None, pods=pods)
+
+
+def plan_cluster(graph: StageGraph) -> ClusterPlan:
+    s = graph.stages
+    if s.ingress.resources.num_gpus > 0:
+        raise RenderError("the ingress asks for GPUs; the renderer puts the ingress on the head, "
+                          "which takes no GPU work: set stages.ingress.resources.num_gpus to 0")
+    ingress_max = replica_range(s.ingress).max
+    head = _group("head", {"ingress": (s.ingress, ingress_max)}, ReplicaRange(1, 1, 1), {})
+
+    t_gpus, d_gpus = s.thinker.resources.num_gpus, s.dit.resources.num_gpus
+    t_range, d_range = replica_range(s.thinker), replica_range(s.dit)
+    if t_gpus + d_gpus <= 1:
+        # One replica of each shares a pod (and its one GPU, if any), as on a single machine.
+        pods = ReplicaRange(max(t_range.min, d_range.min), max(t_range.initial, d_range.initial),
+                            max(t_range.max, d_range.max))
+        group = _group(COLOCATED_GROUP, {"thinker": (s.thinker, 1), "dit": (s.dit, 1)}, pods, {})
+        return ClusterPlan(head=head, workers=[group], pins={})
+
+    pins = {stage: {PIN_RESOURCE[stage]: 1.0} for stage in ("thinker", "dit")}
+    workers = []
+    for stage, spec, rng in (("thinker", s.thinker, t_range), ("dit", s.dit, d_range)):
+        gpus = spec.resources.num_gpus
+        # fractional GPU shares: as many replicas as fit one GPU; whole GPUs: one replica per pod
+        per_pod = math.floor(1 / gpus + 1e-9) if 0 < gpus < 1 else 1
+        pods = ReplicaRange(*(math.ceil(n / per_pod) for n in (rng.min, rng.initial, rng.max)))
+        workers.append(_group(stage, {stage: (spec, per_pod)}, pods, pins))
+    return ClusterPlan(head=head, workers=workers, pins=pins)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Serve config: configs/lance_2stage.yaml with the graph named, and the stage pins
+# ----------------------------------------------------------------------------------------------------
+def _repo_relative(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def resolve_graph_file(stage_graph: str) -> Path:
+    """A shipped graph name or a path; the file must be under the repository's configs/, which is
+    what the image carries."""
+    if "/" not in stage_graph and not stage_graph.endswith((".yaml", ".yml")):
+        path = SHIPPED_GRAPHS_DIR / f"{stage_graph}.yaml"
+        if not path.is_file():
+            shipped = sorted(p.stem for p in SHIPPED_GRAPHS_DIR.glob("*.yaml"))
+            raise RenderError(f"no shipped stage graph {stage_graph!r} (shipped: {', '.join(shipped)})")
+        return path
+    path = Path(stage_graph).resolve()
+    configs = REPO_ROOT / "configs"
+    if not path.is_relative_to(configs):
+        raise RenderError(f"{stage_graph}: the stage graph must live under {configs} so that the image "
+                          "(Dockerfile: COPY configs) carries it; add it there and rebuild the image")
+    return path
+
+
+def image_path(repo_file: Path) -> str:
+    """Where a repository file lies in the image."""
+    return f"{IMAGE_APP_ROOT}/{Path(repo_file).resolve().relative_to(REPO_ROOT).as_posix()}"
+
+
+def repo_path(path_in_image: str) -> Optional[Path]:
+    """The repository file an image path was copied from (None: not under the image's app root)."""
+    prefix = IMAGE_APP_ROOT.rstrip("/") + "/"
+    return REPO_ROOT / path_in_image[len(prefix):] if path_in_image.startswith(prefix) else None
+
+
+def builder_application(serve_config: dict, where: str) -> dict:
+    apps = [a for a in serve_config.get("applications") or []
+            if isinstance(a, dict) and a.get("import_path") == BUILDER_IMPORT_PATH]
+    if len(apps) != 1:
+        raise RenderError(f"{where}: expected one application with import_path {BUILDER_IMPORT_PATH}, "
+                          f"found {len(apps)}")
+    return apps[0]
+
+
+def stage_actor_options(graph: StageGraph, stage: str, pin: dict[str, float]) -> dict:
+    """The stage's ray_actor_options as the builder sets them, plus the group pin."""
+    options = getattr(graph.stages, stage).deployment_options()["ray_actor_options"]
+    if pin:
+        options["resources"] = {**options.get("resources", {}), **pin}
+    return options
+
+
+def render_serve_config(opts: RenderOptions, graph_file: Path, graph: StageGraph,
+                        plan: ClusterPlan) -> dict:
+    try:
+        config = yaml.safe_load(Path(opts.serve_config).read_text())
+    except OSError as e:
+        raise RenderError(f"{opts.serve_config}: cannot read the Serve config: {e.strerror}") from e
+    app = builder_application(config, str(opts.serve_config))
+    args = dict(app.get("args") or {})
+    args["stage_graph"] = image_path(graph_file)
+    if opts.model is not None:
+        args["model"] = opts.model
+    app["args"] = args
+    if plan.pins:
+        # Serve replaces a deployment's ray_actor_options with the config's: repeat the graph's
+        # options and add the pin, so the stages land on their worker groups.
+        app["deployments"] = [{"name": DEPLOYMENT_NAMES[stage],
+                               "ray_actor_options": stage_actor_options(graph, stage, pin)}
+                              for stage, pin in plan.pins.items()]
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------
+# Manifest
+# ----------------------------------------------------------------------------------------------------
+def ray_version() -> str:
+    """The Ray the project installs (pyproject pins ray[serve]==2.60.*); the image installs the same."""
+    return metadata.version("ray")
+
+
+def _quantity_gib(gib: float) -> str:
+    return f"{math.ceil(gib)}Gi"
+
+
+def ray_start_resources(custom: dict[str, int]) -> str:
+    """rayStartParams `resources`: KubeRay passes it through a shell, hence the quoted JSON."""
+    return '"' + json.dumps(custom, sort_keys=True).replace('"', '\\"') + '"'
+
+
+def _pod_memory_gib(group: GroupPlan, opts: RenderOptions, is_head: bool) -> int:
+    if is_head:
+        base = HEAD_MEMORY_GIB
+    elif group.gpus:
+        base = opts.memory_per_gpu_gib * group.gpus
+    else:
+        base = max(HEAD_MEMORY_GIB, CPU_POD_MEMORY_GIB_PER_CPU * group.ray_cpus)
+    reserved = (group.ray_memory_bytes or 0) / 2**30
+    # Ray's object store takes 30% of the pod by default; reservations come out of the rest.
+    return max(base, math.ceil(reserved / 0.6))
+
+
+def _ray_start_params(group: GroupPlan, is_head: bool) -> dict[str, str]:
+    params = {"num-cpus": str(group.ray_cpus), "num-gpus": str(group.gpus)}
+    if group.ray_memory_bytes:
+        params["memory"] = str(group.ray_memory_bytes)
+    if group.custom:
+        params["resources"] = ray_start_resources(group.custom)
+    if is_head:
+        params["dashboard-host"] = "0.0.0.0"
+    return params
+
+
+def _env(opts: RenderOptions) -> list[dict]:
+    return [{"name": "HF_HOME", "value": HF_CACHE_MOUNT},
+            # optional: Lance is public; a token lifts the hub's rate limits
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+                "name": opts.hf_token_secret, "key": HF_TOKEN_SECRET_KEY, "optional": True}}}]
+
+
+def _volumes(opts: RenderOptions) -> list[dict]:
+    cache = ({"persistentVolumeClaim": {"claimName": opts.hf_cache_pvc}} if opts.hf_cache_pvc
+             else {"emptyDir": {}})
+    # Ray's object store lives in /dev/shm, which Kubernetes otherwise caps at 64 MiB.
+    return [{"name": "hf-cache", **cache}, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
+
+
+def _pod_template(group: GroupPlan, opts: RenderOptions, is_head: bool, app_name: str) -> dict:
+    cpus = group.ray_cpus + SYSTEM_CPUS["head" if is_head else "worker"]
+    amounts = {"cpu": str(cpus), "memory": _quantity_gib(_pod_memory_gib(group, opts, is_head))}
+    if group.gpus:
+        amounts[GPU_RESOURCE] = str(group.gpus)
+    container = {
+        "name": "ray-head" if is_head else "ray-worker",
+        "image": opts.image,
+        "imagePullPolicy": opts.image_pull_policy,
+        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+        "env": _env(opts),
+        "volumeMounts": [{"name": "hf-cache", "mountPath": HF_CACHE_MOUNT},
+                         {"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    if is_head:
+        container["ports"] = [{"name": n, "containerPort": p} for n, p in HEAD_PORTS]
+    spec: dict = {"containers": [container], "volumes": _volumes(opts)}
+    if group.gpus:
+        spec["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    component = "ray-head" if is_head else f"ray-worker-{group.name}"
+    labels = {"app.kubernetes.io/name": "lance-serve", "app.kubernetes.io/instance": app_name,
+              "app.kubernetes.io/component": component}
+    return {"metadata": {"labels": labels}, "spec": spec}
+
+
+def _literal_str(dumper: yaml.SafeDumper, value: str):
+    style = "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+class _ManifestDumper(yaml.SafeDumper):
+    pass
+
+
+_ManifestDumper.add_representer(str, _literal_str)
+
+
+def dump_yaml(data) -> str:
+    return yaml.dump(data, Dumper=_ManifestDumper, sort_keys=False, default_flow_style=False, width=100)
+
+
+def default_name(graph: StageGraph) -> str:
+    return "lance-" + graph.name.replace("_", "-").lower()
+
+
+def build_rayservice(opts: RenderOptions) -> dict:
+    graph_file = resolve_graph_file(opts.stage_graph)
+    graph = load_stage_graph(graph_file)
+    plan = plan_cluster(graph)
+    serve_config = render_serve_config(opts, graph_file, graph, plan)
+    name = opts.name or default_name(graph)
+    autoscaling = any(g.pods.min < g.pods.max for g in plan.workers)
+
+    metadata_: dict = {"name": name}
+    if opts.namespace:
+        metadata_["namespace"] = opts.namespace
+    metadata_["labels"] = {"app.kubernetes.io/name": "lance-serve", "app.kubernetes.io/instance": name}
+    # The first start downloads and loads the weights and compiles; KubeRay fails the RayService
+    # for good if it is not ready by then, so this is generous.
+    metadata_["annotations"] = {"ray.io/initializing-timeout": opts.initializing_timeout}
+
+    cluster: dict = {"rayVersion": ray_version(), "enableInTreeAutoscaling": autoscaling}
+    if autoscaling:
+        cluster["autoscalerOptions"] = {"upscalingMode": "Default",
+                                        "idleTimeoutSeconds": opts.idle_timeout_s}
+    cluster["headGroupSpec"] = {"rayStartParams": _ray_start_params(plan.head, is_head=True),
+                                "template": _pod_template(plan.head, opts, True, name)}
+    cluster["workerGroupSpecs"] = [
+        {"groupName": g.name, "replicas": g.pods.initial, "minReplicas": g.pods.min,
+         "maxReplicas": g.pods.max, "rayStartParams": _ray_start_params(g, is_head=False),
+         "template": _pod_template(g, opts, False, name)}
+        for g in plan.workers]
+    return {"apiVersion": "ray.io/v1", "kind": "RayService", "metadata": metadata_,
+            "spec": {"upgradeStrategy": {"type": "NewCluster"},
+                     "serveConfigV2": dump_yaml(serve_config),
+                     "rayClusterConfig": cluster}}
+
+
+RENDERED_BY = "# Rendered by: "
+
+
+def render_manifest(opts: RenderOptions) -> str:
+    manifest = build_rayservice(opts)
+    graph_file = resolve_graph_file(opts.stage_graph)
+    header = (f"{RENDERED_BY}{opts.command()}\n"
+              f"# from {_repo_relative(graph_file)} and {_repo_relative(opts.serve_config)}. "
+              "Do not edit: change those and re-render\n"
+              "# (tests/test_k8s.py fails while a committed manifest is stale).\n")
+    return header + dump_yaml(manifest)
+
+
+def rendered_by(text: str) -> Optional[str]:
+    """The render command recorded in a manifest's first line, if any."""
+    first = text.split("\n", 1)[0]
+    return first[len(RENDERED_BY):] if first.startswith(RENDERED_BY) else None
