@@ -128,4 +128,7 @@ def _run_check_checkpoint(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the registry of the importable module, which command modules register into (not __main__'s copy).
+    from stages.lance.cli import main as _main
+
+    sys.exit(_main())
