@@ -13,6 +13,7 @@ sees it in its own dtype, as the model core's loop does.
 from __future__ import annotations
 
 import collections
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,6 +27,7 @@ from stages.lance.scheduler import FlowMatchEulerScheduler
 
 from .forward import BranchContext, FastForward, ReferenceForward, Row, VelocityForward
 
+log = logging.getLogger(__name__)
 MAX_STEPS = 1000
 RENORM_TYPES = ("global", "channel", "none", "")
 
@@ -226,7 +228,10 @@ class DenoiseEngine:
                 job.apply(velocities[at:at + k])
                 at += k
                 if job.on_step is not None:
-                    job.on_step(job.step, job.total_steps)
+                    try:
+                        job.on_step(job.step, job.total_steps)
+                    except Exception:  # a broken progress listener must not stop the denoising
+                        log.exception("progress callback of %s failed", job.request_id)
         finished += [j for j in running if j.done]
         self.active = [j for j in self.active if not j.done]
         return finished

@@ -49,6 +49,7 @@ class DecodedImage:
     width: int
     height: int
     latents: torch.Tensor    # [t, h, w, channels] fp32 on the CPU (tests, offline use)
+    image: torch.Tensor      # [3, H, W] decoded, in [-1, 1], fp32 on the CPU
     pixels: torch.Tensor     # [H, W, 3] uint8
 
 
@@ -121,5 +122,5 @@ class DiTRunner:
             buf = io.BytesIO()
             Image.fromarray(pixels.numpy()).save(buf, format="PNG")
             out.append(DecodedImage(buf.getvalue(), pixels.shape[1], pixels.shape[0],
-                                    x.view(t, h, w, -1).cpu(), pixels))
+                                    x.view(t, h, w, -1).cpu(), img.float().cpu(), pixels))
         return out

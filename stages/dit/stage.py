@@ -60,7 +60,8 @@ class DiTStage:
         queue: asyncio.Queue = asyncio.Queue()
 
         def on_step(done: int, total: int) -> None:   # called on the engine thread
-            loop.call_soon_threadsafe(queue.put_nowait, {"step": done, "total": total})
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(queue.put_nowait, {"step": done, "total": total})
 
         # on the engine thread: device copies never race a running step
         job = await loop.run_in_executor(self._executor, self.runner.prepare, handoff, cond_kv, uncond_kv, on_step)
@@ -94,9 +95,8 @@ class DiTStage:
     # --- the engine loop ---------------------------------------------------------------------------
 
     def _ensure_driver(self) -> None:
-        if self._wake is None:
+        if self._driver is None or self._driver.done():  # (re)start on the running loop
             self._wake = asyncio.Event()
-        if self._driver is None or self._driver.done():
             self._driver = asyncio.get_running_loop().create_task(self._drive())
 
     async def _drive(self) -> None:

@@ -1,0 +1,47 @@
+"""Hand-offs built from the golden contexts (recorded K/V and positions) for the DiT tests."""
+from __future__ import annotations
+
+import torch
+
+from stages.lance.handoff import BranchKV, ContextHandoff
+from stages.lance.requests import DenoiseParams
+
+REFERENCE_TOKENS = {"t2i": 0, "image_edit": 266}  # VAE tokens before the target in the upstream sample
+
+
+def golden_branch(g: dict, branch: str, length: int | None = None) -> BranchKV:
+    k, v = g[f"ctx_{branch}_K"], g[f"ctx_{branch}_V"]
+    if length is not None:
+        k, v = k[:, :length], v[:, :length]
+    return BranchKV((k, v), k.shape[1], g[f"query_position_ids_{branch}"])
+
+
+def golden_handoff(g: dict, case: str, params: DenoiseParams = DenoiseParams(), request_id: str | None = None,
+                   with_uncond: bool = True) -> ContextHandoff:
+    grid = tuple(g["final_latent"].shape[:3])
+    return ContextHandoff(request_id or case, case, grid, params, golden_branch(g, "cond"),
+                          golden_branch(g, "uncond") if with_uncond else None,
+                          num_reference_tokens=REFERENCE_TOKENS[case])
+
+
+def grid_positions(anchor: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    """Target-block positions [3, n + 2] of a (1, h, w) image block whose <|vision_start|> is at `anchor`."""
+    _, h, w = grid
+    hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    body = torch.stack([torch.full((h * w,), anchor + 1), anchor + 1 + hh.reshape(-1), anchor + 1 + ww.reshape(-1)])
+    end = torch.full((3, 1), anchor + 2 + max(h - 1, w - 1))
+    return torch.cat([torch.full((3, 1), anchor), body, end], dim=1)
+
+
+def synthetic_handoff(g: dict, request_id: str, grid, params: DenoiseParams, cond_len: int,
+                      uncond_len: int | None) -> ContextHandoff:
+    """A request on a grid of our choosing over a prefix of the golden contexts (any cache is a valid cache)."""
+    n = grid[0] * grid[1] * grid[2]
+
+    def branch(name, length):
+        k, v = g[f"ctx_{name}_K"][:, :length], g[f"ctx_{name}_V"][:, :length]
+        return BranchKV((k, v), length, grid_positions(length, grid))
+
+    assert n > 0
+    return ContextHandoff(request_id, "t2i", tuple(grid), params, branch("cond", cond_len),
+                          branch("uncond", uncond_len) if uncond_len is not None else None)

@@ -1,0 +1,176 @@
+"""The DiT stage end to end on CPU fp32: golden hand-offs in, upstream's latents, images and PNGs out.
+
+`DiTRunner` is the stage without Ray; `DiTStage` is exercised as the deployment's own class on an
+asyncio loop (the code a replica runs), including concurrent requests, progress, cancellation and
+K/V fetched from Ray's object store.
+"""
+from __future__ import annotations
+
+import asyncio
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dit_helpers import golden_handoff
+from stages.dit.engine import DiTRequestError
+from stages.dit.runner import DiTRunner
+from stages.dit.stage import DiTStage
+from stages.dit.vae_decode import FrameDecoder
+from stages.lance.handoff import BranchKV
+from stages.lance.requests import DenoiseParams
+from stages.lance.vae import LanceVAE
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_ckpt_dir) -> DiTRunner:
+    return DiTRunner(str(tiny_ckpt_dir), dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def stage(tiny_ckpt_dir):
+    return DiTStage.func_or_class(str(tiny_ckpt_dir), dtype="float32", device="cpu", max_batch_size=4,
+                                  batch_wait_timeout_s=0.01)
+
+
+def run_runner(runner, handoffs):
+    jobs = [runner.prepare(h, h.cond.kv, h.uncond.kv if h.uncond else None) for h in handoffs]
+    for j in jobs:
+        runner.submit(j)
+    results = {}
+    while runner.has_work:
+        for job, res in runner.step():
+            results[job] = res
+    out = [results[j] for j in jobs]
+    for r in out:
+        if isinstance(r, BaseException):
+            raise r
+    return out
+
+
+def png_pixels(png: bytes) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(io.BytesIO(png)).convert("RGB")))
+
+
+@pytest.mark.parametrize("case", ["t2i", "image_edit"])
+def test_runner_reproduces_upstream_latent_and_image(runner, golden, assert_golden, case):
+    g = golden(case)
+    (img,) = run_runner(runner, [golden_handoff(g, case)])
+    assert_golden(img.latents, g["final_latent"], "final_latent")
+    assert_golden(img.image[:, None], g["decoded_float"], "decoded_float")
+    assert_golden(img.pixels, g["image_uint8"], "image_uint8")
+    assert_golden(png_pixels(img.png), g["image_uint8"], "png")
+    assert (img.height, img.width) == tuple(g["image_uint8"].shape[:2])
+
+
+def test_runner_loads_no_vae_encoder(runner):
+    assert runner.vae.has_decoder and not runner.vae.has_encoder
+    mem = runner.memory()
+    assert mem["dit_parameters"] > 0 and mem["vae_decoder_parameters"] > 0
+
+
+def test_frame_decoder_equals_diffusers_decode(tiny_ckpt_dir):
+    vae = LanceVAE.from_wan22_pth(tiny_ckpt_dir / "Wan2.2_VAE.pth", encoder=False)
+    z = torch.randn(3, 48, 1, 5, 7, generator=torch.Generator().manual_seed(1))
+    want = vae.decode(z)[:, :, 0]
+    got = FrameDecoder(vae)(z)
+    assert got.shape == (3, 3, 80, 112)
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_frame_decoder_rejects_videos(tiny_ckpt_dir):
+    vae = LanceVAE.from_wan22_pth(tiny_ckpt_dir / "Wan2.2_VAE.pth", encoder=False)
+    with pytest.raises(ValueError, match="one latent frame"):
+        FrameDecoder(vae)(torch.zeros(1, 48, 2, 4, 4))
+
+
+# --- the deployment class -------------------------------------------------------------------------
+
+async def collect(stage, handoff, stop_after: int | None = None):
+    events = []
+    gen = stage.generate_image(handoff)
+    try:
+        async for ev in gen:
+            events.append(ev)
+            if stop_after is not None and len(events) >= stop_after:
+                break
+    finally:
+        await gen.aclose()
+    return events
+
+
+def test_stage_streams_progress_then_the_golden_png(stage, golden, assert_golden):
+    g = golden("t2i")
+    events = asyncio.run(collect(stage, golden_handoff(g, "t2i")))
+    assert events[:-1] == [{"step": i, "total": 30} for i in range(1, 31)]
+    final = events[-1]
+    assert final["latents"] is None and (final["width"], final["height"]) == (128, 128)
+    assert_golden(png_pixels(final["png"]), g["image_uint8"], "png")
+
+
+def test_concurrent_requests_share_steps_and_keep_their_images(stage, golden, assert_golden):
+    t2i, edit = golden("t2i"), golden("image_edit")
+    handoffs = [golden_handoff(t2i, "t2i", request_id="x"), golden_handoff(edit, "image_edit", request_id="y"),
+                golden_handoff(t2i, "t2i", DenoiseParams(num_inference_steps=10, seed=5), request_id="z")]
+
+    async def main():
+        before = stage.runner.engine.forwards_run
+        results = await asyncio.gather(*(collect(stage, h) for h in handoffs))
+        return results, stage.runner.engine.forwards_run - before
+
+    (ex, ey, ez), forwards = asyncio.run(main())
+    assert_golden(png_pixels(ex[-1]["png"]), t2i["image_uint8"], "t2i png")
+    assert_golden(png_pixels(ey[-1]["png"]), edit["image_uint8"], "edit png")
+    assert [e["step"] for e in ez[:-1]] == list(range(1, 11))
+    assert forwards < 30 + 30 + 10   # steps were shared
+
+
+def test_cancelled_request_leaves_the_engine(stage, golden):
+    g = golden("t2i")
+
+    async def main():
+        events = await collect(stage, golden_handoff(g, "t2i", request_id="gone"), stop_after=3)
+        for _ in range(100):     # the engine drops the job at its next step
+            if not stage.runner.engine.has_work:
+                break
+            await asyncio.sleep(0.01)
+        return events
+
+    events = asyncio.run(main())
+    assert [e["step"] for e in events] == [1, 2, 3]
+    assert not stage.runner.engine.has_work
+
+
+def test_bad_handoff_is_a_400_before_any_step(stage, golden):
+    h = golden_handoff(golden("t2i"), "t2i", DenoiseParams(num_inference_steps=-1))
+    with pytest.raises(DiTRequestError) as e:
+        asyncio.run(collect(stage, h))
+    assert e.value.http_status == 400 and e.value.param == "num_inference_steps"
+    video = golden_handoff(golden("t2i"), "t2i")
+    video.latent_grid = (2, 8, 8)
+    with pytest.raises(DiTRequestError, match="one latent frame"):
+        asyncio.run(collect(stage, video))
+
+
+def test_stage_accepts_the_stage_graph_engine_args(tiny_ckpt_dir):
+    with pytest.raises(ValueError, match="unknown DiT engine_args"):
+        DiTStage.func_or_class(str(tiny_ckpt_dir), engine_args={"dtype": "float32", "bogus": 1})
+    with pytest.raises(ValueError, match="cfg_parallel"):
+        DiTStage.func_or_class(str(tiny_ckpt_dir), device="cpu", cfg_parallel=2)
+
+
+def test_kv_from_the_object_store(stage, golden, assert_golden):
+    import ray
+
+    g = golden("t2i")
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        h = golden_handoff(g, "t2i")
+        h.cond = BranchKV(ray.put(h.cond.kv), h.cond.context_len, h.cond.query_positions)
+        h.uncond = BranchKV(ray.put(h.uncond.kv), h.uncond.context_len, h.uncond.query_positions)
+        events = asyncio.run(collect(stage, h))
+    finally:
+        ray.shutdown()
+    assert_golden(png_pixels(events[-1]["png"]), g["image_uint8"], "png")
