@@ -78,11 +78,18 @@ def validation_error(exc: Exception) -> OpenAIError:
 # -- errors raised by the stages ------------------------------------------------------------------
 
 def _exception_chain(exc: BaseException):
+    """The exception and its causes; a RayTaskError is skipped for the exception it carries
+    (its own str() is the remote traceback, not the message)."""
+    from ray.exceptions import RayTaskError
+
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        if isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
+            exc = exc.cause
+            continue
         yield exc
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or exc.__context__
 
 
 def _is_vllm_client_error(exc: BaseException) -> bool:
@@ -95,13 +102,20 @@ def _is_vllm_client_error(exc: BaseException) -> bool:
 def stage_error(exc: BaseException, stage: str) -> OpenAIError:
     """Map an exception raised by (or on the way to) a stage to the error the client gets.
 
-    Stages report request problems with an exception that has `http_status` (4xx) and optionally
-    `param`/`code` (e.g. the thinker's context-overflow error), or with vLLM's VLLMClientError.
+    Request problems: the thinker's ContextTooLongError, any stage exception with `http_status`
+    (4xx) and optional `param`/`code` (e.g. the DiT's DiTRequestError), and vLLM's VLLMClientError.
     """
     from ray import exceptions as ray_exc
     from ray.serve import exceptions as serve_exc
 
+    from stages.thinker.errors import ContextTooLongError, KVExportError  # plain classes, no vLLM
+
     for e in _exception_chain(exc):
+        if isinstance(e, ContextTooLongError):
+            return bad_request(str(e), param="messages", code="context_length_exceeded")
+        if isinstance(e, KVExportError):   # the context's KV never reached the DiT: transient
+            return OpenAIError(f"the context hand-off failed ({e}); retry", status=503,
+                               type="service_unavailable", code="kv_handoff_failed")
         status = getattr(e, "http_status", None)
         if isinstance(status, int) and 400 <= status < 500:
             return OpenAIError(str(getattr(e, "message", None) or e), status=status,
@@ -119,7 +133,8 @@ def stage_error(exc: BaseException, stage: str) -> OpenAIError:
         return OpenAIError(f"the {stage} stage is unavailable ({type(exc).__name__}); retry later",
                            status=503, type="service_unavailable", code="stage_unavailable")
     logger.error("%s stage failed", stage, exc_info=exc)
-    return OpenAIError(f"the {stage} stage failed: {type(exc).__name__}: {exc}", status=500,
+    root = next(_exception_chain(exc), exc)   # the stage's own exception, not Ray's traceback
+    return OpenAIError(f"the {stage} stage failed: {type(root).__name__}: {root}", status=500,
                        type="server_error", code="stage_error")
 
 

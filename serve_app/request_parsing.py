@@ -58,7 +58,7 @@ class GenerationKnobs(StrictModel):
     negative_prompt: Optional[str] = None
     cfg_text_scale: Optional[float] = Field(None, ge=0, le=100)
     timestep_shift: Optional[float] = Field(None, gt=0, le=100)
-    cfg_interval: Optional[tuple[float, float]] = None
+    cfg_interval: Optional[list[float]] = Field(None, min_length=2, max_length=2)  # [low, high]
     cfg_renorm_type: Optional[Literal["global", "channel", "none", ""]] = None
     cfg_renorm_min: Optional[float] = Field(None, ge=0, le=1)
     cfg_img_scale: Optional[float] = None            # Lance's image CFG is off: only 1.0

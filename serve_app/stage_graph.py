@@ -102,7 +102,8 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class ThinkerEngineArgs(StrictModel):
-    """vLLM engine arguments of the thinker (vLLM's own names)."""
+    """vLLM engine arguments of the thinker (vLLM's own names, plus cpu_kv_cache_space_gib, which
+    the thinker turns into vLLM's kv_cache_memory_bytes)."""
 
     dtype: Dtype = "auto"
     max_model_len: PositiveInt = 8192
@@ -110,13 +111,11 @@ class ThinkerEngineArgs(StrictModel):
     enable_prefix_caching: bool = True
     max_num_seqs: PositiveInt = 16
     max_num_batched_tokens: Optional[PositiveInt] = None
-    enforce_eager: bool = False
-    # vLLM's CPU backend sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (whole GiB); we set that
-    # variable in the replica's runtime_env rather than passing it as an engine argument.
-    cpu_kv_cache_space_gib: Optional[PositiveInt] = None
+    enforce_eager: bool = True    # the thinker requires it (data-dependent MoT routing)
+    cpu_kv_cache_space_gib: Optional[PositiveFloat] = None
 
     def vllm_engine_args(self) -> dict:
-        return self.model_dump(exclude={"cpu_kv_cache_space_gib"}, exclude_none=True)
+        return self.model_dump(exclude_none=True)
 
 
 class ThinkerSpec(DeploymentSpec):
@@ -143,17 +142,6 @@ class ThinkerSpec(DeploymentSpec):
                                  f"share num_gpus {gpus}; set it to at most {gpus} to leave the "
                                  "rest of the GPU to the DiT")
         return self
-
-    def runtime_env(self) -> dict:
-        if self.engine.cpu_kv_cache_space_gib is None:
-            return {}
-        return {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(self.engine.cpu_kv_cache_space_gib)}}
-
-    def deployment_options(self) -> dict:
-        opts = super().deployment_options()
-        if self.runtime_env():
-            opts["ray_actor_options"]["runtime_env"] = self.runtime_env()
-        return opts
 
 
 class DiTEngineArgs(StrictModel):

@@ -1,0 +1,205 @@
+"""Stage graphs, the Serve config and the app plan: what ships validates, and every mistake is an
+error that names the file, the key and the fix."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from ray import serve
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.builder import REPO_ROOT, build_app, parse_app_args, plan_app, resolve_stage_graph_path
+from serve_app.model_choice import DEFAULT_HUB_MODEL, TINY_SERVED_NAME, choose_model, ensure_tiny_checkpoint
+from serve_app.stage_graph import SHIPPED_GRAPHS_DIR, StageGraphError, load_stage_graph
+
+SHIPPED = sorted(SHIPPED_GRAPHS_DIR.glob("*.yaml"))
+
+
+def _write_variant(tmp_path: Path, base: str, edit) -> Path:
+    """A copy of a shipped graph with `edit(raw_dict)` applied."""
+    raw = yaml.safe_load((SHIPPED_GRAPHS_DIR / f"{base}.yaml").read_text())
+    edit(raw)
+    path = tmp_path / f"{base}_edited.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_the_three_graphs_ship():
+    assert {p.stem for p in SHIPPED} >= {"cpu", "single_gpu", "multi_gpu"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_graph_validates_and_ray_accepts_its_options(path):
+    graph = load_stage_graph(path)
+    assert graph.name == path.stem
+    for stage in (graph.stages.ingress, graph.stages.thinker, graph.stages.dit):
+        # Ray's own option validation (autoscaling schema, actor options) on what we produce.
+        serve.deployment(type("Probe", (), {})).options(**stage.deployment_options())
+
+
+def test_shipped_graphs_place_stages_as_their_names_say():
+    cpu, single, multi = (load_stage_graph(SHIPPED_GRAPHS_DIR / f"{n}.yaml")
+                          for n in ("cpu", "single_gpu", "multi_gpu"))
+    assert not cpu.uses_gpus
+    t, d = single.stages.thinker, single.stages.dit
+    assert 0 < t.resources.num_gpus < 1 and 0 < d.resources.num_gpus < 1
+    assert t.resources.num_gpus + d.resources.num_gpus <= 1
+    assert t.engine.gpu_memory_utilization <= t.resources.num_gpus
+    assert multi.stages.thinker.resources.num_gpus == 1
+    assert multi.stages.dit.autoscaling is not None
+    assert "autoscaling_config" in multi.stages.dit.deployment_options()
+    assert cpu.stages.thinker.engine.cpu_kv_cache_space_gib and cpu.stages.thinker.engine.enforce_eager
+
+
+def test_typo_num_gpu_names_file_key_and_fix(tmp_path):
+    def typo(raw):
+        res = raw["stages"]["thinker"]["resources"]
+        res["num_gpu"] = res.pop("num_gpus", 0.5)
+
+    path = _write_variant(tmp_path, "single_gpu", typo)
+    with pytest.raises(StageGraphError) as err:
+        load_stage_graph(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert "stages.thinker.resources.num_gpu" in msg
+    assert "did you mean 'num_gpus'?" in msg
+
+
+@pytest.mark.parametrize("where, key, fix", [
+    (lambda r: r, "stage", "stages"),
+    (lambda r: r["stages"]["dit"], "cfg_paralel", "cfg_parallel"),
+    (lambda r: r["stages"]["dit"]["batching"], "max_batch", "max_batch_size"),
+    (lambda r: r["stages"]["thinker"]["engine"], "gpu_mem_utilization", "gpu_memory_utilization"),
+])
+def test_typos_anywhere_suggest_the_closest_key(tmp_path, where, key, fix):
+    path = _write_variant(tmp_path, "cpu", lambda r: where(r).__setitem__(key, 1))
+    with pytest.raises(StageGraphError, match=f"{key}.*did you mean '{fix}'"):
+        load_stage_graph(path)
+
+
+def _set(path_keys, value):
+    def edit(raw):
+        node = raw
+        for k in path_keys[:-1]:
+            node = node.setdefault(k, {})
+        node[path_keys[-1]] = value
+    return edit
+
+
+@pytest.mark.parametrize("base, edit, needle", [
+    ("multi_gpu", _set(["stages", "dit", "resources", "num_gpus"], 1.5), "whole number"),
+    ("single_gpu", _set(["stages", "thinker", "engine", "gpu_memory_utilization"], 0.9),
+     "exceeds the thinker's GPU share"),
+    ("single_gpu", _set(["stages", "dit", "resources", "num_gpus"], 0.75), "cannot share one GPU"),
+    ("single_gpu", _set(["stages", "dit", "cfg_parallel"], 2), "cfg_parallel 2 needs 2 GPUs"),
+    ("cpu", _set(["stages", "dit", "cfg_parallel"], 3), "cfg_parallel"),
+    ("cpu", _set(["stages", "dit", "batching", "max_batch_size"], 64), "could never fill"),
+    ("cpu", _set(["stages", "thinker", "engine", "gpu_memory_utilization"], 0.5),
+     "resources.num_gpus is 0"),
+    ("single_gpu", _set(["stages", "thinker", "engine", "cpu_kv_cache_space_gib"], 4),
+     "only applies to vLLM's CPU backend"),
+    ("cpu", _set(["stages", "thinker", "resources", "num_cpus"], -1), "greater than or equal to 0"),
+    ("multi_gpu", _set(["stages", "dit", "autoscaling", "min_replicas"], 5), "min_replicas 5 > max_replicas"),
+    ("multi_gpu", _set(["stages", "dit", "num_replicas"], 2), "either num_replicas or autoscaling"),
+    ("cpu", _set(["stages", "thinker", "engine", "dtype"], "fp8"), "dtype"),
+    ("cpu", _set(["stages", "thinker", "engine", "max_model_len"], 0), "max_model_len"),
+])
+def test_impossible_resources_and_values_fail_naming_the_file(tmp_path, base, edit, needle):
+    path = _write_variant(tmp_path, base, edit)
+    with pytest.raises(StageGraphError) as err:
+        load_stage_graph(path)
+    assert str(path) in str(err.value) and needle in str(err.value)
+
+
+def test_single_gpu_thinker_without_memory_cap_is_refused(tmp_path):
+    path = _write_variant(tmp_path, "single_gpu",
+                          lambda r: r["stages"]["thinker"]["engine"].pop("gpu_memory_utilization"))
+    with pytest.raises(StageGraphError, match="vLLM defaults to 0.9"):
+        load_stage_graph(path)
+
+
+def test_unreadable_and_non_yaml_files_name_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("stages: [unclosed\n")
+    with pytest.raises(StageGraphError, match="bad.yaml: not valid YAML"):
+        load_stage_graph(bad)
+    with pytest.raises(StageGraphError, match="missing.yaml: cannot read"):
+        load_stage_graph(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(StageGraphError, match="a stage graph is a mapping"):
+        load_stage_graph(tmp_path / "list.yaml")
+
+
+# -- the Serve config and the builder's plan --------------------------------------------------------
+
+def test_serve_config_is_valid_and_points_at_build_app():
+    raw = yaml.safe_load((REPO_ROOT / "configs" / "lance_2stage.yaml").read_text())
+    config = ServeDeploySchema.model_validate(raw)
+    (app,) = config.applications
+    assert app.import_path == "serve_app.builder:build_app"
+    module, _, attr = app.import_path.partition(":")
+    assert getattr(__import__(module, fromlist=[attr]), attr) is build_app
+    assert parse_app_args(app.args).stage_graph == "auto"
+
+
+@pytest.mark.parametrize("gpus, graph", [(0, "cpu"), (1, "single_gpu"), (4, "multi_gpu")])
+def test_auto_picks_the_graph_by_gpu_count(gpus, graph):
+    assert resolve_stage_graph_path("auto", gpus) == SHIPPED_GRAPHS_DIR / f"{graph}.yaml"
+
+
+def test_stage_graph_arg_takes_names_and_repo_relative_paths():
+    assert resolve_stage_graph_path("multi_gpu", 0) == SHIPPED_GRAPHS_DIR / "multi_gpu.yaml"
+    rel = resolve_stage_graph_path("configs/stage_graphs/cpu.yaml", 0)
+    assert rel.resolve() == (SHIPPED_GRAPHS_DIR / "cpu.yaml").resolve()
+
+
+def test_app_args_typo_is_an_error_with_the_fix():
+    with pytest.raises(ValueError, match=r"args.stage_grph: unknown key 'stage_grph' \(did you mean 'stage_graph'\?\)"):
+        parse_app_args({"stage_grph": "cpu"})
+
+
+def test_model_precedence_args_then_env_then_graph_then_gpu_default():
+    env = {"LANCE_MODEL": "/models/env"}
+    assert choose_model("/models/args", "hub/graph", 0, env).path == "/models/args"
+    assert choose_model(None, "hub/graph", 0, env).path == "/models/env"
+    assert choose_model(None, "hub/graph", 0, {}).path == "hub/graph"
+    gpu = choose_model(None, None, 2, {})
+    assert gpu.path == DEFAULT_HUB_MODEL and not gpu.tiny_random_weights
+
+
+def test_cpu_without_model_serves_the_tiny_checkpoint_created_once(tmp_path, caplog):
+    env = {"LANCE_SERVE_CACHE_DIR": str(tmp_path)}
+    served = choose_model(None, None, 0, env)
+    assert served.tiny_random_weights and served.name == TINY_SERVED_NAME
+    root = Path(served.path)
+    assert root == tmp_path / "tiny" and (root / "Lance_3B" / "model.safetensors").is_file()
+    assert "NOISE" in caplog.text
+    stamp = (root / "Lance_3B" / "model.safetensors").stat().st_mtime_ns
+    assert ensure_tiny_checkpoint(root) == root
+    assert (root / "Lance_3B" / "model.safetensors").stat().st_mtime_ns == stamp   # not rewritten
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tiny-")]      # no leftovers
+
+
+def test_plan_for_cpu_hands_graph_engine_args_to_the_stages(tmp_path, monkeypatch):
+    monkeypatch.setenv("LANCE_SERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("LANCE_MODEL", raising=False)
+    plan = plan_app({"stage_graph": "auto", "allow_remote_images": True}, num_gpus=0)
+    graph = load_stage_graph(SHIPPED_GRAPHS_DIR / "cpu.yaml")
+    assert plan.graph == graph
+    assert plan.settings.tiny_random_weights and plan.settings.served_model_name == TINY_SERVED_NAME
+    assert plan.settings.limits.allow_remote_images
+    assert plan.settings.limits.max_new_tokens == graph.stages.thinker.engine.max_model_len
+    assert plan.settings.limits.max_image_side == 1024
+    assert plan.thinker_init == {"model": plan.served.path, "variant": "Lance_3B",
+                                 "engine_args": graph.stages.thinker.engine.vllm_engine_args()}
+    assert plan.thinker_init["engine_args"]["cpu_kv_cache_space_gib"] == 2
+    assert plan.dit_init["cfg_parallel"] == graph.stages.dit.cfg_parallel
+    assert plan.dit_init["max_batch_size"] == graph.stages.dit.batching.max_batch_size
+
+
+def test_plan_for_gpu_graph_uses_the_graphs_model(monkeypatch):
+    monkeypatch.delenv("LANCE_MODEL", raising=False)
+    plan = plan_app({"stage_graph": "single_gpu", "served_model_name": "lance"}, num_gpus=1)
+    assert plan.served.path == DEFAULT_HUB_MODEL and plan.settings.served_model_name == "lance"
+    assert plan.thinker_init["engine_args"]["gpu_memory_utilization"] == 0.45
