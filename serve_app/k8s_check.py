@@ -27,8 +27,8 @@ from typing import Any, Iterable, Optional, Union, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .k8s_render import (BUILDER_IMPORT_PATH, DEPLOYMENT_NAMES, GPU_RESOURCE, IMAGE_APP_ROOT,
-                         ReplicaRange, builder_application, ray_version, repo_path)
+from .k8s_render import (DEPLOYMENT_NAMES, GPU_RESOURCE, IMAGE_APP_ROOT, REPO_ROOT, ReplicaRange,
+                         builder_application, ray_version, repo_path)
 from .stage_graph import StageGraphError, load_stage_graph
 from .strict_model import error_lines, suggest
 
@@ -211,15 +211,17 @@ def _replicas(options: dict) -> ReplicaRange:
     return ReplicaRange(n, n, n)
 
 
-def _graph_path(stage_graph: str) -> Optional[Path]:
+def _graph_path(stage_graph: str, repo_root: Path) -> Optional[Path]:
     if stage_graph.startswith("/"):
-        return repo_path(stage_graph)
+        return repo_path(stage_graph, repo_root)
     from .builder import resolve_stage_graph_path
     return resolve_stage_graph_path(stage_graph, num_gpus=1)
 
 
-def serve_problems(serve_config_text: str) -> tuple[list[str], list[DeploymentDemand]]:
-    """Problems of serveConfigV2, and the deployments it makes (for the resource checks)."""
+def serve_problems(serve_config_text: str, repo_root: Path = REPO_ROOT
+                   ) -> tuple[list[str], list[DeploymentDemand]]:
+    """Problems of serveConfigV2, and the deployments it makes (for the resource checks).
+    `repo_root`: the tree whose configs/ the image carries."""
     from ray.serve.schema import ServeDeploySchema
 
     where = "spec.serveConfigV2"
@@ -249,7 +251,7 @@ def serve_problems(serve_config_text: str) -> tuple[list[str], list[DeploymentDe
     if args.stage_graph == "auto":
         return problems + [f"{where}: args.stage_graph is 'auto', which counts the GPUs present when "
                            "the app is built (GPU pods may not have joined yet); name the graph"], []
-    graph_file = _graph_path(args.stage_graph)
+    graph_file = _graph_path(args.stage_graph, repo_root)
     if graph_file is None or not graph_file.is_file():
         return problems + [f"{where}: args.stage_graph {args.stage_graph!r} is not a stage graph the "
                            f"image carries (configs/ is copied to {IMAGE_APP_ROOT}/configs)"], []
@@ -429,14 +431,14 @@ def resource_problems(cluster: dict, demands: list[DeploymentDemand]) -> list[st
 
 
 # ----------------------------------------------------------------------------------------------------
-def check_manifest(manifest: dict, crd_path: Union[str, Path]) -> list[str]:
+def check_manifest(manifest: dict, crd_path: Union[str, Path], repo_root: Path = REPO_ROOT) -> list[str]:
     """Every problem of one RayService manifest (empty: good to apply)."""
     problems = schema_problems(manifest, crd_path)
     spec = manifest.get("spec") or {}
     serve_text = spec.get("serveConfigV2")
     if not isinstance(serve_text, str):
         return problems + ["spec.serveConfigV2: missing"]
-    serve, demands = serve_problems(serve_text)
+    serve, demands = serve_problems(serve_text, repo_root)
     problems += serve
     cluster = spec.get("rayClusterConfig")
     if isinstance(cluster, dict) and isinstance(cluster.get("headGroupSpec"), dict) and demands:
@@ -447,13 +449,15 @@ def check_manifest(manifest: dict, crd_path: Union[str, Path]) -> list[str]:
     return problems
 
 
-def check_file(path: Union[str, Path], crd_path: Union[str, Path]) -> list[str]:
+def check_file(path: Union[str, Path], crd_path: Union[str, Path],
+               repo_root: Path = REPO_ROOT) -> Optional[list[str]]:
+    """Problems of every RayService in a YAML file; None when the file has no RayService."""
     docs = [d for d in yaml.safe_load_all(Path(path).read_text()) if d is not None]
+    services = [(i, d) for i, d in enumerate(docs) if isinstance(d, dict) and d.get("kind") == "RayService"]
+    if not services:
+        return None
     problems = []
-    for i, doc in enumerate(docs):
-        if isinstance(doc, dict) and doc.get("kind") == "RayService":
-            prefix = f"{path}" + (f" (document {i + 1})" if len(docs) > 1 else "")
-            problems += [f"{prefix}: {p}" for p in check_manifest(doc, crd_path)]
-    if not any(isinstance(d, dict) and d.get("kind") == "RayService" for d in docs):
-        problems.append(f"{path}: no RayService in this file")
+    for i, doc in services:
+        prefix = f"{path}" + (f" (document {i + 1})" if len(docs) > 1 else "")
+        problems += [f"{prefix}: {p}" for p in check_manifest(doc, crd_path, repo_root)]
     return problems

@@ -42,8 +42,8 @@ def configure_render(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--namespace", default=d.namespace)
     parser.add_argument("--model", default=d.model,
                         help="app arg `model`: local dir in the pod or hub id (default: the graph's)")
-    parser.add_argument("--serve-config", type=Path, default=d.serve_config,
-                        help="Serve config whose application the manifest runs")
+    parser.add_argument("--serve-config", default=d.serve_config,
+                        help="Serve config (relative to the repository) whose application the manifest runs")
     parser.add_argument("--hf-cache-pvc", default=d.hf_cache_pvc,
                         help="PVC holding the Hugging Face cache ('' for an emptyDir per pod)")
     parser.add_argument("--hf-token-secret", default=d.hf_token_secret,
@@ -88,5 +88,6 @@ def _run_check(args: argparse.Namespace) -> int:
     for path in args.manifests:
         problems = check_file(path, args.crd)
         bad += bool(problems)
-        print("\n".join(problems) if problems else f"{path}: ok")
+        print(f"{path}: no RayService, skipped" if problems is None else
+              "\n".join(problems) if problems else f"{path}: ok")
     return 1 if bad else 0

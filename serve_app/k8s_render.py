@@ -28,7 +28,7 @@ import yaml
 from .stage_graph import SHIPPED_GRAPHS_DIR, DeploymentSpec, StageGraph, load_stage_graph
 
 REPO_ROOT = SHIPPED_GRAPHS_DIR.parent.parent
-DEFAULT_SERVE_CONFIG = REPO_ROOT / "configs" / "lance_2stage.yaml"
+SERVE_CONFIG = "configs/lance_2stage.yaml"      # relative to the repository root
 BUILDER_IMPORT_PATH = "serve_app.builder:build_app"
 # The Dockerfile copies the repository's configs/ here; serveConfigV2 names graphs by this path.
 IMAGE_APP_ROOT = "/app"
@@ -62,13 +62,15 @@ class RenderOptions:
     name: Optional[str] = None                    # RayService name; default lance-<graph>
     namespace: Optional[str] = None
     model: Optional[str] = None                   # app arg `model` (else LANCE_MODEL / the graph's)
-    serve_config: Path = DEFAULT_SERVE_CONFIG
+    serve_config: str = SERVE_CONFIG              # relative to repo_root
     hf_cache_pvc: str = DEFAULT_HF_CACHE_PVC      # "" : an emptyDir per pod (downloads every start)
     hf_token_secret: str = DEFAULT_HF_TOKEN_SECRET
     initializing_timeout: str = "2h"              # first start: download (~29 GB) + load + compile
     memory_per_gpu_gib: int = 64
     idle_timeout_s: int = 300                     # an idle autoscaled pod lives this long
     image_pull_policy: str = "IfNotPresent"
+    # The tree whose configs/ the image carries (the Dockerfile's COPY configs); not a CLI flag.
+    repo_root: Path = REPO_ROOT
 
     def command(self) -> str:
         """The `lance-serve k8s render` command line that renders these options."""
@@ -77,8 +79,7 @@ class RenderOptions:
         for flag, attr in CLI_FLAGS:
             value = getattr(self, attr)
             if value != getattr(defaults, attr):
-                shown = _repo_relative(value) if isinstance(value, Path) else value
-                args += [flag, str(shown)]
+                args += [flag, str(value)]
         return shlex.join(args)
 
 
@@ -196,39 +197,34 @@ def plan_cluster(graph: StageGraph) -> ClusterPlan:
 # ----------------------------------------------------------------------------------------------------
 # Serve config: configs/lance_2stage.yaml with the graph named, and the stage pins
 # ----------------------------------------------------------------------------------------------------
-def _repo_relative(path: Path) -> str:
-    try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)
-
-
-def resolve_graph_file(stage_graph: str) -> Path:
+def resolve_graph_file(stage_graph: str, repo_root: Path = REPO_ROOT) -> Path:
     """A shipped graph name or a path; the file must be under the repository's configs/, which is
     what the image carries."""
+    graphs_dir = repo_root / "configs" / "stage_graphs"
     if "/" not in stage_graph and not stage_graph.endswith((".yaml", ".yml")):
-        path = SHIPPED_GRAPHS_DIR / f"{stage_graph}.yaml"
+        path = graphs_dir / f"{stage_graph}.yaml"
         if not path.is_file():
-            shipped = sorted(p.stem for p in SHIPPED_GRAPHS_DIR.glob("*.yaml"))
+            shipped = sorted(p.stem for p in graphs_dir.glob("*.yaml"))
             raise RenderError(f"no shipped stage graph {stage_graph!r} (shipped: {', '.join(shipped)})")
         return path
-    path = Path(stage_graph).resolve()
-    configs = REPO_ROOT / "configs"
+    path = Path(stage_graph)
+    path = (path if path.is_absolute() or path.exists() else repo_root / path).resolve()
+    configs = (repo_root / "configs").resolve()
     if not path.is_relative_to(configs):
         raise RenderError(f"{stage_graph}: the stage graph must live under {configs} so that the image "
                           "(Dockerfile: COPY configs) carries it; add it there and rebuild the image")
     return path
 
 
-def image_path(repo_file: Path) -> str:
+def image_path(repo_file: Path, repo_root: Path = REPO_ROOT) -> str:
     """Where a repository file lies in the image."""
-    return f"{IMAGE_APP_ROOT}/{Path(repo_file).resolve().relative_to(REPO_ROOT).as_posix()}"
+    return f"{IMAGE_APP_ROOT}/{Path(repo_file).resolve().relative_to(repo_root.resolve()).as_posix()}"
 
 
-def repo_path(path_in_image: str) -> Optional[Path]:
+def repo_path(path_in_image: str, repo_root: Path = REPO_ROOT) -> Optional[Path]:
     """The repository file an image path was copied from (None: not under the image's app root)."""
     prefix = IMAGE_APP_ROOT.rstrip("/") + "/"
-    return REPO_ROOT / path_in_image[len(prefix):] if path_in_image.startswith(prefix) else None
+    return repo_root / path_in_image[len(prefix):] if path_in_image.startswith(prefix) else None
 
 
 def builder_application(serve_config: dict, where: str) -> dict:
@@ -250,13 +246,14 @@ def stage_actor_options(graph: StageGraph, stage: str, pin: dict[str, float]) ->
 
 def render_serve_config(opts: RenderOptions, graph_file: Path, graph: StageGraph,
                         plan: ClusterPlan) -> dict:
+    path = opts.repo_root / opts.serve_config
     try:
-        config = yaml.safe_load(Path(opts.serve_config).read_text())
+        config = yaml.safe_load(path.read_text())
     except OSError as e:
-        raise RenderError(f"{opts.serve_config}: cannot read the Serve config: {e.strerror}") from e
-    app = builder_application(config, str(opts.serve_config))
+        raise RenderError(f"{path}: cannot read the Serve config: {e.strerror}") from e
+    app = builder_application(config, str(path))
     args = dict(app.get("args") or {})
-    args["stage_graph"] = image_path(graph_file)
+    args["stage_graph"] = image_path(graph_file, opts.repo_root)
     if opts.model is not None:
         args["model"] = opts.model
     app["args"] = args
@@ -369,7 +366,7 @@ def default_name(graph: StageGraph) -> str:
 
 
 def build_rayservice(opts: RenderOptions) -> dict:
-    graph_file = resolve_graph_file(opts.stage_graph)
+    graph_file = resolve_graph_file(opts.stage_graph, opts.repo_root)
     graph = load_stage_graph(graph_file)
     plan = plan_cluster(graph)
     serve_config = render_serve_config(opts, graph_file, graph, plan)
@@ -406,10 +403,10 @@ RENDERED_BY = "# Rendered by: "
 
 def render_manifest(opts: RenderOptions) -> str:
     manifest = build_rayservice(opts)
-    graph_file = resolve_graph_file(opts.stage_graph)
+    graph_file = resolve_graph_file(opts.stage_graph, opts.repo_root)
+    graph_rel = graph_file.relative_to(opts.repo_root.resolve()).as_posix()
     header = (f"{RENDERED_BY}{opts.command()}\n"
-              f"# from {_repo_relative(graph_file)} and {_repo_relative(opts.serve_config)}. "
-              "Do not edit: change those and re-render\n"
+              f"# from {graph_rel} and {opts.serve_config}. Do not edit: change those and re-render\n"
               "# (tests/test_k8s.py fails while a committed manifest is stale).\n")
     return header + dump_yaml(manifest)
 
