@@ -31,7 +31,7 @@ from stages.lance.config import LatentConfig
 
 from .ingress import IngressSettings, LanceIngress
 from .model_choice import ServedModel, choose_model, count_gpus
-from .request_parsing import RequestLimits
+from .knobs import RequestLimits
 from .stage_graph import SHIPPED_GRAPHS_DIR, StageGraph, StageGraphError, load_stage_graph
 from .strict_model import StrictModel, error_lines
 

@@ -27,8 +27,8 @@ from .errors import OpenAIError, bad_request, install_error_handlers, stage_erro
 from .media import decode_image_bytes, png_base64, png_data_url
 from .metrics import StageMetrics
 from .pipeline import StagePipeline
-from .request_parsing import (RequestLimits, form_fields, parse_chat_request, parse_edit_form,
-                              parse_generation_json)
+from .knobs import RequestLimits
+from .request_parsing import form_fields, parse_chat_request, parse_edit_form, parse_generation_json
 
 logger = logging.getLogger("ray.serve")
 

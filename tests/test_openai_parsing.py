@@ -22,7 +22,9 @@ from starlette.requests import Request
 
 from serve_app.errors import stage_error
 from serve_app.ingress import IngressSettings, LanceService, build_fastapi_app
-from serve_app.request_parsing import RequestLimits, form_fields, parse_chat_request, parse_edit_form
+from serve_app.knobs import RequestLimits
+from serve_app.request_parsing import (form_fields, parse_chat_request, parse_edit_form,
+                                       parse_generation_json)
 from stages.lance.requests import DenoiseParams, ImageRequest, TextRequest
 
 LIMITS = RequestLimits()
@@ -243,7 +245,6 @@ def test_images_generations_sdk(sdk):
                             response_format="b64_json",
                             extra_body={"num_inference_steps": 8, "seed": 10})
     assert_reached_stages(e)
-    from serve_app.request_parsing import parse_generation_json
     parsed = parse_generation_json(sdk.sent[-1].content, LIMITS)
     assert [r.params.seed for r in parsed.requests] == [10, 11, 12]   # n images, n seeds
     assert {(r.height, r.width, r.params.num_inference_steps, r.task) for r in parsed.requests} == {
@@ -452,6 +453,10 @@ BAD_EDITS = [
     ("steps", {"prompt": "a", "num_inference_steps": "abc"}, {"image": png_bytes()},
      "num_inference_steps", "invalid_type"),
     ("no prompt", {}, {"image": png_bytes()}, "prompt", "missing_required_parameter"),
+    ("field twice", {"prompt": "a", "cfg_interval": "[0.1, 1]", "cfg_interval[]": "0.2"},
+     {"image": png_bytes()}, "cfg_interval", "conflicting_values"),
+    ("seed overflow with n", {"prompt": "a", "n": "2", "seed": str(2**63 - 1)}, {"image": png_bytes()},
+     "seed", "invalid_value"),
 ]
 
 
