@@ -6,6 +6,10 @@
   GET  /v1/models             the served model, and whether it is the tiny random checkpoint
   GET  /health                200 only when both stages answer check_health
 
+Streaming (`stream: true`) is SSE in OpenAI's chunk format ending with `data: [DONE]`: text deltas,
+or for images chunks with an empty delta and `lance_progress: {step, total}`, then one chunk whose
+delta content is the image part. Errors after the stream started arrive as `data: {"error": ...}`.
+
 `build_fastapi_app(service)` makes the app; `LanceIngress` is the Serve deployment that owns one.
 """
 from __future__ import annotations
