@@ -56,12 +56,20 @@ def openapi_to_jsonschema(node: Any) -> Any:
     `nullable` admits null; int32/int64 get their bounds. x-kubernetes-list-map-keys stays, for the
     validator keyword below; x-kubernetes-validations (CEL) are not evaluated.
     """
-    if isinstance(node, list):
-        return [openapi_to_jsonschema(x) for x in node]
     if not isinstance(node, dict):
         return node
-    out = {k: openapi_to_jsonschema(v) for k, v in node.items()
-           if k not in ("nullable", "x-kubernetes-validations")}
+    out: dict = {}
+    for key, value in node.items():
+        if key in ("nullable", "x-kubernetes-validations"):
+            continue
+        if key == "properties":                      # a map of field name -> schema
+            out[key] = {name: openapi_to_jsonschema(sub) for name, sub in value.items()}
+        elif key in ("items", "additionalProperties", "not") and isinstance(value, dict):
+            out[key] = openapi_to_jsonschema(value)
+        elif key in ("anyOf", "allOf", "oneOf"):
+            out[key] = [openapi_to_jsonschema(sub) for sub in value]
+        else:
+            out[key] = value
     if node.get("nullable") and "type" in out:
         out["type"] = [out["type"], "null"]
     if node.get("format") in INT_RANGES and node.get("type") == "integer":
@@ -129,8 +137,19 @@ def schema_problems(manifest: dict, crd_path: Union[str, Path]) -> list[str]:
     return problems + metadata_problems(manifest.get("metadata") or {})
 
 
-_DURATION = re.compile(r"^([0-9]+(\.[0-9]*)?(ns|us|µs|ms|s|m|h))+$")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h)")
+_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 _DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def go_duration_s(text: str) -> Optional[float]:
+    """Seconds of a Go duration ("90m", "1h30m") or of a whole number of seconds; None if neither."""
+    if text.isdigit():
+        return float(text)
+    parts = _DURATION_PART.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        return None
+    return sum(float(n) * _SECONDS[u] for n, u in parts)
 
 
 def metadata_problems(meta: dict) -> list[str]:
@@ -146,9 +165,9 @@ def metadata_problems(meta: dict) -> list[str]:
     if timeout is None:
         problems.append(f"metadata.annotations: no {INITIALIZING_TIMEOUT}: the first start downloads "
                         "and loads the weights; say how long KubeRay should wait for it")
-    elif not (_DURATION.match(str(timeout)) or str(timeout).isdigit()) or str(timeout).strip("0") == "":
-        problems.append(f"metadata.annotations.{INITIALIZING_TIMEOUT}: {timeout!r} is neither a Go "
-                        "duration ('90m', '2h') nor a positive number of seconds")
+    elif not (go_duration_s(str(timeout)) or 0) > 0:
+        problems.append(f"metadata.annotations.{INITIALIZING_TIMEOUT}: {timeout!r} is not a positive "
+                        "Go duration ('90m', '2h') or number of seconds")
     return problems
 
 
@@ -316,7 +335,8 @@ def _gpu_limit(group: dict) -> int:
 @contextmanager
 def _quiet(logger_name: str):
     logger = logging.getLogger(logger_name)
-    level, logger.level = logger.level, logging.CRITICAL
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
     try:
         yield
     finally:

@@ -140,6 +140,8 @@ def _stage_custom(spec: DeploymentSpec) -> dict[str, float]:
     """Custom resources a replica requests beyond CPU/GPU/memory (accelerator_type included)."""
     custom = dict(spec.resources.custom)
     if spec.resources.accelerator_type:
+        # Ray's own resource name for it. The group advertises it so the autoscaler can scale for
+        # it; the pods must then land on such GPUs (add your cloud's GPU nodeSelector).
         custom[f"accelerator_type:{spec.resources.accelerator_type}"] = 0.001
     return custom
 

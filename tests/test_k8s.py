@@ -284,7 +284,9 @@ BROKEN = {
     "autoscaler off": (lambda m: m["spec"]["rayClusterConfig"].update(enableInTreeAutoscaling=False),
                        ["worker groups ['dit'] may grow but enableInTreeAutoscaling is off"]),
     "bad initializing timeout": (lambda m: m["metadata"]["annotations"].update({"ray.io/initializing-timeout": "2 hours"}),
-                                 ["ray.io/initializing-timeout: '2 hours' is neither a Go duration"]),
+                                 ["ray.io/initializing-timeout: '2 hours' is not a positive Go duration"]),
+    "zero initializing timeout": (lambda m: m["metadata"]["annotations"].update({"ray.io/initializing-timeout": "0s"}),
+                                  ["ray.io/initializing-timeout: '0s' is not a positive Go duration"]),
     "no initializing timeout": (lambda m: m["metadata"].pop("annotations"),
                                 ["metadata.annotations: no ray.io/initializing-timeout"]),
     "name too long": (lambda m: m["metadata"].update(name="lance-" + "x" * 50),
@@ -326,6 +328,31 @@ def test_broken_manifest_fails_with_a_readable_message(case, crd):
     assert problems, f"{case}: no problem found"
     for fragment in expected:
         assert fragment in problems, f"{case}: {fragment!r} not in:\n{problems}"
+
+
+def test_openapi_schema_conversion_keeps_kubernetes_semantics():
+    schema = k8s_check.openapi_to_jsonschema({
+        "type": "object", "properties": {
+            "properties": {"type": "string"},                       # a field named like a keyword
+            "when": {"type": "string", "nullable": True},
+            "count": {"type": "integer", "format": "int32"},
+            "free": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                     "properties": {"a": {"type": "string"}}},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}}}})
+    from jsonschema import Draft7Validator
+
+    def errors(instance):
+        return sorted(e.message for e in Draft7Validator(schema).iter_errors(instance))
+    assert errors({"properties": "x", "when": None, "count": 3, "free": {"b": 1}, "labels": {"k": "v"}}) == []
+    assert errors({"extra": 1}) == ["Additional properties are not allowed ('extra' was unexpected)"]
+    assert errors({"count": 2**31}) == [f"{2**31} is greater than the maximum of {2**31 - 1}"]
+    assert errors({"labels": {"k": 1}}) == ["1 is not of type 'string'"]
+
+
+@pytest.mark.parametrize("value, seconds", [("2h", 7200), ("1h30m", 5400), ("7200", 7200), ("0s", 0),
+                                            ("2 hours", None), ("", None)])
+def test_initializing_timeout_reads_like_kuberay(value, seconds):
+    assert k8s_check.go_duration_s(value) == seconds
 
 
 def test_a_stage_graph_our_schema_rejects_fails_the_manifest(tmp_path, crd):
