@@ -27,8 +27,9 @@ from typing import Any, Iterable, Optional, Union, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .k8s_render import (DEPLOYMENT_NAMES, GPU_RESOURCE, IMAGE_APP_ROOT, REPO_ROOT, ReplicaRange,
-                         builder_application, ray_version, repo_path)
+from .k8s_render import (DEPLOYMENT_NAMES, GPU_RESOURCE, IMAGE_APP_ROOT, PLACEMENT_OPTIONS, REPO_ROOT,
+                         ReplicaRange, builder_application, pinned_options, ray_version,
+                         replica_demand, replica_range, repo_path, stage_options)
 from .stage_graph import StageGraphError, load_stage_graph
 from .strict_model import error_lines, suggest
 
@@ -216,18 +217,12 @@ def import_problems(import_path: str, where: str) -> list[str]:
 @dataclass(frozen=True)
 class DeploymentDemand:
     name: str
-    ray_actor_options: dict
+    options: dict                 # Serve options after the config's overrides
     replicas: ReplicaRange
 
-
-def _replicas(options: dict) -> ReplicaRange:
-    auto = options.get("autoscaling_config")
-    if auto:
-        initial = auto.get("initial_replicas")
-        lo, hi = auto.get("min_replicas", 1), auto.get("max_replicas", 1)
-        return ReplicaRange(lo, lo if initial is None else initial, hi)
-    n = options.get("num_replicas") or 1
-    return ReplicaRange(n, n, n)
+    @property
+    def per_replica(self) -> dict[str, float]:
+        return replica_demand(self.options)
 
 
 def _graph_path(stage_graph: str, repo_root: Path) -> Optional[Path]:
@@ -279,8 +274,7 @@ def serve_problems(serve_config_text: str, repo_root: Path = REPO_ROOT
     except StageGraphError as e:
         return problems + [f"{where}: args.stage_graph: {e}"], []
 
-    options = {DEPLOYMENT_NAMES[s]: getattr(graph.stages, s).deployment_options()
-               for s in ("ingress", "thinker", "dit")}
+    options = {DEPLOYMENT_NAMES[s]: o for s, o in stage_options(graph).items()}
     for override in app.get("deployments") or []:
         name = override.get("name")
         if name not in options:
@@ -290,28 +284,30 @@ def serve_problems(serve_config_text: str, repo_root: Path = REPO_ROOT
         problems += _override_problems(override, options[name], f"{where}: deployments[{name}]",
                                        graph_file)
         options[name] = {**options[name], **{k: v for k, v in override.items() if k != "name"}}
-    demands = [DeploymentDemand(n, o["ray_actor_options"], _replicas(o)) for n, o in options.items()]
+    demands = [DeploymentDemand(n, o, replica_range(o)) for n, o in options.items()]
     return problems, demands
 
 
 def _override_problems(override: dict, graph_options: dict, where: str, graph_file: Path) -> list[str]:
-    """A rendered override repeats the graph's ray_actor_options and only adds custom resources."""
-    problems = []
-    for key in override:
-        if key not in ("name", "ray_actor_options"):
-            problems.append(f"{where}.{key}: set in the stage graph, not in serveConfigV2 overrides")
-    ours = graph_options["ray_actor_options"]
-    theirs = override.get("ray_actor_options") or {}
-    for key in sorted(set(ours) | set(theirs)):
-        if key == "resources":
-            added = theirs.get("resources") or {}
-            changed = {k: v for k, v in (ours.get("resources") or {}).items() if added.get(k) != v}
-            if changed:
-                problems.append(f"{where}.ray_actor_options.resources drops or changes {changed} "
-                                f"of {graph_file.name}")
-        elif ours.get(key) != theirs.get(key):
-            problems.append(f"{where}.ray_actor_options.{key} is {theirs.get(key)!r} but "
-                            f"{graph_file.name} says {ours.get(key)!r}: re-render the manifest")
+    """A rendered override repeats the graph's placement options and only adds custom resources
+    (the group pin); anything else in it would make the manifest run another graph."""
+    problems = [f"{where}.{key}: set it in the stage graph, not in serveConfigV2"
+                for key in override if key != "name" and key not in PLACEMENT_OPTIONS]
+    graph_actor = graph_options.get("ray_actor_options") or {}
+    override_actor = override.get("ray_actor_options") or {}
+    pin = {k: v for k, v in (override_actor.get("resources") or {}).items()
+           if k not in (graph_actor.get("resources") or {})}
+    expected = pinned_options(graph_options, pin) if pin else graph_options
+    for key in PLACEMENT_OPTIONS:
+        ours, theirs = expected.get(key), override.get(key, graph_options.get(key))  # Serve's fallback
+        if key == "ray_actor_options":
+            ours, theirs = ours or {}, theirs or {}
+            problems += [f"{where}.ray_actor_options.{k} is {theirs.get(k)!r} but {graph_file.name} "
+                         f"gives {ours.get(k)!r}: re-render the manifest"
+                         for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+        elif ours != theirs:
+            problems.append(f"{where}.{key} is {theirs!r} but {graph_file.name} gives {ours!r}: "
+                            "re-render the manifest")
     return problems
 
 
@@ -377,14 +373,6 @@ def node_types(cluster: dict) -> tuple[list[str], list[NodeType]]:
     return problems, nodes
 
 
-def demand(options: dict) -> dict[str, float]:
-    need = {"CPU": options.get("num_cpus", 1) or 0, "GPU": options.get("num_gpus", 0) or 0,
-            "memory": options.get("memory", 0) or 0, **(options.get("resources") or {})}
-    if options.get("accelerator_type"):
-        need[f"accelerator_type:{options['accelerator_type']}"] = 0.001
-    return {k: v for k, v in need.items() if v}
-
-
 def _amount(key: str, value: float) -> str:
     return f"{value / 2**30:.3g}Gi" if key == "memory" else f"{value:g}"
 
@@ -401,7 +389,7 @@ def shortfall(need: dict[str, float], have: dict[str, float]) -> list[str]:
 def fit_problems(demands: list[DeploymentDemand], nodes: list[NodeType]) -> list[str]:
     problems = []
     for d in demands:
-        need = demand(d.ray_actor_options)
+        need = d.per_replica
         if not any(not shortfall(need, n.resources) for n in nodes):
             why = "; ".join(f"{n.label} {_short(n.resources)} has {', '.join(shortfall(need, n.resources))}"
                             for n in nodes)
@@ -411,7 +399,7 @@ def fit_problems(demands: list[DeploymentDemand], nodes: list[NodeType]) -> list
         return problems
     # All replicas at their maximum, first-fit by size into every group at its maxReplicas.
     free = [(n, dict(n.resources)) for n in nodes for _ in range(n.max_pods)]
-    replicas = sorted(((d.name, demand(d.ray_actor_options)) for d in demands
+    replicas = sorted(((d.name, d.per_replica) for d in demands
                        for _ in range(d.replicas.max)),
                       key=lambda r: (-r[1].get("GPU", 0), -r[1].get("CPU", 0)))
     placed: dict[str, int] = {}

@@ -15,6 +15,7 @@ Cluster layout
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import shlex
@@ -25,7 +26,7 @@ from typing import Optional
 
 import yaml
 
-from .stage_graph import SHIPPED_GRAPHS_DIR, DeploymentSpec, StageGraph, load_stage_graph
+from .stage_graph import SHIPPED_GRAPHS_DIR, StageGraph, load_stage_graph
 
 REPO_ROOT = SHIPPED_GRAPHS_DIR.parent.parent
 SERVE_CONFIG = "configs/lance_2stage.yaml"      # relative to the repository root
@@ -102,13 +103,56 @@ class ReplicaRange:
     max: int
 
 
-def replica_range(spec: DeploymentSpec) -> ReplicaRange:
-    if spec.autoscaling is None:
-        n = spec.num_replicas or 1
+STAGES = ("ingress", "thinker", "dit")
+
+
+def stage_options(graph: StageGraph) -> dict[str, dict]:
+    """Each stage's Serve options (`Deployment.options()` kwargs) as build_app sets them."""
+    return {stage: getattr(graph.stages, stage).deployment_options() for stage in STAGES}
+
+
+def replica_range(options: dict) -> ReplicaRange:
+    auto = options.get("autoscaling_config")
+    if not auto:
+        n = options.get("num_replicas") or 1
         return ReplicaRange(n, n, n)
-    a = spec.autoscaling
-    initial = a.initial_replicas if a.initial_replicas is not None else a.min_replicas
-    return ReplicaRange(a.min_replicas, initial, a.max_replicas)
+    lo, hi = auto.get("min_replicas", 1), auto.get("max_replicas", 1)
+    initial = auto.get("initial_replicas")
+    return ReplicaRange(lo, lo if initial is None else initial, hi)
+
+
+def _add(into: dict[str, float], resources: dict[str, float], times: float = 1) -> None:
+    for key, value in resources.items():
+        into[key] = into.get(key, 0) + value * times
+
+
+def replica_demand(options: dict) -> dict[str, float]:
+    """Ray resources one replica takes on its node: the bundles of its placement group when it has
+    one (Serve reserves them with the replica; packed on one node), else its ray_actor_options."""
+    if options.get("placement_group_bundles"):
+        need: dict[str, float] = {}
+        for bundle in options["placement_group_bundles"]:
+            _add(need, bundle)
+    else:
+        actor = options.get("ray_actor_options") or {}
+        need = {"CPU": actor.get("num_cpus", 1), "GPU": actor.get("num_gpus", 0),
+                "memory": actor.get("memory", 0), **(actor.get("resources") or {})}
+        if actor.get("accelerator_type"):
+            # Ray's own resource name. The group advertises it so the autoscaler can scale for it;
+            # the pods must then land on such GPUs (add your cloud's GPU nodeSelector).
+            need[f"accelerator_type:{actor['accelerator_type']}"] = 0.001
+    return {k: v for k, v in need.items() if v}
+
+
+def pinned_options(options: dict, pin: dict[str, float]) -> dict:
+    """Serve options that also request the group's pin (in the first bundle too: Serve wants the
+    replica's own resources to be a subset of it)."""
+    options = copy.deepcopy(options)
+    actor = options.setdefault("ray_actor_options", {})
+    actor["resources"] = {**(actor.get("resources") or {}), **pin}
+    if options.get("placement_group_bundles"):
+        options["placement_group_bundles"][0].update(pin)
+    return options
 
 
 @dataclass
@@ -128,72 +172,50 @@ class GroupPlan:
 class ClusterPlan:
     head: GroupPlan
     workers: list[GroupPlan]
-    pins: dict[str, dict[str, float]]             # stage -> custom resources its replicas request
+    options: dict[str, dict]                      # stage -> Serve options, pins included
+    pinned: tuple[str, ...] = ()                  # stages whose options the manifest overrides
 
 
-def _add(into: dict[str, float], resources: dict[str, float], times: float) -> None:
-    for key, value in resources.items():
-        into[key] = into.get(key, 0) + value * times
-
-
-def _stage_custom(spec: DeploymentSpec) -> dict[str, float]:
-    """Custom resources a replica requests beyond CPU/GPU/memory (accelerator_type included)."""
-    custom = dict(spec.resources.custom)
-    if spec.resources.accelerator_type:
-        # Ray's own resource name for it. The group advertises it so the autoscaler can scale for
-        # it; the pods must then land on such GPUs (add your cloud's GPU nodeSelector).
-        custom[f"accelerator_type:{spec.resources.accelerator_type}"] = 0.001
-    return custom
-
-
-def _advertised(custom: dict[str, float]) -> dict[str, int]:
+def _group(name: str, hosted: dict[str, tuple[dict, int]], pods: ReplicaRange) -> GroupPlan:
+    """A group whose pods each hold `count` replicas of every stage in `hosted` (stage -> (options,
+    count))."""
+    need: dict[str, float] = {}
+    for options, count in hosted.values():
+        _add(need, replica_demand(options), count)
+    cpus, gpus, memory = need.pop("CPU", 0), need.pop("GPU", 0), need.pop("memory", 0)
     # Ray's autoscaler reads rayStartParams resources as whole numbers; round up.
-    return {k: max(1, math.ceil(v - 1e-9)) for k, v in custom.items()}
-
-
-def _group(name: str, hosted: dict[str, tuple[DeploymentSpec, int]], pods: ReplicaRange,
-           pins: dict[str, dict[str, float]]) -> GroupPlan:
-    """A group whose pods each hold `count` replicas of every stage in `hosted`."""
-    cpus = gpus = memory = 0.0
-    custom: dict[str, float] = {}
-    for stage, (spec, count) in hosted.items():
-        r = spec.resources
-        cpus += r.num_cpus * count
-        gpus += r.num_gpus * count
-        memory += (r.memory_gib or 0) * count
-        _add(custom, _stage_custom(spec), count)
-        _add(custom, pins.get(stage, {}), count)
+    custom = {k: max(1, math.ceil(v - 1e-9)) for k, v in need.items()}
     return GroupPlan(name=name, stages=tuple(hosted), ray_cpus=math.ceil(cpus - 1e-9),
-                     gpus=math.ceil(gpus - 1e-9), custom=_advertised(custom),
-                     ray_memory_bytes=int(memory * 2**30) if memory else None, pods=pods)
+                     gpus=math.ceil(gpus - 1e-9), custom=custom,
+                     ray_memory_bytes=int(memory) if memory else None, pods=pods)
 
 
-def plan_cluster(graph: StageGraph) -> ClusterPlan:
-    s = graph.stages
-    if s.ingress.resources.num_gpus > 0:
+def plan_cluster(stage_opts: dict[str, dict]) -> ClusterPlan:
+    """Worker groups for the stages' Serve options (`stage_options(graph)`)."""
+    options = dict(stage_opts)
+    gpus = {stage: replica_demand(o).get("GPU", 0) for stage, o in options.items()}
+    ranges = {stage: replica_range(o) for stage, o in options.items()}
+    if gpus["ingress"] > 0:
         raise RenderError("the ingress asks for GPUs; the renderer puts the ingress on the head, "
                           "which takes no GPU work: set stages.ingress.resources.num_gpus to 0")
-    ingress_max = replica_range(s.ingress).max
-    head = _group("head", {"ingress": (s.ingress, ingress_max)}, ReplicaRange(1, 1, 1), {})
+    head = _group("head", {"ingress": (options["ingress"], ranges["ingress"].max)}, ReplicaRange(1, 1, 1))
 
-    t_gpus, d_gpus = s.thinker.resources.num_gpus, s.dit.resources.num_gpus
-    t_range, d_range = replica_range(s.thinker), replica_range(s.dit)
-    if t_gpus + d_gpus <= 1:
+    t, d = ranges["thinker"], ranges["dit"]
+    if gpus["thinker"] + gpus["dit"] <= 1:
         # One replica of each shares a pod (and its one GPU, if any), as on a single machine.
-        pods = ReplicaRange(max(t_range.min, d_range.min), max(t_range.initial, d_range.initial),
-                            max(t_range.max, d_range.max))
-        group = _group(COLOCATED_GROUP, {"thinker": (s.thinker, 1), "dit": (s.dit, 1)}, pods, {})
-        return ClusterPlan(head=head, workers=[group], pins={})
+        pods = ReplicaRange(max(t.min, d.min), max(t.initial, d.initial), max(t.max, d.max))
+        group = _group(COLOCATED_GROUP, {s: (options[s], 1) for s in ("thinker", "dit")}, pods)
+        return ClusterPlan(head=head, workers=[group], options=options)
 
-    pins = {stage: {PIN_RESOURCE[stage]: 1.0} for stage in ("thinker", "dit")}
     workers = []
-    for stage, spec, rng in (("thinker", s.thinker, t_range), ("dit", s.dit, d_range)):
-        gpus = spec.resources.num_gpus
+    for stage in ("thinker", "dit"):
+        options[stage] = pinned_options(options[stage], {PIN_RESOURCE[stage]: 1.0})
+        share, rng = gpus[stage], ranges[stage]
         # fractional GPU shares: as many replicas as fit one GPU; whole GPUs: one replica per pod
-        per_pod = math.floor(1 / gpus + 1e-9) if 0 < gpus < 1 else 1
+        per_pod = math.floor(1 / share + 1e-9) if 0 < share < 1 else 1
         pods = ReplicaRange(*(math.ceil(n / per_pod) for n in (rng.min, rng.initial, rng.max)))
-        workers.append(_group(stage, {stage: (spec, per_pod)}, pods, pins))
-    return ClusterPlan(head=head, workers=workers, pins=pins)
+        workers.append(_group(stage, {stage: (options[stage], per_pod)}, pods))
+    return ClusterPlan(head=head, workers=workers, options=options, pinned=("thinker", "dit"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -238,16 +260,11 @@ def builder_application(serve_config: dict, where: str) -> dict:
     return apps[0]
 
 
-def stage_actor_options(graph: StageGraph, stage: str, pin: dict[str, float]) -> dict:
-    """The stage's ray_actor_options as the builder sets them, plus the group pin."""
-    options = getattr(graph.stages, stage).deployment_options()["ray_actor_options"]
-    if pin:
-        options["resources"] = {**options.get("resources", {}), **pin}
-    return options
+# What a rendered override sets: the options that place a replica (Serve replaces each whole).
+PLACEMENT_OPTIONS = ("ray_actor_options", "placement_group_bundles", "placement_group_strategy")
 
 
-def render_serve_config(opts: RenderOptions, graph_file: Path, graph: StageGraph,
-                        plan: ClusterPlan) -> dict:
+def render_serve_config(opts: RenderOptions, graph_file: Path, plan: ClusterPlan) -> dict:
     path = opts.repo_root / opts.serve_config
     try:
         config = yaml.safe_load(path.read_text())
@@ -259,12 +276,13 @@ def render_serve_config(opts: RenderOptions, graph_file: Path, graph: StageGraph
     if opts.model is not None:
         args["model"] = opts.model
     app["args"] = args
-    if plan.pins:
-        # Serve replaces a deployment's ray_actor_options with the config's: repeat the graph's
-        # options and add the pin, so the stages land on their worker groups.
+    if plan.pinned:
+        # Serve replaces a deployment's ray_actor_options (and bundles) with the config's: repeat
+        # the graph's and add the pin, so the stages land on their worker groups.
         app["deployments"] = [{"name": DEPLOYMENT_NAMES[stage],
-                               "ray_actor_options": stage_actor_options(graph, stage, pin)}
-                              for stage, pin in plan.pins.items()]
+                               **{k: plan.options[stage][k] for k in PLACEMENT_OPTIONS
+                                  if k in plan.options[stage]}}
+                              for stage in plan.pinned]
     return config
 
 
@@ -370,8 +388,8 @@ def default_name(graph: StageGraph) -> str:
 def build_rayservice(opts: RenderOptions) -> dict:
     graph_file = resolve_graph_file(opts.stage_graph, opts.repo_root)
     graph = load_stage_graph(graph_file)
-    plan = plan_cluster(graph)
-    serve_config = render_serve_config(opts, graph_file, graph, plan)
+    plan = plan_cluster(stage_options(graph))
+    serve_config = render_serve_config(opts, graph_file, plan)
     name = opts.name or default_name(graph)
     autoscaling = any(g.pods.min < g.pods.max for g in plan.workers)
 

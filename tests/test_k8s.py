@@ -18,9 +18,9 @@ import pytest
 import yaml
 
 from serve_app import k8s_check, k8s_render
-from serve_app.k8s_check import check_file, check_manifest, demand, node_types, serve_problems
+from serve_app.k8s_check import check_file, check_manifest, node_types, serve_problems
 from serve_app.k8s_cli import render_options
-from serve_app.k8s_render import RenderOptions, build_rayservice, plan_cluster, render_manifest
+from serve_app.k8s_render import RenderOptions, build_rayservice, plan_cluster, render_manifest, stage_options
 from serve_app.stage_graph import SHIPPED_GRAPHS_DIR, StageGraph, load_stage_graph
 from stages.lance.cli import build_parser, main
 
@@ -60,7 +60,7 @@ def hosts(manifest: dict) -> dict[str, list[str]]:
     _, demands = serve_problems(manifest["spec"]["serveConfigV2"])
     _, nodes = node_types(manifest["spec"]["rayClusterConfig"])
     return {d.name: [n.label.split("(")[-1].rstrip(")") for n in nodes
-                     if not k8s_check.shortfall(demand(d.ray_actor_options), n.resources)]
+                     if not k8s_check.shortfall(d.per_replica, n.resources)]
             for d in demands}
 
 
@@ -193,7 +193,7 @@ def test_head_takes_no_gpu_work(name):
     assert head["rayStartParams"]["num-gpus"] == "0"
     assert not any(k.endswith("gpu") for k in head["template"]["spec"]["containers"][0]["resources"]["limits"])
     gpu_deployments = [d.name for d in serve_problems(manifest["spec"]["serveConfigV2"])[1]
-                       if d.ray_actor_options.get("num_gpus")]
+                       if d.per_replica.get("GPU")]
     assert gpu_deployments and all("head" not in hosts(manifest)[d] for d in gpu_deployments)
 
 
@@ -224,7 +224,7 @@ def test_ray_autoscaler_reads_the_groups_as_rendered(name):
     cluster = manifest["spec"]["rayClusterConfig"]
     ray_cr = {"metadata": {"name": manifest["metadata"]["name"], "namespace": "default"}, "spec": cluster}
     config = _derive_autoscaling_config_from_ray_cr(ray_cr)       # runs Ray's validate_config too
-    plan = plan_cluster(load_stage_graph(SHIPPED_GRAPHS_DIR / f"{name}.yaml"))
+    plan = plan_cluster(stage_options(load_stage_graph(SHIPPED_GRAPHS_DIR / f"{name}.yaml")))
     for group in plan.workers:
         node = config["available_node_types"][group.name]
         assert (node["min_workers"], node["max_workers"]) == (group.pods.min, group.pods.max)
@@ -275,7 +275,7 @@ BROKEN = {
         ["deployment DiTStage needs", "which no group can host", "(dit) {CPU: 4, GPU: 1, memory: 64Gi} has lance_dit 0 < 1"]),
     "a deployment bigger than every group": (
         _serve_edit("num_gpus: 1.0\n      resources:\n        lance_dit", "num_gpus: 2.0\n      resources:\n        lance_dit"),
-        ["deployments[DiTStage].ray_actor_options.num_gpus is 2.0 but multi_gpu.yaml says 1.0",
+        ["deployments[DiTStage].ray_actor_options.num_gpus is 2.0 but multi_gpu.yaml gives 1.0",
          "deployment DiTStage needs {CPU: 4, GPU: 2, lance_dit: 1} per replica, which no group can host"]),
     "group cannot reach the max replicas": (lambda m: _worker(m, "dit").update(maxReplicas=2),
                                             ["DiTStage: only 2 of its 3 max replicas"]),
@@ -416,15 +416,33 @@ def test_renders_and_checks_other_stage_graphs(case, tmp_path, crd):
 
 def test_half_gpu_thinkers_pack_two_to_a_pod():
     graph = StageGraph.model_validate({**OTHER_GRAPHS["half_gpu_thinkers"][0], "name": "x"})
-    thinker = next(g for g in plan_cluster(graph).workers if g.name == "thinker")
+    thinker = next(g for g in plan_cluster(stage_options(graph)).workers if g.name == "thinker")
     assert (thinker.pods.max, thinker.ray_cpus, thinker.custom) == (2, 4, {"lance_thinker": 2})
 
 
 def test_reserved_memory_and_accelerator_type_are_advertised_by_the_group():
     graph = StageGraph.model_validate({**OTHER_GRAPHS["reserved_memory_h100"][0], "name": "x"})
-    dit = next(g for g in plan_cluster(graph).workers if g.name == "dit")
+    dit = next(g for g in plan_cluster(stage_options(graph)).workers if g.name == "dit")
     assert dit.ray_memory_bytes == 100 * 2**30
     assert dit.custom == {"lance_dit": 1, "accelerator_type:H100": 1}
+
+
+def test_placement_group_replicas_size_their_group_and_carry_the_pin_in_bundle_zero():
+    from stages.dit.cfg_parallel import cfg_parallel_deployment_options
+
+    graph = StageGraph.model_validate({**OTHER_GRAPHS["dit_cfg_parallel"][0], "name": "x"})
+    options = stage_options(graph)
+    options["dit"] = cfg_parallel_deployment_options(options["dit"])   # two GPU workers per replica
+    plan = plan_cluster(options)
+    dit = next(g for g in plan.workers if g.name == "dit")
+    bundles = plan.options["dit"]["placement_group_bundles"]
+    assert (dit.gpus, dit.ray_cpus) == (2, sum(b["CPU"] for b in bundles))
+    assert bundles[0]["lance_dit"] == plan.options["dit"]["ray_actor_options"]["resources"]["lance_dit"] == 1
+    node = k8s_check.NodeType("dit", {"CPU": dit.ray_cpus, "GPU": dit.gpus, **dit.custom}, 1)
+    demand = k8s_check.DeploymentDemand("DiTStage", plan.options["dit"], k8s_render.ReplicaRange(1, 1, 1))
+    assert k8s_check.fit_problems([demand], [node]) == []
+    node.resources["CPU"] -= 1
+    assert "which no group can host" in k8s_check.fit_problems([demand], [node])[0]
 
 
 def test_graph_outside_configs_is_refused_with_the_reason(tmp_path):
