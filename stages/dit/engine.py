@@ -96,7 +96,8 @@ class DenoiseEngine:
     """Runs `DenoiseJob`s to completion in shared forwards (see the module docstring)."""
 
     def __init__(self, model: LanceModel, forward: str | VelocityForward = "fast", *, kernels: str = "torch",
-                 attention_backends=None, max_batch_size: int = 8, max_tokens_per_forward: int = 32768):
+                 attention_backends=None, cuda_graphs: bool = False, max_batch_size: int = 8,
+                 max_tokens_per_forward: int = 32768):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.model = model
@@ -104,7 +105,8 @@ class DenoiseEngine:
         self.device = model.vae2llm.weight.device
         self.dtype = model.vae2llm.weight.dtype
         if forward == "fast":
-            forward = FastForward(model, kernels=kernels, attention_backends=attention_backends)
+            forward = FastForward(model, kernels=kernels, attention_backends=attention_backends,
+                                  cuda_graphs=cuda_graphs)
         elif forward == "reference":
             forward = ReferenceForward(model)
         elif isinstance(forward, str):

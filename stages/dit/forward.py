@@ -135,12 +135,44 @@ class _Plan:
     sin: torch.Tensor
     pos_embed: torch.Tensor       # [T_lat, hidden] latent position embeddings
     tokens: int
+    uid: int = field(default_factory=lambda: next(_uids))
+
+    @property
+    def signature(self) -> tuple:
+        """What a captured CUDA graph depends on: the group shapes (not which requests fill them)."""
+        return tuple((g.rows, g.query_len, g.keys.shape[2]) for g in self.groups)
+
+    def static_copy(self) -> "_Plan":
+        groups = [_Group(g.token_start, g.token_end, g.rows, g.query_len, g.keys.clone(), g.values.clone())
+                  for g in self.groups]
+        return _Plan(self.order, self.latent_counts, self.latent_index.clone(), self.marker_index.clone(), groups,
+                     self.cos.clone(), self.sin.clone(), self.pos_embed, self.tokens)
+
+    def load_into(self, static: "_Plan") -> None:
+        """Copy this plan's per-request data into a captured graph's static plan of the same signature."""
+        static.cos.copy_(self.cos)
+        static.sin.copy_(self.sin)
+        for dst, src in zip(static.groups, self.groups):
+            dst.keys.copy_(src.keys)
+            dst.values.copy_(src.values)
+
+
+@dataclass
+class _Graph:
+    """One captured forward of the layers: replay after filling `x` (and the static plan)."""
+
+    graph: object
+    plan: _Plan
+    x: torch.Tensor
+    out: torch.Tensor
+    loaded: int
 
 
 class FastForward:
     """All rows in one packed forward (see the module docstring). Same function as ReferenceForward."""
 
-    def __init__(self, model: LanceModel, kernels: str = "torch", attention_backends=None, max_plans: int = 8):
+    def __init__(self, model: LanceModel, kernels: str = "torch", attention_backends=None, cuda_graphs: bool = False,
+                 max_plans: int = 8, max_graphs: int = 16):
         self.model = model
         self.cfg = model.config.llm
         self.ops = ElementwiseOps(kernels)
@@ -150,6 +182,13 @@ class FastForward:
         self.dtype = model.vae2llm.weight.dtype
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self.max_plans = max_plans
+        # CUDA graphs, one per plan signature, captured the second time a signature is seen (the
+        # first eager run compiles kernels and settles the attention backend); all share one pool.
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.max_graphs = max_graphs
+        self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
+        self._seen: dict[tuple, int] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     # --- per batch composition --------------------------------------------------------------------
 
@@ -197,11 +236,41 @@ class FastForward:
     def __call__(self, rows: list[Row]) -> list[torch.Tensor]:
         plan = self.plan(rows)
         x = self.embed(plan, rows)
-        v = self.run_layers(plan, x)
+        v = self._graphed_layers(plan, x) if self.cuda_graphs else self.run_layers(plan, x)
         out: list[torch.Tensor | None] = [None] * len(rows)
         for i, part in zip(plan.order, v.split(plan.latent_counts)):
-            out[i] = part.float()
+            out[i] = part.to(torch.float32, copy=True)   # a graph's output buffer is reused
         return out
+
+    def _graphed_layers(self, plan: _Plan, x: torch.Tensor) -> torch.Tensor:
+        sig = plan.signature
+        graph = self._graphs.get(sig)
+        if graph is None:
+            self._seen[sig] = self._seen.get(sig, 0) + 1
+            if self._seen[sig] < 2:
+                return self.run_layers(plan, x)
+            graph = self._graphs[sig] = self._capture(plan, x)
+            while len(self._graphs) > self.max_graphs:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(sig)
+        if graph.loaded != plan.uid:
+            plan.load_into(graph.plan)
+            graph.loaded = plan.uid
+        graph.x.copy_(x)
+        graph.graph.replay()
+        return graph.out
+
+    def _capture(self, plan: _Plan, x: torch.Tensor) -> _Graph:
+        static, static_x = plan.static_copy(), x.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):      # warm-up on a side stream, as capture requires
+            self.run_layers(static, static_x)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self.run_layers(static, static_x)
+        return _Graph(graph, static, static_x, out, plan.uid)
 
     def embed(self, plan: _Plan, rows: list[Row]) -> torch.Tensor:
         """Packed input embeddings [T, hidden]."""

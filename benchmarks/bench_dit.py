@@ -1,0 +1,537 @@
+"""DiT stage benchmark on one GPU: Lance_3B-shaped random weights (bf16), the real Wan2.2 VAE shape.
+
+    PYTHONUNBUFFERED=1 python benchmarks/bench_dit.py --out $OUT [--quick] [--fp32-1024]
+
+Reports, for 512² (25 steps) and 1024² (30 steps): seconds per image (denoise, VAE decode), images/s at
+batch 1 and at the best batch, MFU of the denoising forwards, peak memory - for the fast path and the
+plain reference path (the model core's forward) in the same run - plus the relative error of bf16 final
+latents against fp32 on the same weights. Writes bench_dit.json and bench_dit.log under --out and
+prints a short table last.
+
+FLOPs (model FLOPs, executed useful work): one forward of a row = N query tokens (latents + 2 markers)
+against L cached context tokens:
+    per layer  2*N*(hidden*(q_dim + 2*kv_dim) + q_dim*hidden + 3*hidden*ffn)  +  4*N*(L+N)*q_dim
+    x layers, + vae2llm/llm2vae 2*2*n*48*hidden + time embedder 2*(256*hidden + hidden^2) per row.
+MFU = FLOPs of every forward of the loop / loop wall time / peak (989 TFLOP/s dense bf16, H100 SXM;
+also given against the measured 8192^3 bf16 matmul rate).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.dit.engine import DenoiseEngine                      # noqa: E402
+from stages.dit.forward import BranchContext, FastForward, ReferenceForward, Row   # noqa: E402
+from stages.dit.model import build_dit_model, random_init_       # noqa: E402
+from stages.lance.config import LanceConfig, LanceLLMConfig      # noqa: E402
+from stages.lance.handoff import BranchKV, ContextHandoff        # noqa: E402
+from stages.lance.requests import DenoiseParams                  # noqa: E402
+from stages.lance.scheduler import FlowMatchEulerScheduler       # noqa: E402
+
+PEAK_BF16 = 989e12
+LANCE_3B = dict(hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, head_dim=128,
+                intermediate_size=11008, vocab_size=151936, rms_norm_eps=1e-6, rope_theta=1e6,
+                mrope_section=(16, 24, 24), max_position_embeddings=128000)
+COND_CONTEXT, UNCOND_CONTEXT = 256, 232     # t2i: system prompt + caption (24 tokens) + template
+SIZES = {512: 25, 1024: 30}
+log = logging.getLogger("bench_dit")
+RESULTS: dict = {}
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def cuda_time(fn, reps: int = 10, warmup: int = 2) -> float:
+    """Median seconds of fn() over reps, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def section(name):
+    def wrap(fn):
+        def run(*a, **kw):
+            log.info("=== %s", name)
+            t0 = time.perf_counter()
+            try:
+                out = fn(*a, **kw)
+                log.info("=== %s done in %.1fs", name, time.perf_counter() - t0)
+                return out
+            except Exception as e:   # one failing section must not lose the others' numbers
+                log.error("%s failed: %s\n%s", name, e, traceback.format_exc())
+                RESULTS.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+                return None
+            finally:
+                gc.collect()
+                torch.cuda.empty_cache()
+        return run
+    return wrap
+
+
+def lance_3b() -> LanceConfig:
+    return LanceConfig(llm=LanceLLMConfig(**LANCE_3B))
+
+
+def grid_positions(anchor: int, h: int, w: int) -> torch.Tensor:
+    hh, ww = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    body = torch.stack([torch.full((h * w,), anchor + 1), anchor + 1 + hh.reshape(-1), anchor + 1 + ww.reshape(-1)])
+    return torch.cat([torch.full((3, 1), anchor), body, torch.full((3, 1), anchor + 2 + max(h, w) - 1)], dim=1)
+
+
+def make_handoff(cfg: LanceConfig, side: int, steps: int, seed: int, dtype, request_id="r") -> ContextHandoff:
+    llm = cfg.llm
+    h = w = side // 16
+    g = torch.Generator(device="cuda").manual_seed(1000 + seed)
+
+    def branch(length):
+        shape = (llm.num_hidden_layers, length, llm.num_key_value_heads, llm.head_dim)
+        kv = tuple(torch.randn(shape, generator=g, device="cuda").to(dtype) for _ in range(2))
+        return BranchKV(kv, length, grid_positions(length, h, w))
+
+    return ContextHandoff(request_id, "t2i", (1, h, w), DenoiseParams(num_inference_steps=steps, seed=seed),
+                          branch(COND_CONTEXT), branch(UNCOND_CONTEXT))
+
+
+def row_flops(cfg: LanceConfig, n: int, context: int) -> float:
+    llm = cfg.llm
+    hid, q, kv, ffn = llm.hidden_size, llm.num_attention_heads * llm.head_dim, llm.num_key_value_heads * llm.head_dim, \
+        llm.intermediate_size
+    tokens = n + 2
+    per_layer = 2 * tokens * (hid * (q + 2 * kv) + q * hid + 3 * hid * ffn) + 4 * tokens * (context + tokens) * q
+    return llm.num_hidden_layers * per_layer + 2 * 2 * n * 48 * hid + 2 * (256 * hid + hid * hid)
+
+
+def loop_flops(cfg: LanceConfig, handoff: ContextHandoff) -> float:
+    sched = FlowMatchEulerScheduler(handoff.params)
+    n = handoff.num_target_tokens
+    total = 0.0
+    for i in range(sched.num_steps):
+        total += row_flops(cfg, n, handoff.cond.context_len)
+        if sched.uses_cfg(i):
+            total += row_flops(cfg, n, handoff.uncond.context_len)
+    return total
+
+
+def jobs_for(engine, handoffs):
+    return [engine.prepare(h, h.cond.kv, h.uncond.kv) for h in handoffs]
+
+
+# --- sections -------------------------------------------------------------------------------------
+
+@section("device and ceilings")
+def ceilings():
+    p = torch.cuda.get_device_properties(0)
+    info = {"gpu": p.name, "sms": p.multi_processor_count, "memory_gib": p.total_memory / 2**30,
+            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = cuda_time(lambda: a @ b, reps=20, warmup=5)
+    info["matmul_8192_bf16_tflops"] = 2 * 8192**3 / t / 1e12
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    t = cuda_time(lambda: y.copy_(x), reps=10)
+    info["copy_tb_per_s"] = 2 * x.numel() / t / 1e12
+    RESULTS["device"] = info
+    log.info("%s", info)
+
+
+@section("GPU self-check: fast forward (Triton, attention backends, CUDA graphs) vs the model core")
+def self_check():
+    from torch.nn.attention import SDPBackend
+    cfg = LanceConfig(llm=LanceLLMConfig(**dict(LANCE_3B, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                                 head_dim=64, mrope_section=(8, 12, 12), intermediate_size=512)))
+    out = {}
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        model = random_init_(build_dit_model(cfg, "cuda", dtype), seed=1)
+
+        def rows_for(seed):
+            g = torch.Generator(device="cuda").manual_seed(seed)
+            rows = []
+            for length, (h, w) in [(17, (3, 5)), (40, (4, 4)), (17, (3, 5)), (0, (2, 2))]:
+                kv = [torch.randn(2, length, 2, 64, generator=g, device="cuda").to(dtype) for _ in range(2)]
+                b = BranchContext(kv[0], kv[1], grid_positions(length + 3, h, w).cuda(), (1, h, w))
+                rows.append(Row(b, torch.randn(h * w, 48, generator=g, device="cuda").to(dtype),
+                                torch.rand((), generator=g, device="cuda"), request=object()))
+            return rows
+        variants = {"torch": FastForward(model, "torch"), "triton": FastForward(model, "triton"),
+                    "triton+flash": FastForward(model, "triton", [SDPBackend.FLASH_ATTENTION]),
+                    "triton+cudnn": FastForward(model, "triton", [SDPBackend.CUDNN_ATTENTION]),
+                    "triton+graphs": FastForward(model, "triton", cuda_graphs=True)}
+        ref = ReferenceForward(model)
+        for name, fwd in variants.items():
+            worst = 0.0
+            try:
+                for seed in range(4):   # new requests of the same shapes: graphs replay with reloaded contexts
+                    rows = rows_for(seed)
+                    for a, b in zip(fwd(rows), ref(rows)):
+                        worst = max(worst, ((a - b).norm() / b.norm()).item())
+                out[f"{dtype}/{name}"] = worst
+                log.info("self-check %s %-14s max rel err %.2e %s", dtype, name, worst, "ok" if worst < tol else "FAIL")
+            except RuntimeError as e:
+                if "float32" in str(dtype) and name in ("triton+flash", "triton+cudnn"):
+                    continue   # those kernels take 16-bit inputs only
+                out[f"{dtype}/{name}"] = f"error: {e}"[:200]
+                log.error("self-check %s %s: %s", dtype, name, e)
+    RESULTS["self_check"] = out
+
+
+@section("GEMM shapes of one 1024^2 CFG forward (M = 8196)")
+def gemms(cfg):
+    llm = cfg.llm
+    m, hid, ffn = 8196, llm.hidden_size, llm.intermediate_size
+    q, kv = llm.num_attention_heads * llm.head_dim, llm.num_key_value_heads * llm.head_dim
+    out = {}
+    for name, (k, n) in {"qkv": (hid, q + 2 * kv), "o_proj": (q, hid), "gate_up": (hid, 2 * ffn),
+                         "down": (ffn, hid)}.items():
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        t = cuda_time(lambda: torch.nn.functional.linear(x, w), reps=20)
+        out[name] = 2 * m * k * n / t / 1e12
+    RESULTS["gemm_tflops"] = out
+    log.info("GEMM TFLOP/s: %s", out)
+
+
+@section("attention backends at the 1024^2 shape (2 rows, 4098 queries, 4354 keys)")
+def attention_backends():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    q = torch.randn(2, 4098, 16, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    k = torch.randn(2, 4354, 2, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    v = torch.randn_like(k)
+    flops = 4 * 2 * 4098 * 4354 * 16 * 128
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float().repeat_interleave(8, 1),
+                                                           v.float().repeat_interleave(8, 1))
+    out = {}
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        for expand in (False, True):
+            kk, vv = (k.repeat_interleave(8, 1), v.repeat_interleave(8, 1)) if expand else (k, v)
+
+            def call():
+                with sdpa_kernel([backend]):
+                    return torch.nn.functional.scaled_dot_product_attention(q, kk, vv, enable_gqa=not expand)
+            key = f"{name}{'_expanded_kv' if expand else '_gqa'}"
+            try:
+                o = call()
+                err = ((o.float() - ref).norm() / ref.norm()).item()
+                t = cuda_time(call, reps=10)
+                out[key] = {"ms": t * 1e3, "tflops": flops / t / 1e12, "rel_err": err}
+            except RuntimeError as e:
+                out[key] = {"error": str(e).splitlines()[0][:160]}
+    RESULTS["attention"] = out
+    for k_, v_ in out.items():
+        log.info("attention %-22s %s", k_, v_)
+    ok = {k_: v_["tflops"] for k_, v_ in out.items() if "tflops" in v_ and v_["rel_err"] < 2e-2 and k_.endswith("_gqa")}
+    best = max(ok, key=ok.get) if ok else None
+    RESULTS["attention_choice"] = best
+    return {"flash_gqa": [SDPBackend.FLASH_ATTENTION], "cudnn_gqa": [SDPBackend.CUDNN_ATTENTION],
+            "efficient_gqa": [SDPBackend.EFFICIENT_ATTENTION]}.get(best)
+
+
+def copy_weights(dst, src):
+    with torch.no_grad():
+        for (name, p), (_, q) in zip(dst.named_parameters(), src.named_parameters()):
+            p.copy_(q)
+
+
+@section("correctness and accuracy (fp32 vs bf16, same weights)")
+def accuracy(cfg, m16, steps512: int, with_1024: bool, attn):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    m32 = build_dit_model(cfg, "cuda", torch.float32)
+    random_init_(m32, seed=0)
+    copy_weights(m16, m32)
+    out = {}
+    # one mixed batch through both forwards: two requests of different grids and context lengths
+    for label, model, kernels in (("fp32", m32, "triton"), ("bf16", m16, "triton")):
+        rows = []
+        for side in (512, 256):
+            h = make_handoff(cfg, side, 25, seed=side, dtype=model.vae2llm.weight.dtype)
+            job = DenoiseEngine(model, "reference").prepare(h, h.cond.kv, h.uncond.kv)
+            rows += [Row(b, job.x.to(model.vae2llm.weight.dtype), torch.tensor(0.7), request=job)
+                     for b in (job.cond, job.uncond)]
+        fast = FastForward(model, kernels=kernels, attention_backends=attn if label == "bf16" else None)(rows)
+        ref = ReferenceForward(model)(rows)
+        errs = [((a - b).norm() / b.norm()).item() for a, b in zip(fast, ref)]
+        out[f"forward_fast_vs_reference_{label}_rel"] = max(errs)
+        log.info("one forward, fast vs reference (%s): max rel err over rows %.3g", label, max(errs))
+    sizes = [(512, steps512)] + ([(1024, SIZES[1024])] if with_1024 else [])
+    for side, steps in sizes:
+        h32 = make_handoff(cfg, side, steps, seed=1, dtype=torch.float32)
+        h16 = make_handoff(cfg, side, steps, seed=1, dtype=torch.bfloat16)
+        noise = torch.randn(h32.num_target_tokens, 48, generator=torch.Generator("cuda").manual_seed(7), device="cuda")
+        h32.initial_noise = h16.initial_noise = noise
+        t0 = time.perf_counter()
+        x_ref32 = DenoiseEngine(m32, "reference").run(jobs_for(DenoiseEngine(m32, "reference"), [h32]))[0]
+        log.info("fp32 reference %d^2 took %.1fs", side, time.perf_counter() - t0)
+        e = DenoiseEngine(m32, "fast", kernels="triton")
+        x_fast32 = e.run(jobs_for(e, [h32]))[0]
+        e = DenoiseEngine(m16, "fast", kernels="triton", attention_backends=attn, cuda_graphs=True)
+        x_fast16 = e.run(jobs_for(e, [h16]))[0]
+        e = DenoiseEngine(m16, "reference")
+        x_ref16 = e.run(jobs_for(e, [h16]))[0]
+
+        def rel(a):
+            return ((a - x_ref32).norm() / x_ref32.norm()).item()
+        out[f"{side}"] = {"fast_fp32_vs_ref_fp32": rel(x_fast32), "fast_bf16_vs_ref_fp32": rel(x_fast16),
+                          "ref_bf16_vs_ref_fp32": rel(x_ref16),
+                          "fast_bf16_vs_ref_bf16": ((x_fast16 - x_ref16).norm() / x_ref16.norm()).item(),
+                          "final_latent_rms": x_ref32.pow(2).mean().sqrt().item()}
+        log.info("final latent rel err %d^2: %s", side, out[f"{side}"])
+    del m32
+    RESULTS["accuracy"] = out
+
+
+@section("forward ladder at 1024^2, batch 1 (one CFG forward: 2 rows x 4098 tokens)")
+def forward_ladder(cfg, m16, attn):
+    h = make_handoff(cfg, 1024, 30, seed=3, dtype=torch.bfloat16)
+    job = DenoiseEngine(m16, "reference").prepare(h, h.cond.kv, h.uncond.kv)
+    rows = [Row(b, job.x.to(torch.bfloat16), torch.tensor(0.9), request=job) for b in (job.cond, job.uncond)]
+    flops = row_flops(cfg, 4096, COND_CONTEXT) + row_flops(cfg, 4096, UNCOND_CONTEXT)
+    variants = {"reference (model core)": ReferenceForward(m16),
+                "fast: packed, torch ops, SDPA default": FastForward(m16, "torch"),
+                "+ triton fused element-wise": FastForward(m16, "triton"),
+                "+ chosen attention backend": FastForward(m16, "triton", attention_backends=attn),
+                "+ CUDA graph": FastForward(m16, "triton", attention_backends=attn, cuda_graphs=True)}
+    out = {}
+    for name, fwd in variants.items():
+        t = cuda_time(lambda: fwd(rows), reps=5, warmup=3)
+        out[name] = {"ms": t * 1e3, "tflops": flops / t / 1e12, "mfu": flops / t / PEAK_BF16}
+        log.info("forward %-40s %8.1f ms  %6.0f TFLOP/s  MFU %.1f%%", name, t * 1e3, flops / t / 1e12,
+                 100 * flops / t / PEAK_BF16)
+    RESULTS["forward_ladder"] = out
+    try:
+        profile_forward(variants["+ chosen attention backend"], rows)
+    except Exception as e:  # the profile is a breakdown, not a result
+        log.warning("profile failed: %s", e)
+
+
+def profile_forward(fwd, rows):
+    from torch.profiler import ProfilerActivity, profile
+    fwd(rows)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fwd(rows)
+        torch.cuda.synchronize()
+    cats: dict[str, float] = {}
+    for ev in prof.key_averages():
+        name = ev.key.lower()
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if any(s in name for s in ("gemm", "xmma", "cutlass", "cublas", "sm90", "nvjet")):
+            cat = "gemm"
+        elif any(s in name for s in ("flash", "fmha", "attention", "cudnn")):
+            cat = "attention"
+        elif "triton" in name:
+            cat = "triton element-wise"
+        else:
+            cat = "other"
+        cats[cat] = cats.get(cat, 0.0) + us / 1e3
+    RESULTS["forward_profile_ms"] = cats
+    log.info("one forward, device time by kind (ms): %s", {k: round(v, 2) for k, v in cats.items()})
+    top = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "device_time_total", 0) or 0))[:12]
+    for ev in top:
+        log.info("   %9.2f ms  x%-5d %s", (getattr(ev, "device_time_total", 0) or 0) / 1e3, ev.count, ev.key[:110])
+
+
+def timed_engine_run(engine, handoffs):
+    jobs = jobs_for(engine, handoffs)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.run(jobs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, [j.x for j in jobs]
+
+
+@section("denoising loops")
+def loops(cfg, m16, attn, batches, ref_batches):
+    out = RESULTS.setdefault("loops", {})
+    for side, steps in SIZES.items():
+        for path in ("fast", "reference"):
+            for b in (batches[side] if path == "fast" else ref_batches):
+                key = f"{side}/{path}/b{b}"
+                try:
+                    engine = (DenoiseEngine(m16, "fast", kernels="triton", attention_backends=attn, cuda_graphs=True,
+                                            max_batch_size=b, max_tokens_per_forward=1 << 20)
+                              if path == "fast" else DenoiseEngine(m16, "reference", max_batch_size=b))
+                    warm = [make_handoff(cfg, side, 4, seed=90 + i, dtype=torch.bfloat16) for i in range(b)]
+                    for h in warm:   # 2 CFG steps + 2 plain steps: both forward shapes, eager then captured
+                        h.params = DenoiseParams(num_inference_steps=4, cfg_interval=(0.8, 1.0), seed=h.params.seed)
+                    timed_engine_run(engine, warm)
+                    handoffs = [make_handoff(cfg, side, steps, seed=i, dtype=torch.bfloat16) for i in range(b)]
+                    torch.cuda.reset_peak_memory_stats()
+                    secs, _ = timed_engine_run(engine, handoffs)
+                    flops = sum(loop_flops(cfg, h) for h in handoffs)
+                    out[key] = {"batch": b, "steps": steps, "denoise_s": secs, "denoise_s_per_image": secs / b,
+                                "tflops": flops / secs / 1e12, "mfu": flops / secs / PEAK_BF16,
+                                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+                                "forwards": engine.forwards_run}
+                    log.info("%-22s denoise %.3fs (%.3fs/image)  %5.0f TFLOP/s  MFU %.1f%%  peak %.1f GiB", key, secs,
+                             secs / b, flops / secs / 1e12, 100 * flops / secs / PEAK_BF16,
+                             out[key]["peak_mem_gib"])
+                    del engine
+                except torch.cuda.OutOfMemoryError as e:
+                    out[key] = {"error": f"OOM: {e}"[:200]}
+                    log.warning("%s: out of memory", key)
+                gc.collect()
+                torch.cuda.empty_cache()
+
+
+WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                 temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
+                 patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16)
+
+
+@section("VAE decode (Wan2.2 shape, random weights, decoder only, bf16)")
+def vae_decode(batches):
+    from diffusers import AutoencoderKLWan
+
+    from stages.dit.vae_decode import FrameDecoder
+    from stages.lance.vae import LATENTS_MEAN, LATENTS_STD, LanceVAE
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoencoderKLWan(**WAN22_VAE, latents_mean=list(LATENTS_MEAN), latents_std=list(LATENTS_STD))
+    model.encoder, model.quant_conv = None, None
+    with torch.no_grad():  # the tiny checkpoint's recipe: convs N(0, (0.7/sqrt(fan_in))^2), activations O(1)
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.7 / p[0].numel() ** 0.5)
+            elif name.endswith("bias"):
+                p.zero_()
+    vae = LanceVAE(model.to(torch.bfloat16), torch.bfloat16).cuda()
+    params = sum(p.numel() for p in vae.parameters())
+    dec = FrameDecoder(vae)
+    out = {"decoder_parameters": params}
+    for side in SIZES:
+        for b in sorted({1, *batches[side]}):
+            z = torch.randn(b, 48, 1, side // 16, side // 16, device="cuda", dtype=torch.bfloat16)
+            torch.cuda.reset_peak_memory_stats()
+            t_fast = cuda_time(lambda: dec(z), reps=5)
+            peak = torch.cuda.max_memory_allocated() / 2**30
+            row = {"frame_decoder_s": t_fast, "peak_mem_gib": peak}
+            if b == 1:
+                t_ref = cuda_time(lambda: vae.decode(z), reps=5)
+                a, r = dec(z).float(), vae.decode(z)[:, :, 0].float()
+                row.update(diffusers_decode_s=t_ref, rel_diff_vs_diffusers=((a - r).norm() / r.norm()).item())
+            out[f"{side}/b{b}"] = row
+            log.info("VAE %d^2 b%d: %s", side, b, row)
+    RESULTS["vae"] = out
+
+
+def summarize(batches):
+    loops_ = RESULTS.get("loops", {})
+    vae = RESULTS.get("vae", {})
+    table = []
+    for side in SIZES:
+        for path in ("fast", "reference"):
+            rows = {k: v for k, v in loops_.items() if k.startswith(f"{side}/{path}/") and "denoise_s" in v}
+            if not rows:
+                continue
+
+            def vae_s(b):
+                return vae.get(f"{side}/b{b}", {}).get("frame_decoder_s" if path == "fast" else "diffusers_decode_s",
+                                                       vae.get(f"{side}/b{b}", {}).get("frame_decoder_s", 0.0))
+            per = {}
+            for k, v in rows.items():
+                b = v["batch"]
+                vs = vae_s(b) if path == "fast" else b * vae_s(1)
+                per[b] = dict(v, vae_s=vs, images_per_s=b / (v["denoise_s"] + vs))
+            b1 = per.get(1)
+            best_b = max(per, key=lambda b: per[b]["images_per_s"])
+            table.append({"size": side, "path": path, "denoise_s_b1": b1 and b1["denoise_s"],
+                          "vae_s_b1": b1 and b1["vae_s"], "s_per_image_b1": b1 and b1["denoise_s"] + b1["vae_s"],
+                          "img_s_b1": b1 and b1["images_per_s"], "best_batch": best_b,
+                          "img_s_best": per[best_b]["images_per_s"], "mfu_b1": b1 and b1["mfu"],
+                          "mfu_best": per[best_b]["mfu"], "peak_gib": max(v["peak_mem_gib"] for v in per.values())})
+    RESULTS["table"] = table
+    return table
+
+
+def print_table(table):
+    acc = RESULTS.get("accuracy", {})
+    print("\n== DiT benchmark:", RESULTS.get("device", {}).get("gpu"), "| matmul ceiling",
+          f"{RESULTS.get('device', {}).get('matmul_8192_bf16_tflops', 0):.0f} TFLOP/s | attention:",
+          RESULTS.get("attention_choice"))
+    hdr = f"{'size':>5} {'path':>9} {'denoise b1':>10} {'vae b1':>7} {'s/img b1':>8} {'img/s b1':>8} " \
+          f"{'best b':>6} {'img/s best':>10} {'MFU b1':>7} {'MFU best':>8} {'peak GiB':>8}"
+    print(hdr)
+    by = {(r["size"], r["path"]): r for r in table}
+    for r in table:
+        f = lambda x, fmt: (fmt % x) if x is not None else "-"   # noqa: E731
+        print(f"{r['size']:>5} {r['path']:>9} {f(r['denoise_s_b1'], '%.3f'):>10} {f(r['vae_s_b1'], '%.3f'):>7} "
+              f"{f(r['s_per_image_b1'], '%.3f'):>8} {f(r['img_s_b1'], '%.2f'):>8} {r['best_batch']:>6} "
+              f"{r['img_s_best']:>10.2f} {f(r['mfu_b1'] and 100 * r['mfu_b1'], '%.1f%%'):>7} "
+              f"{100 * r['mfu_best']:>7.1f}% {r['peak_gib']:>8.1f}")
+    for side in SIZES:
+        fast, ref = by.get((side, "fast")), by.get((side, "reference"))
+        if fast and ref and fast["s_per_image_b1"] and ref["s_per_image_b1"]:
+            print(f"{side}: fast/reference speed-up  b1 {ref['s_per_image_b1'] / fast['s_per_image_b1']:.2f}x,"
+                  f" best batch {fast['img_s_best'] / ref['img_s_best']:.2f}x")
+    for side, v in acc.items():
+        if isinstance(v, dict):
+            print(f"bf16 vs fp32 final latent rel err {side}^2: fast {v['fast_bf16_vs_ref_fp32']:.2e}, reference "
+                  f"{v['ref_bf16_vs_ref_fp32']:.2e} (fast fp32 vs ref fp32 {v['fast_fp32_vs_ref_fp32']:.1e})")
+    print("targets: MFU >= 55% at 1024^2; 1024^2/30 steps <= 3.0 s incl. VAE; 512^2/25 steps >= 1.7 img/s")
+    if RESULTS.get("errors"):
+        print("errors:", RESULTS["errors"])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
+    ap.add_argument("--quick", action="store_true", help="small batches only")
+    ap.add_argument("--fp32-1024", action="store_true", help="also the fp32 accuracy run at 1024^2 (~1 min)")
+    ap.add_argument("--skip", default="", help="comma list: accuracy,ladder,loops,vae,micro")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        handlers=[logging.FileHandler(out / "bench_dit.log"), logging.StreamHandler(sys.stdout)])
+    skip = set(filter(None, args.skip.split(",")))
+    batches = {512: [1, 2, 4] if args.quick else [1, 2, 4, 8, 16], 1024: [1, 2] if args.quick else [1, 2, 4]}
+    RESULTS["command"] = " ".join(sys.argv)
+    RESULTS["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    cfg = lance_3b()
+    ceilings()
+    self_check()
+    attn = None
+    if "micro" not in skip:
+        gemms(cfg)
+        attn = attention_backends()
+    m16 = build_dit_model(cfg, "cuda", torch.bfloat16)
+    random_init_(m16, seed=0)
+    RESULTS["dit_parameters"] = sum(p.numel() for p in m16.parameters())
+    RESULTS["dit_weight_gib"] = sum(p.numel() * p.element_size() for p in m16.parameters()) / 2**30
+    log.info("DiT model: %.3f B parameters, %.2f GiB bf16", RESULTS["dit_parameters"] / 1e9, RESULTS["dit_weight_gib"])
+    if "accuracy" not in skip:
+        accuracy(cfg, m16, SIZES[512], args.fp32_1024, attn)
+    if "ladder" not in skip:
+        forward_ladder(cfg, m16, attn)
+    if "loops" not in skip:
+        loops(cfg, m16, attn, batches, ref_batches=[1])
+    if "vae" not in skip:
+        vae_decode(batches)
+    table = summarize(batches)
+    (out / "bench_dit.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    print_table(table)
+
+
+if __name__ == "__main__":
+    main()
