@@ -1,0 +1,316 @@
+"""`Thinker`: one vLLM AsyncLLM running Lance, with the two jobs of the thinker stage.
+
+* `prefill_context(ImageRequest)`: builds the cond and text-uncond contexts (`stages.lance.sequence`),
+  prefills them on vLLM with prefix caching (the uncond branch is submitted once the cond branch is done,
+  so the prefix they share - system prompt, and for edits the ViT and reference blocks - is computed once
+  and read from the cache), and returns a `ContextHandoff`: per branch the exported K/V as a Ray ObjectRef
+  and the positions its target block must use, the latent grid, the knobs, the number of reference tokens.
+* `generate_text(TextRequest)`: understanding (image -> text) and chat, streamed token by token.
+
+`ThinkerStage` (stage.py) is this class as a Ray Serve deployment.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+import torch
+
+from stages.lance.checkpoint import load_lance_config, load_tokenizer, read_vit_config, resolve_checkpoint
+from stages.lance.config import SpecialTokens
+from stages.lance.denoise import posterior_eps
+from stages.lance.handoff import BranchKV, ContextHandoff
+from stages.lance.preprocessing import vae_image_tensor, vit_image_tensor
+from stages.lance.prompts import Visual, default_system_prompt
+from stages.lance.requests import ImageRequest, TextRequest
+from stages.lance.sequence import (BranchPlan, LanceSequence, build_generation_sequence,
+                                   build_understanding_sequence, mrope_positions, plan_generation)
+from stages.lance.vit import patchify_video_with_merge
+
+from .engine_config import LanceTokenIds, engine_kwargs, write_vllm_config_dir
+from .errors import ContextTooLongError, KVExportError, ThinkerRequestError
+from .exports import DEFAULT_TTL_S, EXPORT_PARAM, ExportClaims
+from .inputs import VisualInputs, vllm_prompt
+
+log = logging.getLogger(__name__)
+
+DEFAULT_T2I_SIZE = 768  # upstream's t2i default (inference_lance.sh)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PreparedGeneration:
+    cond: BranchPlan
+    uncond: BranchPlan | None
+    latent_grid: tuple[int, int, int]
+    visuals: VisualInputs
+    num_reference_tokens: int
+
+
+class EngineStats:
+    """Last scheduler numbers vLLM reported (KV-cache usage, queue sizes): a custom stat logger."""
+
+    def __init__(self):
+        self.kv_cache_usage = 0.0
+        self.num_running = self.num_waiting = 0
+        self.steps = 0
+
+    def factory(self, vllm_config, engine_index: int = 0):
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self
+
+        class _Logger(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index=0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+                if scheduler_stats is not None:
+                    stats.kv_cache_usage = float(scheduler_stats.kv_cache_usage)
+                    stats.num_running = int(scheduler_stats.num_running_reqs)
+                    stats.num_waiting = int(scheduler_stats.num_waiting_reqs)
+                    stats.steps += 1
+
+            def log_engine_initialized(self):
+                pass
+
+        return _Logger(vllm_config, engine_index)
+
+
+class Thinker:
+    def __init__(self, model: str, engine_args: dict | None = None, variant: str | None = None, *,
+                 cache_dir=None, export_ttl_s: float = DEFAULT_TTL_S, claim_timeout_s: float = 60.0,
+                 put_in_object_store: bool = True):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        engine_args = dict(engine_args or {})
+        self.files = resolve_checkpoint(model, variant)
+        self.config = load_lance_config(self.files)
+        self.tokenizer = load_tokenizer(self.files)
+        self.tokens = SpecialTokens.from_config_and_tokenizer(self.config.raw_llm_config, self.tokenizer)
+        self.ids = LanceTokenIds.from_tokens(self.tokens, self.config.llm.vocab_size)
+        self.vit_config = read_vit_config(self.files)
+        self.claims = ExportClaims(export_ttl_s)
+        self.claim_timeout_s = claim_timeout_s
+        self.put_in_object_store = put_in_object_store
+        config_dir = write_vllm_config_dir(self.files, self.tokenizer, cache_dir)
+        kwargs = engine_kwargs(self.files, config_dir, engine_args, self.claims.connector_config())
+        kwargs["disable_log_stats"] = False
+        self.stats = EngineStats()
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[self.stats.factory])
+        self.max_model_len = self.engine.model_config.max_model_len
+        self.dtype = self.engine.model_config.dtype
+        self._vae = None
+        # (export id, context tokens, tokens served from vLLM's prefix cache) of recent prefills
+        self.recent_prefills: collections.deque[tuple[str, int, int]] = collections.deque(maxlen=256)
+
+    # --- image tasks ------------------------------------------------------------------------------
+
+    async def prefill_context(self, req: ImageRequest, *, reference_eps: torch.Tensor | None = None) -> ContextHandoff:
+        """Prefill both CFG branches' contexts and hand them over (see the module docstring).
+
+        `reference_eps` injects the posterior noise of an edit's reference latent (upstream draws it from
+        its global RNG; by default we draw it from the request seed, as the offline pipeline does).
+        """
+        request_id = req.request_id or uuid.uuid4().hex
+        prep = await asyncio.to_thread(self._prepare_generation, req, reference_eps)
+        tag = uuid.uuid4().hex[:8]
+        cond, cond_bytes = await self._prefill_branch(f"{_safe(request_id)}-cond-{tag}", prep.cond, prep.visuals)
+        uncond, uncond_bytes = None, 0
+        if prep.uncond is not None:
+            uncond, uncond_bytes = await self._prefill_branch(f"{_safe(request_id)}-uncond-{tag}", prep.uncond,
+                                                              prep.visuals)
+        return ContextHandoff(request_id=request_id, task=req.task, latent_grid=prep.latent_grid, params=req.params,
+                              cond=cond, uncond=uncond, num_reference_tokens=prep.num_reference_tokens,
+                              kv_bytes=cond_bytes + uncond_bytes)
+
+    def _prepare_generation(self, req: ImageRequest, reference_eps) -> PreparedGeneration:
+        if req.task not in ("t2i", "image_edit"):
+            raise ThinkerRequestError(f"unknown image task {req.task!r}", param="task")
+        if not req.prompt:
+            raise ThinkerRequestError("the prompt is empty", param="prompt")
+        visuals, context_visuals, n_ref = VisualInputs(), [], 0
+        if req.task == "t2i":
+            height, width = req.height or DEFAULT_T2I_SIZE, req.width or DEFAULT_T2I_SIZE
+            latent = self.config.latent
+            if height % latent.spatial_downsample or width % latent.spatial_downsample:
+                raise ThinkerRequestError(f"height and width must be multiples of {latent.spatial_downsample}, got "
+                                          f"{height}x{width}", param="size", code="invalid_size")
+            if max(height, width) > latent.max_image_side:
+                raise ThinkerRequestError(f"at most {latent.max_image_side} px per side, got {height}x{width}",
+                                          param="size", code="invalid_size")
+            grid = latent.latent_grid(1, height, width)
+        else:
+            if req.image is None:
+                raise ThinkerRequestError("image_edit needs an input image", param="image")
+            visuals.vit_patches, visuals.vit_patch_grid, vit_grid = self._vit_inputs(req.image, req.resolution)
+            ref = self._reference_latent(req.image, req.resolution, req.params.seed, reference_eps)  # [1, 48, t, h, w]
+            grid = tuple(ref.shape[2:])
+            visuals.ref_latents = ref[0].permute(1, 2, 3, 0).reshape(-1, ref.shape[1]).contiguous()
+            visuals.latent_grid = grid
+            context_visuals, n_ref = [("vit", vit_grid), ("vae_ref", grid)], visuals.ref_latents.shape[0]
+        system = req.system_prompt if req.system_prompt is not None else default_system_prompt(req.task)
+
+        def build(caption: str) -> LanceSequence:
+            return build_generation_sequence(self.tokenizer, self.tokens, system, caption, context_visuals, grid)
+
+        negative = build(req.negative_prompt) if req.negative_prompt is not None else None
+        cond, uncond = plan_generation(build(req.prompt), negative, self.config.llm.tokens_per_second)
+        for plan in (cond, uncond) if req.params.uses_cfg else (cond,):
+            self._check_length(plan.context.input_ids.numel(), "context")
+        return PreparedGeneration(cond, uncond if req.params.uses_cfg else None, tuple(grid), visuals, n_ref)
+
+    def _vit_inputs(self, image, resolution: str):
+        """Merge-window pixel patches, their patch grid and the block's LLM grid (T/2, H/28, W/28)."""
+        try:
+            video = vit_image_tensor(image, resolution)
+        except ValueError as e:
+            raise ThinkerRequestError(str(e), param="resolution") from None
+        cfg = self.vit_config
+        m = cfg.get("spatial_merge_size", 2)
+        patches, grid = patchify_video_with_merge(video, cfg.get("patch_size", 14), cfg.get("temporal_patch_size", 2), m)
+        t, h, w = grid[0].tolist()
+        return patches, (t, h, w), (t, h // m, w // m)
+
+    def _reference_latent(self, image, resolution: str, seed: int, eps) -> torch.Tensor:
+        vae = self._reference_encoder()
+        video = vae_image_tensor(image, resolution)[None].to(vae.latents_mean.dtype)
+        mean, logvar = vae.encode(video)
+        if eps is None:
+            eps = posterior_eps(mean.shape, seed, mean.device, mean.dtype)
+        return vae.sample_posterior(mean, logvar, eps=eps)
+
+    def _reference_encoder(self):
+        if self._vae is None:  # edits only: t2i and text deployments never load the VAE
+            from stages.lance.vae import LanceVAE
+
+            dtype = self.dtype if self.dtype in _DTYPES.values() else torch.float32
+            self._vae = LanceVAE.from_wan22_pth(self.files.vae_path, dtype=dtype, decoder=False)
+        return self._vae
+
+    async def _prefill_branch(self, export_id: str, plan: BranchPlan, visuals: VisualInputs) -> tuple[BranchKV, int]:
+        """Prefill one branch's context on vLLM, claim its exported K/V and put it in Ray's object store."""
+        from vllm import SamplingParams
+
+        prompt = vllm_prompt(plan.context, plan.context_positions, self.ids, visuals)
+        params = SamplingParams(max_tokens=1, temperature=0.0,
+                                extra_args={"kv_transfer_params": {EXPORT_PARAM: {"export_id": export_id}}})
+        finished = None
+        try:
+            async for out in self.engine.generate(prompt, params, request_id=export_id):
+                finished = out
+            exported = ((finished.kv_transfer_params or {}).get(EXPORT_PARAM) or {}) if finished else {}
+            if not exported.get("exported"):
+                raise KVExportError(f"vLLM finished {export_id} without exporting its context")
+            k, v = await self.claims.claim(export_id, self.claim_timeout_s)
+        except BaseException:
+            if finished is None or not finished.finished:
+                await self.engine.abort(export_id)
+            self.claims.drop(export_id)
+            raise
+        n = plan.context.input_ids.numel()
+        if k.shape[1] != n:
+            raise KVExportError(f"export {export_id} holds {k.shape[1]} tokens, the context has {n}")
+        nbytes = k.numel() * k.element_size() + v.numel() * v.element_size()
+        self.recent_prefills.append((export_id, n, int(finished.num_cached_tokens or 0)))
+        kv = _object_store_put((k, v)) if self.put_in_object_store else (k, v)
+        return BranchKV(kv=kv, context_len=n, query_positions=plan.query_positions.clone()), nbytes
+
+    # --- text tasks -------------------------------------------------------------------------------
+
+    async def generate_text(self, req: TextRequest) -> AsyncIterator[dict]:
+        """Stream {"text", "token_ids", "finish_reason", "prompt_tokens", "completion_tokens"} per step."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        request_id = req.request_id or uuid.uuid4().hex
+        seq, visuals = await asyncio.to_thread(self._prepare_text, req)
+        n = seq.input_ids.numel()
+        self._check_length(n + 1, "prompt plus one generated token")
+        prompt = vllm_prompt(seq, mrope_positions(seq, self.config.llm.tokens_per_second), self.ids, visuals)
+        params = SamplingParams(max_tokens=min(req.max_tokens, self.max_model_len - n), temperature=req.temperature,
+                                top_p=req.top_p, stop=list(req.stop) or None, seed=req.seed,
+                                stop_token_ids=[self.tokens.im_end], output_kind=RequestOutputKind.DELTA)
+        completion, finished = 0, False
+        try:
+            async for out in self.engine.generate(prompt, params, request_id=request_id):
+                o = out.outputs[0]
+                completion += len(o.token_ids)
+                finished = out.finished
+                yield {"text": o.text, "token_ids": list(o.token_ids),
+                       "finish_reason": o.finish_reason if out.finished else None,
+                       "prompt_tokens": n, "completion_tokens": completion}
+        finally:
+            if not finished:  # the caller went away: stop spending compute on it
+                await self.engine.abort(request_id)
+
+    def _prepare_text(self, req: TextRequest) -> tuple[LanceSequence, VisualInputs]:
+        if req.task not in ("x2t_image", "chat"):
+            raise ThinkerRequestError(f"unknown text task {req.task!r}", param="task")
+        if not req.turns or req.turns[-1].role != "user":
+            raise ThinkerRequestError("the last message must be the user's", param="messages")
+        if req.max_tokens < 1 or req.temperature < 0 or not 0 < req.top_p <= 1:
+            raise ThinkerRequestError("need max_tokens >= 1, temperature >= 0 and 0 < top_p <= 1", param="max_tokens")
+        visuals, grids = VisualInputs(), []
+        turns: list[tuple[str, list]] = []
+        image_pending = req.task == "x2t_image"
+        if image_pending and req.image is None:
+            raise ThinkerRequestError("x2t_image needs an image", param="image")
+        if image_pending:
+            visuals.vit_patches, visuals.vit_patch_grid, vit_grid = self._vit_inputs(req.image, req.resolution)
+            grids.append(vit_grid)
+        for turn in req.turns:
+            if turn.role == "system":
+                raise ThinkerRequestError("pass the system prompt as system_prompt, not as a turn", param="messages")
+            parts: list = [turn.text] if turn.text else []
+            if image_pending and turn.role == "user":
+                parts.insert(0, Visual("vit"))
+                image_pending = False
+            turns.append((turn.role, parts))
+        system = req.system_prompt if req.system_prompt is not None else default_system_prompt(req.task)
+        seq = build_understanding_sequence(self.tokenizer, self.tokens, system, turns, grids)
+        return seq, visuals
+
+    # --- service ----------------------------------------------------------------------------------
+
+    def _check_length(self, num_tokens: int, what: str) -> None:
+        if num_tokens > self.max_model_len:
+            raise ContextTooLongError(num_tokens, self.max_model_len, what)
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    def model_info(self) -> dict:
+        llm = self.config.llm
+        cache = self.engine.vllm_config.cache_config
+        return {"model": str(self.files.root), "variant": self.files.variant, "max_model_len": self.max_model_len,
+                "dtype": str(self.dtype).removeprefix("torch."), "num_layers": llm.num_hidden_layers,
+                "num_kv_heads": llm.num_key_value_heads, "head_dim": llm.head_dim,
+                "kv_bytes_per_token_per_branch": llm.num_hidden_layers * 2 * llm.num_key_value_heads * llm.head_dim
+                * torch.tensor([], dtype=self.dtype).element_size(),
+                "kv_cache_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
+                "tasks": ["t2i", "image_edit", "x2t_image", "chat"]}
+
+    def engine_stats(self) -> dict:
+        return {"kv_cache_usage": self.stats.kv_cache_usage, "num_running": self.stats.num_running,
+                "num_waiting": self.stats.num_waiting, "pending_exports": self.claims.pending()}
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+        self.claims.close()
+
+
+def _safe(text: str) -> str:
+    """A request id reduced to the characters export ids allow."""
+    return "".join(c if c.isalnum() or c in "_.-" else "_" for c in text)[:120] or "req"
+
+
+def _object_store_put(value):
+    import ray
+
+    return ray.put(value)
