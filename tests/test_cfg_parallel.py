@@ -19,12 +19,11 @@ from stages.dit.cfg_parallel import (COND_RANK, UNCOND_RANK, BranchJob, CfgParal
 from stages.dit.model import MARKER_IDS, load_dit_model
 from stages.lance.checkpoint import resolve_checkpoint
 from stages.lance.context import prefill_context
-from stages.lance.denoise import BranchState, denoise
+from stages.lance.denoise import denoise
 from stages.lance.handoff import BranchKV, ContextHandoff
 from stages.lance.requests import DenoiseParams
 from stages.lance.scheduler import FlowMatchEulerScheduler
 from stages.lance.tiny import TinyCheckpointSpec, make_tiny_checkpoint
-from stages.lance.transformer import KVCache
 
 WIDE = dict(layers=3, hidden=256, heads=4, kv_heads=2, intermediate=320)
 
@@ -62,9 +61,11 @@ def run_ranks(rank: int, ckpt_dir: str, handoffs: list[ContextHandoff], dtype: t
         steps: dict[int, torch.Tensor] = {}
         if job is not None:
             branch = branch_state(job.branch, "cpu", dtype) if job.branch is not None else None
-            x = job.initial_noise.to(dtype) if rank == COND_RANK else torch.empty(handoff.num_target_tokens, 48, dtype=dtype)
+            x = (job.initial_noise.to(dtype) if rank == COND_RANK
+                 else torch.empty(handoff.num_target_tokens, 48, dtype=dtype))
             out = denoise_cfg_parallel(model, FlowMatchEulerScheduler(job.params), x, job.latent_grid, MARKER_IDS,
-                                       branch, job.with_cfg, on_step=lambda i, x, vc, vu: steps.__setitem__(i, x.clone()))
+                                       branch, job.with_cfg,
+                                       on_step=lambda i, x, vc, vu: steps.__setitem__(i, x.clone()))
             assert (out is None) == (rank == UNCOND_RANK)
         results.append(steps)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
@@ -86,7 +87,8 @@ def assert_ranks_in_lockstep(rank0: dict, rank1: dict, scheduler, with_cfg: bool
 
 # --- golden t2i ---------------------------------------------------------------------------------------
 
-def test_golden_t2i_split_over_two_ranks_equals_one_process_and_upstream(tiny_ckpt_dir, golden, assert_golden, tmp_path):
+def test_golden_t2i_split_over_two_ranks_equals_one_process_and_upstream(tiny_ckpt_dir, golden, assert_golden,
+                                                                         tmp_path):
     g = golden("t2i")
     handoff = golden_t2i_handoff(g)
     model, _ = load_dit_model(resolve_checkpoint(tiny_ckpt_dir, need_vit=False, need_vae=False))
@@ -148,12 +150,12 @@ def test_wider_checkpoint_grids_and_intervals_equal_one_process(wide, tmp_path):
         reference = single_process(model, handoff)
         for i, x in steps0.items():
             assert relative_error(x, reference[i]) <= 1e-5, f"{handoff.request_id}: step {i}"
-    kinds = {h.request_id: (cfg_step_indexes(FlowMatchEulerScheduler(h.params), h.params.uses_cfg), h.params.num_inference_steps)
-             for h in cases}
-    assert kinds["cfg-late"][0][0] > 0 and kinds["cfg-late"][0][-1] == 6       # the cases are what they claim
-    assert kinds["cfg-early"][0][0] == 0 and kinds["cfg-early"][0][-1] == 3
-    assert kinds["cfg-middle"][0][0] > 0 and kinds["cfg-middle"][0][-1] < 7
-    assert kinds["no-cfg"][0] == []
+    cfg_steps = {h.request_id: cfg_step_indexes(FlowMatchEulerScheduler(h.params), h.params.uses_cfg) for h in cases}
+    assert cfg_steps["all-cfg"] == list(range(6))                    # the cases are what they claim to be
+    assert cfg_steps["cfg-late"][0] > 0 and cfg_steps["cfg-late"][-1] == 6
+    assert cfg_steps["cfg-early"][0] == 0 and cfg_steps["cfg-early"][-1] == 3
+    assert cfg_steps["cfg-middle"][0] > 0 and cfg_steps["cfg-middle"][-1] < 7
+    assert cfg_steps["no-cfg"] == []
 
 
 def test_bf16_split_stays_within_bf16_error_of_fp32(wide, tmp_path):

@@ -20,7 +20,6 @@ a STRICT_PACK placement group, joined in a torch.distributed group (rendezvous a
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 import threading
 import zlib
@@ -37,8 +36,6 @@ from stages.lance.model import LanceModel
 from stages.lance.requests import DenoiseParams
 from stages.lance.scheduler import FlowMatchEulerScheduler
 from stages.lance.transformer import KVCache
-
-log = logging.getLogger(__name__)
 
 COND_RANK, UNCOND_RANK = 0, 1
 WORLD_SIZE = 2
@@ -63,8 +60,11 @@ def exchange_velocities(v_mine: torch.Tensor, group=None) -> tuple[torch.Tensor,
 BranchVelocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+StepOutput = tuple[int, torch.Tensor, torch.Tensor, "torch.Tensor | None"]
+
+
 def cfg_parallel_steps(velocity: BranchVelocity | None, scheduler: FlowMatchEulerScheduler, x: torch.Tensor,
-                       with_cfg: bool, group=None) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+                       with_cfg: bool, group=None) -> Iterator[StepOutput]:
     """Yields (i, x_next, v_cond, v_uncond) for every step this rank takes part in.
 
     velocity(x, sigma) -> v: this rank's branch (rank 0 cond, rank 1 uncond; None on rank 1 when
@@ -226,13 +226,16 @@ def cfg_parallel_deployment_options(options: dict, worker_cpus: float = 1) -> di
 
 
 class CfgParallelWorker:
-    """One rank of a CFG-parallel DiT replica (a Ray actor on one GPU): the DiT's own forward on one
-    branch per request. Rank 0 is a full `DiTRunner` (validation, noise, VAE decode, PNG); rank 1
-    holds only the model and its forward."""
+    """One rank of a CFG-parallel DiT replica (a Ray actor on one GPU): the DiT engine's own checks
+    and forward (`DenoiseEngine`), run on one branch per request. Rank 0 also draws the noise and
+    decodes to PNG (`DiTRunner`); rank 1 holds only the model and its forward."""
 
-    def __init__(self, rank: int):
+    def __init__(self, rank: int, device: str | torch.device | None = None):
         self.rank = rank
-        self.device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        # In a Ray actor CUDA_VISIBLE_DEVICES holds the bundle's one GPU, hence cuda:0.
+        default = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device(device) if device is not None else default
+        self.engine = self.decode = None
 
     def rendezvous_address(self) -> tuple[str, int]:
         import ray
@@ -254,20 +257,27 @@ class CfgParallelWorker:
         from .runner import DiTRunner, resolve_dtype
 
         if self.rank == COND_RANK:
-            self.runner = DiTRunner(model, variant, dtype, str(self.device), max_batch_size=1, compile=compile,
-                                    forward=forward)
-            self.engine = self.runner.engine
+            runner = DiTRunner(model, variant, dtype, str(self.device), max_batch_size=1, compile=compile,
+                               forward=forward)
+            self.attach(runner.engine, runner.decode)
         else:
             from stages.lance.checkpoint import resolve_checkpoint
 
             files = resolve_checkpoint(model, variant, need_vit=False, need_vae=False)
             dit, _ = load_dit_model(files, self.device, resolve_dtype(dtype, self.device))
             fused = compile and self.device.type == "cuda"
-            self.engine = DenoiseEngine(dit, forward, kernels="triton" if fused else "torch", max_batch_size=1)
+            self.attach(DenoiseEngine(dit, forward, kernels="triton" if fused else "torch", max_batch_size=1))
         return {"rank": self.rank, "device": str(self.device), "dtype": str(self.engine.dtype)}
 
-    def _prepare(self, job: BranchJob):
-        """(velocity of this rank's branch, initial x in fp32): validated as the DiT engine validates."""
+    def attach(self, engine, decode=None) -> None:
+        """Use a built `DenoiseEngine` (its model, forward and checks) and, on rank 0, a decode
+        function `(grid, [x]) -> [DecodedImage]` (`DiTRunner.decode`): `load` does this from a checkpoint,
+        the benchmark with random weights."""
+        self.engine, self.decode = engine, decode
+
+    def prepare(self, job: BranchJob):
+        """(velocity of this rank's branch, initial x in fp32, scheduler), checked as the DiT engine
+        checks a hand-off; when both ranks take the job, they agree on it before any step."""
         from .engine import DiTRequestError
         from .forward import Row
 
@@ -305,25 +315,26 @@ class CfgParallelWorker:
             raise error
         return velocity, x, FlowMatchEulerScheduler(job.params)
 
-    def _steps(self, job: BranchJob):
-        velocity, x, scheduler = self._prepare(job)
+    def steps(self, job: BranchJob):
+        """(i, x, v_cond, v_uncond) after every step this rank takes part in."""
+        velocity, x, scheduler = self.prepare(job)
         yield from cfg_parallel_steps(velocity, scheduler, x, job.with_cfg)
 
     @torch.no_grad()
     def denoise(self, job: BranchJob):
         """Rank 0: the request's `DecodedImage` (PNG, pixels, latents); rank 1: None."""
         x = None
-        for _, x, _, _ in self._steps(job):
+        for _, x, _, _ in self.steps(job):
             pass
-        return self.runner.decode(job.latent_grid, [x])[0] if self.rank == COND_RANK else None
+        return self.decode(job.latent_grid, [x])[0] if self.rank == COND_RANK else None
 
     @torch.no_grad()
     def denoise_stream(self, job: BranchJob) -> Iterator[dict]:
         """Ray streaming generator (rank 0): {"step", "total"} after each step, then {"image": DecodedImage}."""
         x = None
-        for i, x, _, _ in self._steps(job):
+        for i, x, _, _ in self.steps(job):
             yield {"step": i + 1, "total": job.params.num_inference_steps}
-        yield {"image": self.runner.decode(job.latent_grid, [x])[0]}
+        yield {"image": self.decode(job.latent_grid, [x])[0]}
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -349,7 +360,8 @@ class CfgParallelGroup:
         self._owned_pg, self.workers, self.failed = None, [], None
         pg = placement_group or get_current_placement_group()
         if pg is None:
-            pg = self._owned_pg = make_pg(worker_bundles(num_cpus_per_worker, num_gpus_per_worker), strategy="STRICT_PACK")
+            bundles = worker_bundles(num_cpus_per_worker, num_gpus_per_worker)
+            pg = self._owned_pg = make_pg(bundles, strategy="STRICT_PACK")
             ray.get(pg.ready(), timeout=timeout_s)
             bundle_indexes = (0, 1)
         elif bundle_indexes is None:
