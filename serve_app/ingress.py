@@ -120,15 +120,18 @@ class LanceService:
             tokens = self.pipeline.generate_text(req)
             async with _deadline(timeout):
                 first = await anext(tokens)   # context overflow surfaces here, as a 400
-            return self._sse(self._text_events(req, tokens, first, model, parsed.include_usage))
-        text, finish, last = [], "stop", {}
+            return self._sse(self._text_events(req, tokens, first, model, parsed.include_usage,
+                                               parsed.return_token_ids))
+        text, token_ids, finish, last = [], [], "stop", {}
         async with _deadline(timeout), aclosing(self.pipeline.generate_text(req)) as tokens:
             async for item in tokens:
                 text.append(item.get("text", ""))
+                token_ids.extend(item.get("token_ids", ()))
                 finish, last = item.get("finish_reason") or finish, item
         return oai.chat_completion(req.request_id, model, "".join(text), finish,
                                    oai.usage(last.get("prompt_tokens", 0),
-                                             last.get("completion_tokens", 0)))
+                                             last.get("completion_tokens", 0)),
+                                   token_ids if parsed.return_token_ids else None)
 
     def _sse(self, events) -> StreamingResponse:
         timeout = self.settings.request_timeout_s
@@ -169,14 +172,17 @@ class LanceService:
         if include_usage:
             yield oai.usage_chunk(rid, model, self._image_usage([handoff]))
 
-    async def _text_events(self, req, tokens, first: dict, model: str, include_usage: bool):
+    async def _text_events(self, req, tokens, first: dict, model: str, include_usage: bool,
+                           return_token_ids: bool = False):
         rid, last = req.request_id, first
         yield oai.chat_chunk(rid, model, {"role": "assistant", "content": ""})
         async with aclosing(tokens):
             item = first
             while True:
-                if item.get("text"):
-                    yield oai.chat_chunk(rid, model, {"content": item["text"]})
+                ids = list(item.get("token_ids", ())) if return_token_ids else None
+                if item.get("text") or ids:
+                    yield oai.chat_chunk(rid, model, {"content": item.get("text", "")},
+                                         token_ids=ids)
                 last = item
                 if item.get("finish_reason"):
                     break

@@ -68,6 +68,8 @@ class ChatCompletionRequest(BaseModel):
     stop: Union[str, list[str], None] = None
     seed: Optional[int] = None
     response_format: Optional[ResponseFormat] = None
+    # vLLM's extension: the generated token ids in choices[i].token_ids (text output only)
+    return_token_ids: Optional[bool] = None
     # Accepted and ignored: they change nothing about what is generated.
     user: Optional[str] = None
     metadata: Optional[dict[str, str]] = None
@@ -119,20 +121,22 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def chat_completion(request_id: str, model: str, content: Any, finish_reason: str,
-                    usage_: dict) -> dict:
+                    usage_: dict, token_ids: list[int] | None = None) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": content},
+              "finish_reason": finish_reason, "logprobs": None}
+    if token_ids is not None:   # return_token_ids (vLLM's field name and place)
+        choice["token_ids"] = token_ids
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
-                         "finish_reason": finish_reason, "logprobs": None}],
-            "usage": usage_}
+            "model": model, "choices": [choice], "usage": usage_}
 
 
 def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None = None,
-               **extra) -> dict:
+               token_ids: list[int] | None = None, **extra) -> dict:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
     chunk = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
-             "model": model,
-             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason,
-                          "logprobs": None}]}
+             "model": model, "choices": [choice]}
     chunk.update(extra)
     return chunk
 

@@ -85,6 +85,7 @@ class ParsedChat:
     stream: bool
     include_usage: bool
     model: Optional[str]
+    return_token_ids: bool = False
 
 
 @dataclass
@@ -242,6 +243,9 @@ async def parse_chat_request(raw: bytes, limits: RequestLimits) -> ParsedChat:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
 
     if output == "image":
+        if req.return_token_ids:
+            raise bad_request("return_token_ids applies to text output", param="return_token_ids",
+                              code="invalid_value")
         prompt = " ".join(t.text for t in turns if t.role == "user" and t.text)
         request = _image_request(prompt, image, knobs, limits, system_prompt, request_id)
     else:
@@ -252,7 +256,7 @@ async def parse_chat_request(raw: bytes, limits: RequestLimits) -> ParsedChat:
         request = _text_request(req, turns, image, knobs, limits, system_prompt, request_id)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     return ParsedChat(request=request, stream=req.stream, include_usage=include_usage,
-                      model=req.model)
+                      model=req.model, return_token_ids=bool(req.return_token_ids))
 
 
 def _image_request(prompt: str, image, knobs: GenerationKnobs, limits: RequestLimits,
