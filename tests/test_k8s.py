@@ -129,6 +129,23 @@ def test_import_path_imports_and_takes_the_args(name):
 
 
 @pytest.mark.parametrize("name", SHIPPED_MANIFESTS)
+def test_checker_sees_the_deployments_build_app_binds(name):
+    """The renderer and checker take each deployment's name and ray_actor_options from the stage
+    graph; the real builder must bind the same (the manifest adds only the group pins)."""
+    from ray.serve._private.build_app import build_app as build_serve_app
+    from serve_app.builder import build_app
+
+    _, manifest = committed(name)
+    app = serve_config(manifest)["applications"][0]
+    graph_file = k8s_render.repo_path(app["args"]["stage_graph"])
+    built = build_serve_app(build_app({**app["args"], "stage_graph": str(graph_file)}), name=app["name"])
+    bound = {d.name: d.ray_actor_options for d in built.deployments}
+    derived = {k8s_render.DEPLOYMENT_NAMES[stage]: options["ray_actor_options"]
+               for stage, options in stage_options(load_stage_graph(graph_file)).items()}
+    assert bound == derived
+
+
+@pytest.mark.parametrize("name", SHIPPED_MANIFESTS)
 def test_every_deployment_fits_a_worker_group(name):
     _, manifest = committed(name)
     _, demands = serve_problems(manifest["spec"]["serveConfigV2"])
