@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -106,8 +107,9 @@ class Thinker:
         self.max_model_len = self.engine.model_config.max_model_len
         self.dtype = self.engine.model_config.dtype
         self._vae = None
-        # (export id, context tokens, tokens served from vLLM's prefix cache) of recent prefills
-        self.recent_prefills: collections.deque[tuple[str, int, int]] = collections.deque(maxlen=256)
+        self._vae_lock = threading.Lock()  # the Wan VAE keeps its causal-conv cache in module state
+        # (request id, prompt tokens, tokens served from vLLM's prefix cache) of recent prompts
+        self.recent_prompts: collections.deque[tuple[str, int, int]] = collections.deque(maxlen=256)
 
     # --- image tasks ------------------------------------------------------------------------------
 
@@ -178,9 +180,10 @@ class Thinker:
         return patches, (t, h, w), (t, h // m, w // m)
 
     def _reference_latent(self, image, resolution: str, seed: int, eps) -> torch.Tensor:
-        vae = self._reference_encoder()
-        video = vae_image_tensor(image, resolution)[None].to(vae.latents_mean.dtype)
-        mean, logvar = vae.encode(video)
+        video = vae_image_tensor(image, resolution)[None]
+        with self._vae_lock:
+            vae = self._reference_encoder()
+            mean, logvar = vae.encode(video.to(vae.latents_mean.dtype))
         if eps is None:
             eps = posterior_eps(mean.shape, seed, mean.device, mean.dtype)
         return vae.sample_posterior(mean, logvar, eps=eps)
@@ -217,7 +220,7 @@ class Thinker:
         if k.shape[1] != n:
             raise KVExportError(f"export {export_id} holds {k.shape[1]} tokens, the context has {n}")
         nbytes = k.numel() * k.element_size() + v.numel() * v.element_size()
-        self.recent_prefills.append((export_id, n, int(finished.num_cached_tokens or 0)))
+        self.recent_prompts.append((export_id, n, int(finished.num_cached_tokens or 0)))
         kv = _object_store_put((k, v)) if self.put_in_object_store else (k, v)
         return BranchKV(kv=kv, context_len=n, query_positions=plan.query_positions.clone()), nbytes
 
@@ -240,9 +243,14 @@ class Thinker:
         try:
             async for out in self.engine.generate(prompt, params, request_id=request_id):
                 o = out.outputs[0]
-                completion += len(o.token_ids)
+                token_ids = list(o.token_ids)
+                if out.finished and o.stop_reason == self.tokens.im_end and token_ids[-1:] == [self.tokens.im_end]:
+                    token_ids.pop()  # the end-of-turn token is not part of the answer
+                completion += len(token_ids)
                 finished = out.finished
-                yield {"text": o.text, "token_ids": list(o.token_ids),
+                if out.finished:
+                    self.recent_prompts.append((request_id, n, int(out.num_cached_tokens or 0)))
+                yield {"text": o.text, "token_ids": token_ids,
                        "finish_reason": o.finish_reason if out.finished else None,
                        "prompt_tokens": n, "completion_tokens": completion}
         finally:
@@ -301,7 +309,9 @@ class Thinker:
                 "num_waiting": self.stats.num_waiting, "pending_exports": self.claims.pending()}
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
         self.claims.close()
 
 
