@@ -258,5 +258,38 @@ def test_ray_group_serves_requests_like_the_single_device_dit(tiny_ckpt_dir, gol
         group.check_health()
         assert torch.equal(group.denoise(handoff).latents, image.latents)
         group.shutdown()
+        assert_serve_replica_places_its_workers_in_its_own_bundles(ray, tiny_ckpt_dir, handoff, image.latents)
     finally:
         ray.shutdown()
+
+
+def assert_serve_replica_places_its_workers_in_its_own_bundles(ray, ckpt_dir, handoff, expected):
+    """As Serve runs a replica deployed with cfg_parallel_deployment_options: the replica actor in bundle 0
+    of its placement group creates the group, whose workers take bundles 1 and 2 with their resources."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    opts = cfg_parallel_deployment_options({"ray_actor_options": {"num_cpus": 0.2}}, worker_cpus=0.5)
+    pg = placement_group(opts["placement_group_bundles"], strategy=opts["placement_group_strategy"])
+    ray.get(pg.ready(), timeout=60)
+
+    class Replica:
+        def __init__(self, ckpt):
+            self.group = CfgParallelGroup(ckpt, dtype="float32")
+
+        def denoise(self, h):
+            return self.group.denoise(h).latents
+
+        def placement_groups(self):
+            """Of this replica and of its two workers."""
+            pg_of = lambda _: ray.get_runtime_context().get_placement_group_id()
+            return [pg_of(None)] + ray.get([w.__ray_call__.remote(pg_of) for w in self.group.workers])
+
+    replica = ray.remote(Replica).options(num_cpus=0.2, scheduling_strategy=PlacementGroupSchedulingStrategy(
+        pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)).remote(str(ckpt_dir))
+    assert ray.get(replica.placement_groups.remote()) == [pg.id.hex()] * 3
+    table = ray.util.placement_group_table(pg)
+    assert table["strategy"] == "STRICT_PACK" and len(table["bundles"]) == 3
+    assert torch.equal(ray.get(replica.denoise.remote(handoff)), expected)
+    ray.kill(replica)
+    remove_placement_group(pg)

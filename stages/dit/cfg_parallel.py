@@ -349,24 +349,31 @@ class CfgParallelGroup:
     Requests run one at a time, each on both GPUs (latency mode); for throughput, run more replicas."""
 
     def __init__(self, model: str, variant: str | None = None, dtype: str = "auto", forward: str = "fast",
-                 compile: bool = False, *, num_gpus_per_worker: float | None = None, num_cpus_per_worker: float = 1,
-                 placement_group=None, bundle_indexes: tuple[int, int] | None = None, timeout_s: float = 600.0):
+                 compile: bool = False, *, num_gpus_per_worker: float | None = None,
+                 num_cpus_per_worker: float | None = None, placement_group=None,
+                 bundle_indexes: tuple[int, int] | None = None, timeout_s: float = 600.0):
+        """Resources per worker default to its bundle's (inside a placement group), else to one CPU
+        and, when the cluster has two GPUs, one GPU."""
         import ray
         from ray.util.placement_group import get_current_placement_group, placement_group as make_pg
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        if num_gpus_per_worker is None:
-            num_gpus_per_worker = 1 if ray.cluster_resources().get("GPU", 0) >= WORLD_SIZE else 0
         self._owned_pg, self.workers, self.failed = None, [], None
         pg = placement_group or get_current_placement_group()
         if pg is None:
+            if num_gpus_per_worker is None:
+                num_gpus_per_worker = 1 if ray.cluster_resources().get("GPU", 0) >= WORLD_SIZE else 0
+            num_cpus_per_worker = 1 if num_cpus_per_worker is None else num_cpus_per_worker
             bundles = worker_bundles(num_cpus_per_worker, num_gpus_per_worker)
             pg = self._owned_pg = make_pg(bundles, strategy="STRICT_PACK")
             ray.get(pg.ready(), timeout=timeout_s)
             bundle_indexes = (0, 1)
-        elif bundle_indexes is None:
+        else:
             n = len(pg.bundle_specs)
-            bundle_indexes = (n - 2, n - 1)
+            bundle_indexes = bundle_indexes or (n - 2, n - 1)
+            spec = pg.bundle_specs[bundle_indexes[0]]
+            num_gpus_per_worker = spec.get("GPU", 0) if num_gpus_per_worker is None else num_gpus_per_worker
+            num_cpus_per_worker = spec.get("CPU", 0) if num_cpus_per_worker is None else num_cpus_per_worker
         actor = ray.remote(CfgParallelWorker)
         self.workers = [
             actor.options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker,
