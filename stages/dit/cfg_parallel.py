@@ -3,12 +3,13 @@
 Rank 0 holds the cond branch's context cache, rank 1 the uncond one's; a KV cache never leaves the
 device that uses it. Both ranks start from the same x (broadcast from rank 0) and step it identically:
 
-* CFG step: each rank runs `predict_velocity` for its own branch, the two velocities are exchanged
+* CFG step: each rank computes its own branch's velocity (the model core's `predict_velocity`, or in
+  the serving form the DiT engine's forward), the two velocities are exchanged
   with `all_gather` (NCCL on GPU, gloo on CPU) and both ranks apply `scheduler.guide` + `step` to the
   same numbers, so x stays bit-identical on both ranks.
 * Non-CFG step: only the cond velocity is needed and only rank 0 has the cond cache, so rank 0
-  computes it; while a CFG step still lies ahead, it broadcasts v_cond (n x 48 values, ~0.4 MB at
-  1024^2 in bf16) so rank 1's x stays in step. Rank 1 leaves after the last CFG step (with the
+  computes it; while a CFG step still lies ahead, it broadcasts v_cond (n x 48 values, 0.8 MB at
+  1024^2 in fp32) so rank 1's x stays in step. Rank 1 leaves after the last CFG step (with the
   default interval (0.4, 1] that is step 25 of 30) and rank 0 finishes alone. Letting rank 1 also
   compute cond would need a second copy of the cond cache and buys nothing: the step's time is one
   forward either way.
