@@ -110,6 +110,7 @@ class Thinker:
         self._vae_lock = threading.Lock()  # the Wan VAE keeps its causal-conv cache in module state
         # (request id, prompt tokens, tokens served from vLLM's prefix cache) of recent prompts
         self.recent_prompts: collections.deque[tuple[str, int, int]] = collections.deque(maxlen=256)
+        self.num_aborted = 0  # vLLM requests aborted because their caller went away
 
     # --- image tasks ------------------------------------------------------------------------------
 
@@ -213,7 +214,7 @@ class Thinker:
             k, v = await self.claims.claim(export_id, self.claim_timeout_s)
         except BaseException:
             if finished is None or not finished.finished:
-                await self.engine.abort(export_id)
+                await self._abort(export_id)
             self.claims.drop(export_id)
             raise
         n = plan.context.input_ids.numel()
@@ -255,7 +256,7 @@ class Thinker:
                        "prompt_tokens": n, "completion_tokens": completion}
         finally:
             if not finished:  # the caller went away: stop spending compute on it
-                await self.engine.abort(request_id)
+                await self._abort(request_id)
 
     def _prepare_text(self, req: TextRequest) -> tuple[LanceSequence, VisualInputs]:
         if req.task not in ("x2t_image", "chat"):
@@ -286,6 +287,10 @@ class Thinker:
 
     # --- service ----------------------------------------------------------------------------------
 
+    async def _abort(self, request_id: str) -> None:
+        self.num_aborted += 1
+        await self.engine.abort(request_id)
+
     def _check_length(self, num_tokens: int, what: str) -> None:
         if num_tokens > self.max_model_len:
             raise ContextTooLongError(num_tokens, self.max_model_len, what)
@@ -306,7 +311,8 @@ class Thinker:
 
     def engine_stats(self) -> dict:
         return {"kv_cache_usage": self.stats.kv_cache_usage, "num_running": self.stats.num_running,
-                "num_waiting": self.stats.num_waiting, "pending_exports": self.claims.pending()}
+                "num_waiting": self.stats.num_waiting, "pending_exports": self.claims.pending(),
+                "aborted_requests": self.num_aborted}
 
     def shutdown(self) -> None:
         if self.engine is not None:
