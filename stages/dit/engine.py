@@ -57,6 +57,11 @@ class DenoiseJob:
     cancelled: bool = False
     error: BaseException | None = None
     forward_calls: list[int] = field(default_factory=list)  # rows of each forward it took part in
+    sigmas: torch.Tensor | None = None               # the schedule on the model's device (no host syncs)
+
+    def __post_init__(self):
+        if self.sigmas is None:
+            self.sigmas = self.scheduler.sigmas.to(self.x.device)
 
     @property
     def total_steps(self) -> int:
@@ -67,7 +72,7 @@ class DenoiseJob:
         return self.step >= self.total_steps or self.cancelled or self.error is not None
 
     def rows(self, dtype: torch.dtype) -> list[Row]:
-        sigma = self.scheduler.sigmas[self.step]
+        sigma = self.sigmas[self.step]
         latents = self.x.to(dtype)
         rows = [Row(self.cond, latents, sigma, request=self)]
         if self.uses_cfg_now:
@@ -97,7 +102,7 @@ class DenoiseEngine:
 
     def __init__(self, model: LanceModel, forward: str | VelocityForward = "fast", *, kernels: str = "torch",
                  attention_backends=None, cuda_graphs: bool = False, max_batch_size: int = 8,
-                 max_tokens_per_forward: int = 32768):
+                 max_tokens_per_forward: int = 65536):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.model = model

@@ -129,6 +129,7 @@ class _Plan:
     order: list[int]              # packed row -> index into the caller's rows
     latent_counts: list[int]      # per packed row
     latent_index: torch.Tensor    # [T_lat] positions of latent tokens in the packed stream
+    latent_row: torch.Tensor      # [T_lat] packed row of each latent token
     marker_index: torch.Tensor    # [2R] positions of (vision_start, vision_end) of every row
     groups: list[_Group]
     cos: torch.Tensor             # [T, d] fp32
@@ -145,7 +146,7 @@ class _Plan:
     def static_copy(self) -> "_Plan":
         groups = [_Group(g.token_start, g.token_end, g.rows, g.query_len, g.keys.clone(), g.values.clone())
                   for g in self.groups]
-        return _Plan(self.order, self.latent_counts, self.latent_index.clone(), self.marker_index.clone(), groups,
+        return _Plan(self.order, self.latent_counts, self.latent_index.clone(), self.latent_row, self.marker_index.clone(), groups,
                      self.cos.clone(), self.sin.clone(), self.pos_embed, self.tokens)
 
     def load_into(self, static: "_Plan") -> None:
@@ -225,8 +226,10 @@ class FastForward:
             keys = torch.stack([rows[i].branch.keys for i in members], dim=1)
             values = torch.stack([rows[i].branch.values for i in members], dim=1)
             groups.append(_Group(start, at, len(members), n + 2, keys, values))
-        return _Plan(order=order, latent_counts=[shape_of[i][1] for i in order],
-                     latent_index=torch.cat(lat_index).to(self.device), marker_index=torch.cat(mk_index).to(self.device),
+        counts = [shape_of[i][1] for i in order]
+        return _Plan(order=order, latent_counts=counts, latent_index=torch.cat(lat_index).to(self.device),
+                     latent_row=torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(self.device),
+                     marker_index=torch.cat(mk_index).to(self.device),
                      groups=groups, cos=torch.cat(cos).contiguous(), sin=torch.cat(sin).contiguous(),
                      pos_embed=torch.cat(pos), tokens=at)
 
@@ -279,7 +282,7 @@ class FastForward:
         latents = torch.cat([r.latents for r in ordered]).to(self.dtype)
         sigmas = torch.stack([r.sigma.reshape(()) for r in ordered]).to(self.device, self.dtype)  # as the core does
         temb = m.time_embedder(sigmas).to(self.dtype)
-        temb = temb.repeat_interleave(torch.tensor(plan.latent_counts, device=self.device), dim=0)
+        temb = temb.index_select(0, plan.latent_row)   # no host sync: the step before may still be running
         lat = m.vae2llm(latents) + temb + plan.pos_embed
         x = lat.new_empty(plan.tokens, lat.shape[1])
         x.index_copy_(0, plan.latent_index, lat)
@@ -304,7 +307,7 @@ class FastForward:
         v.index_copy_(0, mk, v_u)   # v is a view into the gen qkv output, patched in place
         o = self.attention(q, k, v, plan, index)
         x_u, o_u = x.index_select(0, mk), o.index_select(0, mk)
-        x = torch.addmm(x, o, gen.attn.o_proj.weight.t())
+        x = x.addmm_(o, gen.attn.o_proj.weight.t())   # in place: cuBLAS reads the residual as C, no copy
         x.index_copy_(0, mk, torch.addmm(x_u, o_u, und.attn.o_proj.weight.t()))
         # MLP block, same split
         x_u = x.index_select(0, mk)
@@ -320,11 +323,11 @@ class FastForward:
                                      self.cfg.num_attention_heads, self.cfg.num_key_value_heads)
 
     def _mlp(self, expert, x):
-        """x + mlp(post_attention_layernorm(x))."""
+        """x + mlp(post_attention_layernorm(x)), accumulated into x."""
         ln = expert.post_attention_layernorm
         h = self.ops.rms_norm(x, ln.weight, ln.eps)
         act = self.ops.silu_mul(F.linear(h, expert.mlp.gate_up_proj.weight))
-        return torch.addmm(x, act, expert.mlp.down_proj.weight.t())
+        return x.addmm_(act, expert.mlp.down_proj.weight.t())
 
     def attention(self, q, k, v, plan: _Plan, layer: int) -> torch.Tensor:
         """Per group: [context K/V ; the group's own K/V] against its queries, no mask. -> [T, Hq*d]."""

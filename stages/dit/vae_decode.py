@@ -24,9 +24,10 @@ def _conv(conv: WanCausalConv3d, x: torch.Tensor) -> torch.Tensor:
     kt = conv.kernel_size[0]
     if conv._padding[4] != kt - 1:
         raise ValueError(f"{conv}: not a causal conv with {kt - 1} front padding frames")
-    weight = conv.weight[:, :, -1]
-    return F.conv2d(x, weight if weight.is_contiguous() else weight.contiguous(), conv.bias,
-                    stride=conv.stride[1:], padding=(conv._padding[2], conv._padding[0]))
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 \
+        else torch.contiguous_format
+    weight = conv.weight[:, :, -1].contiguous(memory_format=fmt)   # a copy of one slice, not kept
+    return F.conv2d(x, weight, conv.bias, stride=conv.stride[1:], padding=(conv._padding[2], conv._padding[0]))
 
 
 def _norm(norm: WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
@@ -56,7 +57,7 @@ def _dup_up_first_frame(dup: DupUp3D, x: torch.Tensor) -> torch.Tensor:
     """DupUp3D(first_chunk=True) for one frame: only the last of its factor_t temporal copies."""
     b, _, h, w = x.shape
     fs, ft = dup.factor_s, dup.factor_t
-    x = x.repeat_interleave(dup.repeats, dim=1).view(b, dup.out_channels, ft, fs, fs, h, w)[:, :, ft - 1]
+    x = x.repeat_interleave(dup.repeats, dim=1).reshape(b, dup.out_channels, ft, fs, fs, h, w)[:, :, ft - 1]
     return x.permute(0, 1, 4, 2, 5, 3).reshape(b, dup.out_channels, h * fs, w * fs)
 
 
@@ -80,10 +81,12 @@ def _up_block(block, x: torch.Tensor) -> torch.Tensor:
 class FrameDecoder:
     """Decode normalized single-frame latents [B, z, h, w] to images [B, 3, 16h, 16w] in [-1, 1]."""
 
-    def __init__(self, vae: LanceVAE):
+    def __init__(self, vae: LanceVAE, channels_last: bool = False):
+        """`channels_last`: run the convs in NHWC (cuDNN's native tensor-core layout on GPUs)."""
         if not vae.has_decoder:
             raise ValueError("FrameDecoder needs a LanceVAE loaded with its decoder")
         self.vae = vae
+        self.channels_last = channels_last
         self.model = vae.model
         self.patch_size = self.model.config.patch_size or 1
 
@@ -95,6 +98,8 @@ class FrameDecoder:
             latents = latents[:, :, 0]
         vae, dec = self.vae, self.model.decoder
         z = latents.to(vae.latents_mean.dtype) / vae.latents_inv_std[:, :, 0] + vae.latents_mean[:, :, 0]
+        if self.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
         x = _conv(self.model.post_quant_conv, z)
         x = _conv(dec.conv_in, x)
         mid = dec.mid_block
@@ -110,5 +115,5 @@ class FrameDecoder:
         if p > 1:  # diffusers' unpatchify for one frame
             b, c = x.shape[0], x.shape[1] // (p * p)
             h, w = x.shape[2], x.shape[3]
-            x = x.view(b, c, p, p, h, w).permute(0, 1, 4, 3, 5, 2).reshape(b, c, h * p, w * p)
-        return x.clamp(-1, 1)
+            x = x.reshape(b, c, p, p, h, w).permute(0, 1, 4, 3, 5, 2).reshape(b, c, h * p, w * p)
+        return x.clamp(-1, 1).contiguous()
