@@ -37,6 +37,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 # - a visual block is never split across two scheduler steps (its tokens attend to the whole block);
 # - vLLM's own generation_config.json defaults stay out of the way (upstream decodes greedily by hand).
 REQUIRED_ENGINE_ARGS = {"enforce_eager": True, "disable_chunked_mm_input": True, "generation_config": "vllm"}
+DEFAULT_MAX_MODEL_LEN = 8192
 # Stage-graph keys that are ours, not vLLM's.
 _OWN_KEYS = ("cpu_kv_cache_space_gib",)
 
@@ -117,10 +118,11 @@ def engine_kwargs(files: CheckpointFiles, config_dir: Path, stage_engine_args: d
         if key in args and args[key] != value:
             log.warning("thinker: overriding engine arg %s=%r with %r (required by the Lance model)", key, args[key], value)
         args[key] = value
-    max_len = args.get("max_model_len")
-    if max_len is not None and args.get("max_num_batched_tokens", max_len) < max_len:
-        # A visual block must fit one step; the simplest sufficient rule is a whole prompt per step.
-        log.warning("thinker: raising max_num_batched_tokens to max_model_len %d", max_len)
+    # A visual block must fit one step (it may be as long as the context): budget a whole prompt per step.
+    max_len = args.setdefault("max_model_len", DEFAULT_MAX_MODEL_LEN)
+    if args.get("max_num_batched_tokens", 0) < max_len:
+        if "max_num_batched_tokens" in args:
+            log.warning("thinker: raising max_num_batched_tokens to max_model_len %d", max_len)
         args["max_num_batched_tokens"] = max_len
     args.update(
         model=str(files.llm_dir),

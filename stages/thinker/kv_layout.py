@@ -45,16 +45,37 @@ class CpuAttentionReader:
     def __init__(self, isa: str, block_size: int, head_dim: int, dtype: torch.dtype):
         self.block_size, self.head_dim = block_size, head_dim
         self.k_index, self.v_index = probe_cpu_layout(isa, block_size, head_dim, dtype)
+        self._k_plan, self._v_plan = _strided_plan(self.k_index), _strided_plan(self.v_index)
 
     def gather(self, kv_cache, block_ids, num_tokens):
         block_ids = block_ids[: -(-num_tokens // self.block_size)]
         nb, heads = len(block_ids), kv_cache.shape[1]
         regions = kv_cache[block_ids].reshape(nb, heads, -1)          # [nb, H, 2*bs*d]
-        k = regions[:, :, self.k_index]                               # [nb, H, bs, d]
-        v = regions[:, :, self.v_index]
+        k = self._read(regions, self.k_index, self._k_plan)           # [nb, H, bs, d]
+        v = self._read(regions, self.v_index, self._v_plan)
         k = k.transpose(1, 2).reshape(nb * self.block_size, heads, self.head_dim)[:num_tokens]
         v = v.transpose(1, 2).reshape(nb * self.block_size, heads, self.head_dim)[:num_tokens]
         return k, v
+
+    def _read(self, regions: torch.Tensor, index: torch.Tensor, plan) -> torch.Tensor:
+        bs, d = self.block_size, self.head_dim
+        if plan is not None:  # a plain or transposed [bs, d] run: a view, no gather
+            offset, transposed = plan
+            run = regions[:, :, offset: offset + bs * d]
+            return run.unflatten(-1, (d, bs)).transpose(-1, -2) if transposed else run.unflatten(-1, (bs, d))
+        return regions.index_select(-1, index.flatten().to(regions.device)).unflatten(-1, (bs, d))
+
+
+def _strided_plan(index: torch.Tensor) -> tuple[int, bool] | None:
+    """(offset, transposed) when `index` is a contiguous [bs, d] run stored row- or column-major."""
+    bs, d = index.shape
+    offset = int(index.min())
+    run = torch.arange(bs * d)
+    if torch.equal(index - offset, run.view(bs, d)):
+        return offset, False
+    if torch.equal(index - offset, run.view(d, bs).t()):
+        return offset, True
+    return None
 
 
 _DIGIT = 64  # every probe value (digit + 1 <= 64) is exact in fp32, bf16 and fp16

@@ -106,6 +106,8 @@ class Thinker:
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[self.stats.factory])
         self.max_model_len = self.engine.model_config.max_model_len
         self.dtype = self.engine.model_config.dtype
+        cache = self.engine.vllm_config.cache_config
+        self._cache_geometry = {"kv_cache_blocks": cache.num_gpu_blocks, "block_size": cache.block_size}
         self._vae = None
         self._vae_lock = threading.Lock()  # the Wan VAE keeps its causal-conv cache in module state
         # (request id, prompt tokens, tokens served from vLLM's prefix cache) of recent prompts
@@ -300,13 +302,12 @@ class Thinker:
 
     def model_info(self) -> dict:
         llm = self.config.llm
-        cache = self.engine.vllm_config.cache_config
         return {"model": str(self.files.root), "variant": self.files.variant, "max_model_len": self.max_model_len,
                 "dtype": str(self.dtype).removeprefix("torch."), "num_layers": llm.num_hidden_layers,
                 "num_kv_heads": llm.num_key_value_heads, "head_dim": llm.head_dim,
                 "kv_bytes_per_token_per_branch": llm.num_hidden_layers * 2 * llm.num_key_value_heads * llm.head_dim
                 * torch.tensor([], dtype=self.dtype).element_size(),
-                "kv_cache_blocks": cache.num_gpu_blocks, "block_size": cache.block_size,
+                **self._cache_geometry,
                 "tasks": ["t2i", "image_edit", "x2t_image", "chat"]}
 
     def engine_stats(self) -> dict:
