@@ -342,14 +342,22 @@ class FastForward:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _sdpa(self, q, k, v):
-        if self.expand_kv is None:      # first call: does the chosen backend take GQA as is?
-            try:
-                out = self._sdpa_call(q, k, v, expand=False)
-                self.expand_kv = False
-                return out
-            except RuntimeError:
-                self.expand_kv = True
+        if self.expand_kv is None:
+            self._settle_attention(q, k, v)
         return self._sdpa_call(q, k, v, expand=self.expand_kv)
+
+    def _settle_attention(self, q, k, v) -> None:
+        """First call (eager, before any graph capture): does the chosen backend take this input, with
+        GQA as is or with K/V heads expanded? If it takes neither, use SDPA's own choice."""
+        for backends, expand in ((self.attention_backends, False), (self.attention_backends, True), (None, False)):
+            self.attention_backends = backends
+            try:
+                self._sdpa_call(q, k, v, expand=expand)
+            except RuntimeError:
+                continue
+            self.expand_kv = expand
+            return
+        raise RuntimeError("no scaled_dot_product_attention backend takes the DiT's attention inputs")
 
     def _sdpa_call(self, q, k, v, expand: bool):
         gqa = q.shape[1] != k.shape[1]

@@ -35,9 +35,10 @@ async def fetch_kv(branch: BranchKV | None):
 @serve.deployment(max_ongoing_requests=16)
 class DiTStage:
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01, cfg_parallel: int = 1, compile: bool = False, *,
+                 batch_wait_timeout_s: float = 0.01, cfg_parallel: int = 1, compile: bool = True, *,
                  variant: str | None = None, engine_args: dict[str, Any] | None = None):
-        """`engine_args` (the stage graph's `dit.engine`) may carry dtype / device / compile instead."""
+        """`compile` (GPU only): fused Triton kernels + CUDA graphs + cuDNN attention (runner.fast_path_options).
+        `engine_args` (the stage graph's `dit.engine`) may carry dtype / device / compile instead."""
         engine_args = dict(engine_args or {})
         dtype = engine_args.pop("dtype", dtype)
         device = engine_args.pop("device", device)

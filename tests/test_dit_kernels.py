@@ -1,0 +1,94 @@
+"""The fast path's parts on CPU: Triton kernels (through Triton's interpreter) against the plain ops,
+the packed forward with them against the model core, the attention-backend fallback, and the
+single-frame VAE decode layouts. (On the GPU, benchmarks/bench_dit.py re-checks all of it.)"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend
+
+from dit_helpers import golden_handoff
+from stages.dit.engine import DenoiseEngine
+from stages.dit.forward import FastForward, ReferenceForward
+from stages.dit.model import load_dit_model
+from stages.dit.vae_decode import FrameDecoder
+from stages.lance.checkpoint import resolve_checkpoint
+from stages.lance.vae import LanceVAE
+
+REPO = Path(__file__).resolve().parents[1]
+
+INTERPRETED = textwrap.dedent("""
+    import json, sys, torch
+    from stages.dit import kernels as K
+    from stages.dit.engine import DenoiseEngine
+    from stages.dit.forward import FastForward, ReferenceForward
+    from stages.dit.model import load_dit_model
+    from stages.lance.checkpoint import resolve_checkpoint
+    sys.path.insert(0, "tests")
+    from dit_helpers import golden_handoff
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    out = {}
+    for dt in (torch.float32, torch.bfloat16):
+        name = str(dt).split(".")[1]
+        x, w = torch.randn(5, 300, dtype=dt), torch.randn(300, dtype=dt)
+        qkv = torch.randn(7, (4 + 2 * 2) * 64, dtype=dt)
+        qw, kw, cos, sin = torch.randn(64, dtype=dt), torch.randn(64, dtype=dt), torch.randn(7, 64), torch.randn(7, 64)
+        gu = torch.randn(3, 2 * 1500, dtype=dt)
+        pairs = [(K.rms_norm_torch(x, w, 1e-6), K.rms_norm_triton(x, w, 1e-6)),
+                 *zip(K.qk_norm_rope_torch(qkv, qw, kw, 1e-6, cos, sin, 4, 2),
+                      K.qk_norm_rope_triton(qkv, qw, kw, 1e-6, cos, sin, 4, 2)),
+                 (K.silu_mul_torch(gu), K.silu_mul_triton(gu))]
+        out[name] = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in pairs)
+    model, _ = load_dit_model(resolve_checkpoint(sys.argv[1], need_vit=False, need_vae=False))
+    g = load_file(sys.argv[2])
+    h = golden_handoff(g, "t2i")
+    job = DenoiseEngine(model, "reference").prepare(h, h.cond.kv, h.uncond.kv)
+    rows = job.rows(torch.float32)
+    fast, ref = FastForward(model, kernels="triton")(rows), ReferenceForward(model)(rows)
+    out["forward"] = max(((a - b).norm() / b.norm()).item() for a, b in zip(fast, ref))
+    print(json.dumps(out))
+""")
+
+
+def test_triton_kernels_and_fused_forward_match_plain_ops(tiny_ckpt_dir, golden_dir):
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED, str(tiny_ckpt_dir),
+                           str(golden_dir / "cases" / "t2i" / "tensors.safetensors")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert errs["float32"] < 1e-6, errs
+    assert errs["bfloat16"] < 2e-2, errs      # one bf16 rounding apart at most
+    assert errs["forward"] < 1e-5, errs
+
+
+@pytest.fixture(scope="module")
+def dit_model(tiny_ckpt_dir):
+    return load_dit_model(resolve_checkpoint(tiny_ckpt_dir, need_vit=False, need_vae=False))[0]
+
+
+def test_unavailable_attention_backend_falls_back_to_sdpa_choice(dit_model, golden):
+    h = golden_handoff(golden("t2i"), "t2i")
+    rows = DenoiseEngine(dit_model, "reference").prepare(h, h.cond.kv, h.uncond.kv).rows(torch.float32)
+    fast = FastForward(dit_model, attention_backends=[SDPBackend.CUDNN_ATTENTION])  # no cuDNN on a CPU
+    got, want = fast(rows), ReferenceForward(dit_model)(rows)
+    assert fast.attention_backends is None and fast.expand_kv is False
+    for a, b in zip(got, want):
+        assert ((a - b).norm() / b.norm()) < 1e-5
+
+
+def test_frame_decoder_layouts_agree(tiny_ckpt_dir):
+    vae = LanceVAE.from_wan22_pth(tiny_ckpt_dir / "Wan2.2_VAE.pth", encoder=False)
+    z = torch.randn(2, 48, 1, 4, 6, generator=torch.Generator().manual_seed(3))
+    a = FrameDecoder(vae)(z)
+    b = FrameDecoder(vae, channels_last=True)(z)
+    assert (a - b).abs().max() < 1e-5
