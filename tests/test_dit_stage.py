@@ -161,6 +161,15 @@ def test_stage_accepts_the_stage_graph_engine_args(tiny_ckpt_dir):
         DiTStage.func_or_class(str(tiny_ckpt_dir), device="cpu", cfg_parallel=2)
 
 
+def test_engine_imports_without_ray_and_the_package_exports_the_deployment():
+    import subprocess
+    import sys
+    code = ("import sys, stages.dit.engine, stages.dit.forward; assert 'ray' not in sys.modules; "
+            "import stages.dit; from ray.serve import Deployment; assert isinstance(stages.dit.DiTStage, Deployment)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_kv_from_the_object_store(stage, golden, assert_golden):
     import ray
 

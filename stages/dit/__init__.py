@@ -1,9 +1,12 @@
 """The DiT stage: denoises thinker hand-offs with Lance's generation expert and decodes them to images.
 
-    engine.py   DenoiseEngine - many requests' steps in shared forwards (plain Python)
-    forward.py  ReferenceForward (the model core) and FastForward (packed, fused) velocity forwards
-    runner.py   DiTRunner - load, engine, VAE decode to PNG (no Ray)
-    stage.py    DiTStage - the Ray Serve deployment (imported lazily: `stages.dit:DiTStage`)
+    model.py       the DiT's part of Lance (no lm_head, two marker rows), loaded lazily and strictly
+    engine.py      DenoiseEngine - many requests' steps in shared forwards (plain Python)
+    forward.py     ReferenceForward (the model core) and FastForward (packed, fused) velocity forwards
+    kernels.py     fused element-wise ops (Triton) and their plain torch references
+    vae_decode.py  FrameDecoder - single-frame Wan2.2 decode as a 2-D network
+    runner.py      DiTRunner - load, engine, VAE decode to PNG (no Ray)
+    stage.py       DiTStage - the Ray Serve deployment (imported lazily: `stages.dit:DiTStage`)
 """
 
 

@@ -122,8 +122,10 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 def qk_norm_rope_triton(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
                         cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int):
-    assert qkv.dim() == 2 and qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
     tokens, d = qkv.shape[0], q_weight.shape[0]
+    if (d // 2) & (d // 2 - 1) or d % 2:   # tl.arange needs a power-of-two half head
+        return qk_norm_rope_torch(qkv, q_weight, k_weight, eps, cos, sin, num_heads, num_kv_heads)
+    assert qkv.dim() == 2 and qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
     q = qkv.new_empty(tokens, num_heads, d)
     k = qkv.new_empty(tokens, num_kv_heads, d)
     if tokens:
