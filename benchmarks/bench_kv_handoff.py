@@ -93,15 +93,16 @@ async def one(thinker, caption: str, fetcher, putter) -> dict:
         pass
     exported = time.perf_counter() - t
     t = time.perf_counter()
-    k, v = await thinker.claims.claim(export_id)
+    claimed = await thinker.claims.claim(export_id)
     claim = time.perf_counter() - t
     t = time.perf_counter()
-    ref = ray.put((k, v))
+    ref = claimed.kv if isinstance(claimed.kv, ray.ObjectRef) else ray.put(claimed.kv)  # ray sink: put by the worker
     put = time.perf_counter() - t
     fetch = await fetcher.fetch.remote([ref])
+    k, v = claimed.kv if isinstance(claimed.kv, tuple) else ray.get(ref)
     zc_refs, put_zero_copy = await putter.put.remote(k, v)
     fetch_zero_copy = await fetcher.fetch.remote(zc_refs)
-    return {"tokens": k.shape[1], "bytes": k.numel() * k.element_size() * 2, "prefill_s": plain,
+    return {"tokens": k.shape[1], "bytes": claimed.nbytes, "prefill_s": plain,
             "prefill_export_s": exported, "claim_s": claim, "put_s": put, "fetch_s": fetch,
             "put_zero_copy_s": put_zero_copy, "fetch_zero_copy_s": fetch_zero_copy}
 
@@ -112,6 +113,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tokens", default="256,1024", help="context lengths")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--sink", default="shm", choices=["shm", "ray"], help="export sink (see stages/thinker/exports.py)")
     ap.add_argument("--json", help="write the raw rows here")
     args = ap.parse_args()
 
@@ -120,7 +122,7 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     ckpt = args.ckpt or make_checkpoint(tempfile.mkdtemp(prefix="lance-bench-"))
     thinker = Thinker(ckpt, {"dtype": args.dtype, "max_model_len": 4096, "max_num_seqs": 1,
-                             "enable_prefix_caching": False, "cpu_kv_cache_space_gib": 1})
+                             "enable_prefix_caching": False, "cpu_kv_cache_space_gib": 1}, export_sink=args.sink)
     fetcher, putter = Fetcher.remote(), ZeroCopyPutter.remote()
     loop = asyncio.new_event_loop()
     rows = []
@@ -132,7 +134,7 @@ def main() -> None:
                 rows.append(loop.run_until_complete(one(thinker, caption_for(thinker, target, f"run{r}x"), fetcher, putter)))
     finally:
         thinker.shutdown()
-    print(f"model: {info['num_layers']} layers x {info['num_kv_heads']} KV heads x head_dim {info['head_dim']}, "
+    print(f"sink: {args.sink}; model: {info['num_layers']} layers x {info['num_kv_heads']} KV heads x head_dim {info['head_dim']}, "
           f"{args.dtype}: {info['kv_bytes_per_token_per_branch']} bytes per context token per branch")
     header = ("tokens", "MB/branch", "prefill", "+export", "claim", "put", "fetch", "put(zc)", "fetch(zc)")
     print(("{:>8} " * len(header)).format(*header))

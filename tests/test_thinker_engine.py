@@ -321,20 +321,28 @@ def second_ckpt(tmp_path_factory) -> Path:
     return out
 
 
-def test_second_geometry_matches_the_offline_pipeline(loop, thinker, ray_cluster, second_ckpt, assert_golden,
-                                                      edit_image):
+def test_second_geometry_matches_the_offline_pipeline_through_the_ray_sink(loop, thinker, ray_cluster, second_ckpt,
+                                                                          assert_golden, edit_image):
+    """4 layers, 2 KV heads; exports put by vLLM's worker itself (it joins the Ray cluster), parked in the
+    replica's registry: the path of the Ray executor on GPU."""
+    ray = ray_cluster
     thinker.shutdown()  # one engine at a time on a 2-core machine
     pipe = LancePipeline.from_pretrained(str(second_ckpt))
-    th = Thinker(str(second_ckpt), ENGINE_ARGS)
+    th = Thinker(str(second_ckpt), ENGINE_ARGS, export_sink="ray")
     try:
         assert th.model_info()["num_layers"] == 4 and th.model_info()["num_kv_heads"] == 2
+        plasma0 = plasma_objects(ray, settle_at=0)
         t2i = ImageRequest(task="t2i", prompt="A red cube on a blue table", height=96, width=128)
         edit = ImageRequest(task="image_edit", prompt="Make the square green", image=edit_image,
                             resolution="image_256res", params=DenoiseParams(seed=5))
         for req in (t2i, edit):
             h = loop.run_until_complete(th.prefill_context(req))
+            assert isinstance(h.cond.kv, ray.ObjectRef)
             assert h.cond.fetch()[0].shape[:3] == (4, h.cond.context_len, 2)
             assert_handoff_matches(h, reference_kv(pipe, req), assert_golden, req.task)
+        assert plasma_objects(ray) > plasma0 and th.engine_stats()["pending_exports"] == []
+        del h
+        assert plasma_objects(ray, settle_at=plasma0) == plasma0  # freed by their owner, vLLM's worker
         req = TextRequest(task="x2t_image", turns=[ChatTurn("user", "What color is the square?")], image=edit_image,
                           resolution="image_256res", max_tokens=24)
         _, ids, _ = _collect(loop, th, req)

@@ -213,8 +213,10 @@ def test_shm_exports_are_claimed_once_fail_loudly_and_expire(tmp_path):
     sink = SharedMemorySink(claims.directory, ttl_s=0.5)
     k, v = torch.randn(2, 5, 1, 64), torch.randn(2, 5, 1, 64)
     sink.put("a", k, v)
-    got_k, got_v = asyncio.run(claims.claim("a", timeout_s=1))
+    claimed = asyncio.run(claims.claim("a", timeout_s=1))
+    got_k, got_v = claimed.kv
     assert torch.equal(got_k, k) and torch.equal(got_v, v) and claims.pending() == []
+    assert (claimed.num_tokens, claimed.nbytes) == (5, 2 * k.numel() * 4)
     sink.fail("b", "boom")
     with pytest.raises(KVExportError, match="boom"):
         asyncio.run(claims.claim("b", timeout_s=1))
@@ -226,6 +228,9 @@ def test_shm_exports_are_claimed_once_fail_loudly_and_expire(tmp_path):
     assert sink.expire() == 1 and claims.pending() == []
     sink.put("dropped", k, v)
     claims.drop("dropped")
+    assert claims.pending() == []
+    claims.drop("in-flight")            # cancelled while the engine step is still writing it
+    sink.put("in-flight", k, v)
     assert claims.pending() == []
     claims.close()
     assert not claims.directory.exists()

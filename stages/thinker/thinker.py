@@ -34,7 +34,7 @@ from stages.lance.vit import patchify_video_with_merge
 
 from .engine_config import LanceTokenIds, engine_kwargs, write_vllm_config_dir
 from .errors import ContextTooLongError, KVExportError, ThinkerRequestError
-from .exports import DEFAULT_TTL_S, EXPORT_PARAM, ExportClaims
+from .exports import DEFAULT_TTL_S, EXPORT_PARAM, make_claims
 from .inputs import VisualInputs, vllm_prompt
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,8 @@ class EngineStats:
 
 class Thinker:
     def __init__(self, model: str, engine_args: dict | None = None, variant: str | None = None, *,
-                 cache_dir=None, export_ttl_s: float = DEFAULT_TTL_S, claim_timeout_s: float = 60.0,
-                 put_in_object_store: bool = True):
+                 cache_dir=None, export_sink: str = "shm", export_ttl_s: float = DEFAULT_TTL_S,
+                 claim_timeout_s: float = 60.0, put_in_object_store: bool = True):
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -96,7 +96,7 @@ class Thinker:
         self.tokens = SpecialTokens.from_config_and_tokenizer(self.config.raw_llm_config, self.tokenizer)
         self.ids = LanceTokenIds.from_tokens(self.tokens, self.config.llm.vocab_size)
         self.vit_config = read_vit_config(self.files)
-        self.claims = ExportClaims(export_ttl_s)
+        self.claims = make_claims(export_sink, export_ttl_s)  # "ray" needs a Ray cluster and puts in the worker
         self.claim_timeout_s = claim_timeout_s
         self.put_in_object_store = put_in_object_store
         config_dir = write_vllm_config_dir(self.files, self.tokenizer, cache_dir)
@@ -213,19 +213,20 @@ class Thinker:
             exported = ((finished.kv_transfer_params or {}).get(EXPORT_PARAM) or {}) if finished else {}
             if not exported.get("exported"):
                 raise KVExportError(f"vLLM finished {export_id} without exporting its context")
-            k, v = await self.claims.claim(export_id, self.claim_timeout_s)
+            claimed = await self.claims.claim(export_id, self.claim_timeout_s)
         except BaseException:
             if finished is None or not finished.finished:
                 await self._abort(export_id)
             self.claims.drop(export_id)
             raise
         n = plan.context.input_ids.numel()
-        if k.shape[1] != n:
-            raise KVExportError(f"export {export_id} holds {k.shape[1]} tokens, the context has {n}")
-        nbytes = k.numel() * k.element_size() + v.numel() * v.element_size()
+        if claimed.num_tokens != n:
+            raise KVExportError(f"export {export_id} holds {claimed.num_tokens} tokens, the context has {n}")
         self.recent_prompts.append((export_id, n, int(finished.num_cached_tokens or 0)))
-        kv = _object_store_put((k, v)) if self.put_in_object_store else (k, v)
-        return BranchKV(kv=kv, context_len=n, query_positions=plan.query_positions.clone()), nbytes
+        kv = claimed.kv
+        if isinstance(kv, tuple) and self.put_in_object_store:
+            kv = _object_store_put(kv)  # the replica owns it; Ray frees it when the last holder drops it
+        return BranchKV(kv=kv, context_len=n, query_positions=plan.query_positions.clone()), claimed.nbytes
 
     # --- text tasks -------------------------------------------------------------------------------
 
