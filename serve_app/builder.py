@@ -117,6 +117,15 @@ def _stage_deployment(import_path: str, name: str, options: dict) -> Deployment:
     return deployment.options(name=name, **options)
 
 
+def dit_deployment_options(dit) -> dict:
+    """A cfg-parallel DiT replica reserves a placement group: its own bundle plus one GPU per branch."""
+    options = dit.deployment_options()
+    if dit.cfg_parallel == 2:
+        from stages.dit.cfg_parallel import cfg_parallel_deployment_options
+        options = cfg_parallel_deployment_options(options)
+    return options
+
+
 def build_app(args: dict) -> Application:
     plan = plan_app(args)
     stages = plan.graph.stages
@@ -124,8 +133,8 @@ def build_app(args: dict) -> Application:
                 plan.graph_path, plan.served.path, plan.served.source)
     thinker = _stage_deployment(stages.thinker.deployment_class, "ThinkerStage",
                                 stages.thinker.deployment_options()).bind(**plan.thinker_init)
-    dit = _stage_deployment(stages.dit.deployment_class, "DiTStage",
-                            stages.dit.deployment_options()).bind(**plan.dit_init)
+    dit = _stage_deployment(stages.dit.deployment_class, "DiTStage", dit_deployment_options(stages.dit)).bind(
+        **plan.dit_init)
     ingress = serve.deployment(LanceIngress).options(name="LanceIngress",
                                                      **stages.ingress.deployment_options())
     return ingress.bind(thinker, dit, plan.settings)

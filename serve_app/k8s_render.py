@@ -107,8 +107,11 @@ STAGES = ("ingress", "thinker", "dit")
 
 
 def stage_options(graph: StageGraph) -> dict[str, dict]:
-    """Each stage's Serve options (`Deployment.options()` kwargs) as build_app sets them."""
-    return {stage: getattr(graph.stages, stage).deployment_options() for stage in STAGES}
+    """Each stage's Serve options (`Deployment.options()` kwargs), from the builder's own functions."""
+    from .builder import dit_deployment_options
+    options = {stage: getattr(graph.stages, stage).deployment_options() for stage in STAGES}
+    options["dit"] = dit_deployment_options(graph.stages.dit)
+    return options
 
 
 def replica_range(options: dict) -> ReplicaRange:

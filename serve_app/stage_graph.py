@@ -146,7 +146,7 @@ class ThinkerSpec(DeploymentSpec):
 
 class DiTEngineArgs(StrictModel):
     dtype: Dtype = "auto"
-    compile: bool = False          # torch.compile the denoising step
+    compile: bool = True           # GPU only: fused Triton kernels, CUDA graphs, cuDNN attention
 
 
 class DiTBatching(StrictModel):

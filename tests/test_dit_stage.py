@@ -158,7 +158,7 @@ def test_stage_accepts_the_stage_graph_engine_args(tiny_ckpt_dir):
     with pytest.raises(ValueError, match="unknown DiT engine_args"):
         DiTStage.func_or_class(str(tiny_ckpt_dir), engine_args={"dtype": "float32", "bogus": 1})
     with pytest.raises(ValueError, match="cfg_parallel"):
-        DiTStage.func_or_class(str(tiny_ckpt_dir), device="cpu", cfg_parallel=2)
+        DiTStage.func_or_class(str(tiny_ckpt_dir), device="cpu", cfg_parallel=3)
 
 
 def test_engine_imports_without_ray_and_the_package_exports_the_deployment():

@@ -445,11 +445,9 @@ def test_reserved_memory_and_accelerator_type_are_advertised_by_the_group():
 
 
 def test_placement_group_replicas_size_their_group_and_carry_the_pin_in_bundle_zero():
-    from stages.dit.cfg_parallel import cfg_parallel_deployment_options
-
     graph = StageGraph.model_validate({**OTHER_GRAPHS["dit_cfg_parallel"][0], "name": "x"})
-    options = stage_options(graph)
-    options["dit"] = cfg_parallel_deployment_options(options["dit"])   # two GPU workers per replica
+    options = stage_options(graph)   # build_app's options: two GPU workers per replica
+    assert options["dit"]["placement_group_bundles"]
     plan = plan_cluster(options)
     dit = next(g for g in plan.workers if g.name == "dit")
     bundles = plan.options["dit"]["placement_group_bundles"]

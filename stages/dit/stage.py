@@ -45,8 +45,14 @@ class DiTStage:
         compile = engine_args.pop("compile", compile)
         if engine_args:
             raise ValueError(f"unknown DiT engine_args: {sorted(engine_args)} (dtype, device, compile)")
-        if cfg_parallel != 1:
-            raise ValueError(f"cfg_parallel={cfg_parallel} is not available yet (one device per replica); use 1")
+        if cfg_parallel not in (1, 2):
+            raise ValueError(f"cfg_parallel={cfg_parallel}: use 1 (one device) or 2 (a device per CFG branch)")
+        self.group = None
+        if cfg_parallel == 2:
+            # The two branches on the replica's two GPU bundles; one request at a time (a latency option).
+            from .cfg_parallel import CfgParallelGroup
+            self.group = CfgParallelGroup(model, variant, dtype=dtype, compile=compile)
+            return
         self.runner = DiTRunner(model, variant, dtype=dtype, device=device, max_batch_size=max_batch_size,
                                 compile=compile)
         self.batch_wait_timeout_s = batch_wait_timeout_s
@@ -56,6 +62,12 @@ class DiTStage:
         self._driver: asyncio.Task | None = None
 
     async def generate_image(self, handoff: ContextHandoff) -> AsyncIterator[dict]:
+        if self.group is not None:
+            async for item in self.group.denoise_stream(handoff):
+                img = item.get("image")
+                yield item if img is None else {"png": img.png, "width": img.width, "height": img.height,
+                                                "latents": None}
+            return
         cond_kv, uncond_kv = await asyncio.gather(fetch_kv(handoff.cond), fetch_kv(handoff.uncond))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -86,11 +98,16 @@ class DiTStage:
             self._waiters.pop(job, None)
 
     async def check_health(self) -> None:
+        if self.group is not None:
+            self.group.check_health()
+            return
         if self._driver is not None and self._driver.done():
             raise RuntimeError(f"the DiT engine loop stopped: {self._driver.exception()!r}")
 
     async def stats(self) -> dict:
         """Memory (weights, allocator) and load, for logs and metrics."""
+        if self.group is not None:
+            return {"cfg_parallel": 2}
         return {"memory": self.runner.memory(), "active": len(self.runner.engine.active), "waiting": len(self._waiters)}
 
     # --- the engine loop ---------------------------------------------------------------------------

@@ -97,7 +97,7 @@ class LanceModel(nn.Module):
             return
         size = self.config.latent.max_latent_size
         ours = latent_pos_embed(self.config.llm.hidden_size, (1, size, size))
-        rows = stored[: size * size].float()
+        rows = stored[: size * size].float().cpu()
         diff = (rows - ours).abs().max().item() if rows.shape == ours.shape else float("inf")
         if diff > 1e-4:
             log.warning("stored latent_pos_embed differs from the recomputed sin-cos table (max |diff| %.3g); "
