@@ -257,6 +257,23 @@ def test_a_cancelled_prefill_aborts_its_vllm_request_and_drops_its_export(loop, 
     assert owned_objects(ray) == owned0
 
 
+def test_negative_prompts_get_their_own_branch_and_cfg_1_needs_none(loop, thinker, pipeline, assert_golden, edit_image):
+    req = ImageRequest(task="image_edit", prompt="Make the square green", image=edit_image, resolution="image_256res",
+                       negative_prompt="blurry, dark")
+    h = loop.run_until_complete(thinker.prefill_context(req))
+    vit_features, vit_grid = pipeline.encode_vit(edit_image, "image_256res")
+    ref = pipeline.encode_reference(edit_image, "image_256res", req.params.seed)
+    grid = tuple(ref.shape[2:])
+    ctx = pipeline.prepare_generation(_system(req), req.prompt, [("vit", vit_grid), ("vae_ref", grid)], grid,
+                                      "blurry, dark", vit_features, ref[0].permute(1, 2, 3, 0).reshape(-1, 48))
+    k, v = prefill_context(pipeline.model, ctx.uncond, ctx.vit_features, ctx.reference_latents).stacked()
+    assert_golden(h.uncond.fetch()[0], k, "negative K")
+    assert torch.equal(h.uncond.query_positions, ctx.uncond.query_positions)
+    no_cfg = ImageRequest(task="t2i", prompt="A red cube", height=64, width=64, params=DenoiseParams(cfg_text_scale=1.0))
+    h = loop.run_until_complete(thinker.prefill_context(no_cfg))
+    assert h.uncond is None and h.cond.context_len > 0
+
+
 # --- text generation ------------------------------------------------------------------------------------
 
 

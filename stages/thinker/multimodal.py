@@ -143,8 +143,7 @@ class LanceDummyInputsBuilder(BaseDummyInputsBuilder[LanceProcessingInfo]):
         return ""
 
     def get_dummy_mm_data(self, seq_len: int, mm_counts: Mapping[str, int], mm_options) -> dict:
-        cfg = self.info.get_hf_config()
-        vision, hidden = cfg.vision_config, cfg.get_text_config().hidden_size
+        vision = self.info.get_hf_config().vision_config
         m, p, tp = vision.spatial_merge_size, vision.patch_size, vision.temporal_patch_size
         n = 4  # 2x2 merged ViT tokens / latent tokens
         pos = torch.arange(n + 2).expand(3, -1).clone()
@@ -156,7 +155,6 @@ class LanceDummyInputsBuilder(BaseDummyInputsBuilder[LanceProcessingInfo]):
             ANCHOR: {"anchor_token_id": torch.tensor([0]), "anchor_positions": torch.zeros(3, 1, dtype=torch.long),
                      "anchor_next_position": torch.tensor(1)},
         }
-        del hidden
         return {k: [v] * mm_counts.get(k, 0) for k, v in data.items() if mm_counts.get(k, 0)}
 
 
@@ -186,12 +184,13 @@ class LanceMultiModalProcessor(BaseMultiModalProcessor[LanceProcessingInfo]):
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs,
                             out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptReplacement]:
         ids = self.info.token_ids()
+        merge = self.info.get_hf_config().vision_config.spatial_merge_size ** 2
 
         def block(modality: str, pad: int):
             def replacement(i: int) -> PromptUpdateDetails:
                 item = mm_items[modality].get(i)
                 body = item[fields_of(modality).positions].shape[1] - 2
-                _check_body_size(modality, item, body)
+                _check_body_size(modality, item, body, merge)
                 full = [ids.vision_start] + [pad] * body + [ids.vision_end]
                 return PromptUpdateDetails(full=full, is_embed=_body_mask)
             return PromptReplacement(modality=modality, target=compact_placeholder(modality, ids), replacement=replacement)
@@ -215,10 +214,10 @@ def _body_mask(full: list[int]) -> torch.Tensor:
     return mask
 
 
-def _check_body_size(modality: str, item: dict, body: int) -> None:
+def _check_body_size(modality: str, item: dict, body: int, merge: int) -> None:
     if modality == VIT:
         thw = torch.as_tensor(item["vit_grid_thw"]).reshape(-1)
-        tokens = int(thw.prod()) // 4
+        tokens = int(thw.prod()) // merge
         if tokens != body or item["vit_pixel_values"].shape[0] != int(thw.prod()):
             raise ValueError(f"ViT item: grid {thw.tolist()} gives {tokens} tokens, positions cover {body}, "
                              f"pixel patches {item['vit_pixel_values'].shape[0]}")
