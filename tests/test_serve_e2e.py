@@ -193,11 +193,30 @@ def chat_image(resp_json: dict) -> Image.Image:
     return image_from_data_url(content[0]["image_url"]["url"])
 
 
+# On the tiny random checkpoint the seed's noise dominates the image: a knob (CFG scale, shift,
+# interval, steps, prompt) moves 1% to 36% of the uint8 values by 1 to 3, while the served and
+# offline images differ in under 0.01% of the values (float rounding at the uint8 boundary). So
+# besides +-1 per value, at most 0.1% of the values may differ: that catches a knob lost on the way.
+MAX_DIFFERING_FRACTION = 1e-3
+
+
+def differing_fraction(a: Image.Image, b: Image.Image) -> float:
+    return float((np.asarray(a, dtype=np.int16) != np.asarray(b, dtype=np.int16)).mean())
+
+
 def assert_pixels_close(served: Image.Image, reference: Image.Image, what: str) -> None:
     a, b = np.asarray(served, dtype=np.int16), np.asarray(reference, dtype=np.int16)
     assert a.shape == b.shape, f"{what}: served {a.shape} vs offline {b.shape}"
     diff = np.abs(a - b)
     assert diff.max() <= 1, f"{what}: max pixel diff {diff.max()} ({(diff > 1).sum()} values > 1)"
+    assert (diff > 0).mean() <= MAX_DIFFERING_FRACTION, \
+        f"{what}: {(diff > 0).mean():.2%} of the values differ (by 1)"
+
+
+def assert_knobs_matter(with_knobs: Image.Image, without: Image.Image, what: str) -> None:
+    """The comparison can see the knobs: leaving them out changes the offline image detectably."""
+    assert differing_fraction(with_knobs, without) > 5 * MAX_DIFFERING_FRACTION, \
+        f"{what}: the knobs do not change the image enough to be checked"
 
 
 def assert_openai_error(resp: httpx.Response, status: int, code: str | None) -> dict:
@@ -283,8 +302,10 @@ def test_t2i_equals_offline(http, offline, case):
     served_knobs, offline_kwargs = T2I_CASES[case]
     resp = http.post("/v1/chat/completions", json=t2i_body(**served_knobs))
     assert resp.status_code == 200, resp.text[:500]
-    assert_pixels_close(chat_image(resp.json()), offline.text_to_image(PROMPT, **offline_kwargs).image,
-                        f"t2i {case}")
+    reference = offline.text_to_image(PROMPT, **offline_kwargs).image
+    assert_pixels_close(chat_image(resp.json()), reference, f"t2i {case}")
+    geometry = {k: offline_kwargs[k] for k in ("height", "width", "seed")}
+    assert_knobs_matter(reference, offline.text_to_image(PROMPT, **geometry).image, case)
 
 
 def test_system_message_sets_the_system_prompt(http, offline):
@@ -296,6 +317,8 @@ def test_system_message_sets_the_system_prompt(http, offline):
     reference = offline.text_to_image(PROMPT, height=64, width=64, num_inference_steps=4, seed=5,
                                       system_prompt=system).image
     assert_pixels_close(chat_image(resp.json()), reference, "t2i with a system message")
+    assert_knobs_matter(reference, offline.text_to_image(PROMPT, height=64, width=64,
+                                                         num_inference_steps=4, seed=5).image, "system")
 
 
 def test_knobs_top_level_nested_extra_body_and_sdk_extra_body_agree(http, client, offline):
@@ -304,6 +327,8 @@ def test_knobs_top_level_nested_extra_body_and_sdk_extra_body_agree(http, client
     knobs = {"size": "64x80", "num_inference_steps": 4, "seed": 11, "cfg_text_scale": 5.0}
     reference = offline.text_to_image(PROMPT, height=80, width=64, num_inference_steps=4, seed=11,
                                       cfg_text_scale=5.0).image
+    assert_knobs_matter(reference, offline.text_to_image(PROMPT, height=80, width=64, seed=11).image,
+                        "steps and cfg_text_scale")
     messages = [{"role": "user", "content": PROMPT}]
     sdk = client.chat.completions.create(model="lance-tiny-random", messages=messages,
                                          extra_body={"modalities": ["image"], **knobs})
@@ -330,12 +355,14 @@ def test_image_edit_equals_offline(http, offline):
                 {"type": "text", "text": instruction},
                 {"type": "image_url", "image_url": {"url": data_url(png_bytes(image))}}]}],
             "modalities": ["image"], "resolution": "image_256res", "num_inference_steps": 4,
-            "seed": 9, "cfg_interval": [0.0, 1.0]}
+            "seed": 9, "timestep_shift": 2.0, "cfg_text_scale": 2.5}
     resp = http.post("/v1/chat/completions", json=body)
     assert resp.status_code == 200, resp.text[:500]
-    reference = offline.edit_image(image, instruction, resolution="image_256res",
-                                   num_inference_steps=4, seed=9, cfg_interval=(0.0, 1.0)).image
+    reference = offline.edit_image(image, instruction, resolution="image_256res", num_inference_steps=4,
+                                   seed=9, timestep_shift=2.0, cfg_text_scale=2.5).image
     assert_pixels_close(chat_image(resp.json()), reference, "image edit")
+    assert_knobs_matter(reference, offline.edit_image(image, instruction, resolution="image_256res",
+                                                      seed=9).image, "edit knobs")
 
 
 def test_concurrent_requests_each_equal_offline(http, offline):
@@ -443,6 +470,8 @@ def test_images_generate_with_the_openai_sdk(client, offline):
         served = Image.open(io.BytesIO(base64.b64decode(item.b64_json))).convert("RGB")
         reference = offline.text_to_image(PROMPT, height=64, width=64, num_inference_steps=3, seed=30 + i)
         assert_pixels_close(served, reference.image, f"images.generate #{i}")
+    assert_knobs_matter(reference.image, offline.text_to_image(PROMPT, height=64, width=64, seed=31).image,
+                        "images.generate num_inference_steps")
 
 
 def test_images_edit_with_the_openai_sdk(client, offline):
