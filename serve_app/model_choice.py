@@ -31,9 +31,8 @@ class ServedModel:
 
 
 def cache_root(env: Mapping[str, str] = os.environ) -> Path:
-    if env.get("LANCE_SERVE_CACHE_DIR"):
-        return Path(env["LANCE_SERVE_CACHE_DIR"])
-    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lance-serve"
+    from stages.lance.checkpoint import lance_serve_cache_dir
+    return lance_serve_cache_dir(env)
 
 
 def count_gpus() -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import struct
 from collections.abc import Iterable, Mapping
@@ -78,6 +79,15 @@ class CheckpointFiles:
         if self.vit_dir is None:
             raise FileNotFoundError(f"checkpoint {self.root} has no {VIT_DIR_NAME}/ folder")
         return self.vit_dir
+
+
+def lance_serve_cache_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where lance-serve keeps what it generates (tiny checkpoint, vLLM config dirs):
+    $LANCE_SERVE_CACHE_DIR, else $XDG_CACHE_HOME/lance-serve, else ~/.cache/lance-serve."""
+    env = os.environ if env is None else env
+    if env.get("LANCE_SERVE_CACHE_DIR"):
+        return Path(env["LANCE_SERVE_CACHE_DIR"])
+    return Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lance-serve"
 
 
 def hub_allow_patterns(variant: str = "Lance_3B", need_vit: bool = True, need_vae: bool = True) -> list[str]:

@@ -19,7 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.lance.checkpoint import CheckpointFiles, load_tokenizer, read_vit_config
+from stages.lance.checkpoint import CheckpointFiles, lance_serve_cache_dir, load_tokenizer, read_vit_config
 from stages.lance.config import SpecialTokens
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ class LanceTokenIds:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lance-serve"
+    return lance_serve_cache_dir()
 
 
 def vllm_hf_config(files: CheckpointFiles, tokenizer) -> dict:
