@@ -110,6 +110,9 @@ class ThinkerEngineArgs(StrictModel):
     gpu_memory_utilization: Optional[float] = Field(default=None, gt=0, le=1)
     enable_prefix_caching: bool = True
     max_num_seqs: PositiveInt = 16
+    # KV block size (tokens). Only whole blocks are prefix-cached: vLLM's CPU default (128) is longer
+    # than Lance's system prefix, so the cpu graph sets 32 to share it between the CFG branches.
+    block_size: Optional[PositiveInt] = None
     max_num_batched_tokens: Optional[PositiveInt] = None
     enforce_eager: bool = True    # the thinker requires it (data-dependent MoT routing)
     cpu_kv_cache_space_gib: Optional[PositiveFloat] = None
