@@ -30,6 +30,7 @@ class LanceModel(nn.Module):
         self.vae2llm = nn.Linear(latent.channels, llm.hidden_size)
         self.llm2vae = nn.Linear(llm.hidden_size, latent.channels)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
+        self._filled: set[tuple[str, str | None]] = set()  # (parameter, shard) that load_weights filled
 
     # --- embeddings of the two token kinds -------------------------------------------------------
 
