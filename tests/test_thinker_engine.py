@@ -24,6 +24,7 @@ from stages.lance.context import prefill_context
 from stages.lance.prompts import default_system_prompt
 from stages.lance.sequence import build_understanding_sequence
 from stages.lance.transformer import KVCache
+from stages.lance.vae import reference_latent
 from stages.thinker.errors import ContextTooLongError
 from stages.thinker.thinker import Thinker
 
@@ -101,7 +102,7 @@ def reference_kv(pipe: LancePipeline, req: ImageRequest):
         ctx = pipe.prepare_generation(_system(req), req.prompt, [], grid)
     else:
         vit_features, vit_grid = pipe.encode_vit(req.image, req.resolution)
-        ref = pipe.encode_reference(req.image, req.resolution, req.params.seed)
+        ref = reference_latent(pipe.vae, req.image, req.resolution, req.params.seed)
         grid = tuple(ref.shape[2:])
         tokens = ref[0].permute(1, 2, 3, 0).reshape(-1, ref.shape[1])
         ctx = pipe.prepare_generation(_system(req), req.prompt, [("vit", vit_grid), ("vae_ref", grid)], grid,
@@ -262,7 +263,7 @@ def test_negative_prompts_get_their_own_branch_and_cfg_1_needs_none(loop, thinke
                        negative_prompt="blurry, dark")
     h = loop.run_until_complete(thinker.prefill_context(req))
     vit_features, vit_grid = pipeline.encode_vit(edit_image, "image_256res")
-    ref = pipeline.encode_reference(edit_image, "image_256res", req.params.seed)
+    ref = reference_latent(pipeline.vae, edit_image, "image_256res", req.params.seed)
     grid = tuple(ref.shape[2:])
     ctx = pipeline.prepare_generation(_system(req), req.prompt, [("vit", vit_grid), ("vae_ref", grid)], grid,
                                       "blurry, dark", vit_features, ref[0].permute(1, 2, 3, 0).reshape(-1, 48))

@@ -31,14 +31,6 @@ def initial_noise(num_target: int, num_reference: int, seed: int, channels: int,
     return noise[num_reference:]
 
 
-def posterior_eps(shape, seed: int, device, dtype) -> torch.Tensor:
-    """Noise of the reference latent's posterior sample. Upstream draws it from the global RNG (set_seed
-    2025 plus whatever the data pipeline consumed), which no server can reproduce; we draw it from the
-    request seed's own stream (offset by one so it is not the target noise's), so a seed fixes the edit."""
-    g = torch.Generator(device=device).manual_seed(seed + 1)
-    return torch.randn(shape, generator=g, device=device, dtype=dtype)
-
-
 def batch_caches(caches: list[KVCache]) -> KVCache:
     """Stack single-row caches of different lengths into one padded cache with a validity mask."""
     if len(caches) == 1:

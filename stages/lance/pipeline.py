@@ -20,17 +20,15 @@ from PIL import Image
 from .checkpoint import load_lance_config, load_tokenizer, resolve_checkpoint, SafetensorsFile
 from .config import LanceConfig, SpecialTokens
 from .context import prefill_context
-from .denoise import BranchState, denoise, initial_noise, posterior_eps
+from .denoise import BranchState, denoise, initial_noise
 from .model import LanceModel
-from .preprocessing import vae_image_tensor, vit_image_tensor
 from .prompts import Visual, default_system_prompt
 from .requests import DenoiseParams
 from .scheduler import FlowMatchEulerScheduler
-from .sequence import (BranchPlan, build_generation_sequence, build_understanding_sequence, mrope_positions,
-                       plan_generation)
+from .sequence import BranchPlan, build_understanding_sequence, mrope_positions, plan_generation_request
 from .transformer import KVCache
-from .vae import LanceVAE, decode_to_uint8, uint8_to_pil
-from .vit import LanceViT, patchify_video_with_merge
+from .vae import LanceVAE, decode_to_uint8, latent_tokens, reference_latent, uint8_to_pil
+from .vit import LanceViT, image_patches
 
 log = logging.getLogger(__name__)
 
@@ -119,12 +117,11 @@ class LancePipeline:
                    system_prompt: str | None = None, callback: StepCallback | None = None) -> ImageOutput:
         params = DenoiseParams(num_inference_steps, timestep_shift, cfg_text_scale, tuple(cfg_interval), seed=seed)
         vit_features, vit_grid = self.encode_vit(image, resolution)
-        reference = self.encode_reference(image, resolution, seed, reference_eps)  # [1, 48, t, h, w]
+        reference = reference_latent(self.vae, image, resolution, seed, reference_eps)  # [1, 48, t, h, w]
         grid = tuple(reference.shape[2:])
         system = system_prompt if system_prompt is not None else default_system_prompt("image_edit")
-        ref_tokens = reference[0].permute(1, 2, 3, 0).reshape(-1, reference.shape[1])
         ctx = self.prepare_generation(system, instruction, [("vit", vit_grid), ("vae_ref", grid)], grid,
-                                      vit_features=vit_features, reference_latents=ref_tokens)
+                                      vit_features=vit_features, reference_latents=latent_tokens(reference))
         return self.generate(ctx, params, latents, callback)
 
     @torch.no_grad()
@@ -143,28 +140,15 @@ class LancePipeline:
 
     def encode_vit(self, image: Image.Image, resolution: str) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """ViT features [tokens, hidden] and the block's LLM grid (T/2, H/28, W/28)."""
-        video = vit_image_tensor(image, resolution).to(self.device, self.vit.dtype)
-        patches, grid_thw = patchify_video_with_merge(video, self.vit.patch_size, self.vit.temporal_patch_size,
-                                                      self.vit.spatial_merge_size)
-        feats = self.vit(patches, grid_thw)
-        t, h, w = grid_thw[0].tolist()
-        m = self.vit.spatial_merge_size
-        return feats.to(self.dtype), (t, h // m, w // m)
-
-    def encode_reference(self, image: Image.Image, resolution: str, seed: int,
-                         eps: torch.Tensor | None = None) -> torch.Tensor:
-        """Lance's reference latent: posterior *sample* of the bucketed image, [1, 48, t, h, w]."""
-        video = vae_image_tensor(image, resolution)[None].to(self.device, self.vae.latents_mean.dtype)
-        mean, logvar = self.vae.encode(video)
-        if eps is None:
-            eps = posterior_eps(mean.shape, seed, mean.device, mean.dtype)
-        return self.vae.sample_posterior(mean, logvar, eps=eps)
+        patches, patch_grid, llm_grid = image_patches(image, resolution, self.vit.patch_size,
+                                                      self.vit.temporal_patch_size, self.vit.spatial_merge_size)
+        feats = self.vit(patches.to(self.device, self.vit.dtype), torch.tensor([patch_grid]))
+        return feats.to(self.dtype), llm_grid
 
     def prepare_generation(self, system: str, caption: str, context_visuals, grid, negative_prompt=None,
                            vit_features=None, reference_latents=None) -> GenerationContext:
-        build = lambda text: build_generation_sequence(self.tokenizer, self.tokens, system, text, context_visuals, grid)
-        negative = build(negative_prompt) if negative_prompt is not None else None
-        cond, uncond = plan_generation(build(caption), negative, self.config.llm.tokens_per_second)
+        cond, uncond = plan_generation_request(self.tokenizer, self.tokens, system, caption, context_visuals, grid,
+                                               negative_prompt, self.config.llm.tokens_per_second)
         n_ref = 0 if reference_latents is None else reference_latents.shape[0]
         return GenerationContext(cond, uncond, tuple(grid), n_ref, vit_features, reference_latents)
 

@@ -256,3 +256,15 @@ def plan_generation(cond: LanceSequence, negative: LanceSequence | None = None,
     kept_cond_pos = cond_pos[:, cond.kept_token_index()]
     uncond_plan.context_positions = kept_cond_pos[:, :uncond_plan.context.input_ids.numel()]
     return cond_plan, uncond_plan
+
+
+def plan_generation_request(tokenizer, tokens: SpecialTokens, system: str, prompt: str,
+                            context_visuals: Sequence[tuple[SegmentKind, tuple[int, int, int]]],
+                            target_grid: tuple[int, int, int], negative_prompt: str | None = None,
+                            tokens_per_second: float = 2.0) -> tuple[BranchPlan, BranchPlan]:
+    """Both branch plans of one generation request (the thinker and the offline pipeline build alike)."""
+    def build(caption: str) -> LanceSequence:
+        return build_generation_sequence(tokenizer, tokens, system, caption, context_visuals, target_grid)
+
+    negative = build(negative_prompt) if negative_prompt is not None else None
+    return plan_generation(build(prompt), negative, tokens_per_second)

@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from .checkpoint import check_keys
+from .preprocessing import vae_image_tensor
 
 # Per-channel latent statistics of the Wan2.2 VAE (identical in Wan2.2, Lance and diffusers).
 LATENTS_MEAN = (
@@ -271,3 +272,26 @@ def decode_to_uint8(video: torch.Tensor) -> torch.Tensor:
 def uint8_to_pil(frames: torch.Tensor) -> list[Image.Image]:
     """uint8 frames [T, H, W, 3] -> one RGB PIL image per frame."""
     return [Image.fromarray(np.ascontiguousarray(frame.cpu().numpy())) for frame in frames]
+
+
+def posterior_eps(shape, seed: int, device, dtype) -> torch.Tensor:
+    """Noise of the reference latent's posterior sample. Upstream draws it from the global RNG (set_seed
+    2025 plus whatever the data pipeline consumed), which no server can reproduce; we draw it from the
+    request seed's own stream (offset by one so it is not the target noise's), so a seed fixes the edit."""
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    return torch.randn(shape, generator=g, device=device, dtype=dtype)
+
+
+def reference_latent(vae: LanceVAE, image: Image.Image, resolution: str, seed: int,
+                     eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Lance's reference latent of an edit input: posterior *sample* of the bucketed image, [1, z, t, h, w]."""
+    video = vae_image_tensor(image, resolution)[None].to(vae.latents_mean.device, vae.latents_mean.dtype)
+    mean, logvar = vae.encode(video)
+    if eps is None:
+        eps = posterior_eps(mean.shape, seed, mean.device, mean.dtype)
+    return vae.sample_posterior(mean, logvar, eps=eps)
+
+
+def latent_tokens(latent: torch.Tensor) -> torch.Tensor:
+    """[1, z, t, h, w] -> token-major [t*h*w, z] (the order of a VAE block's slots)."""
+    return latent[0].permute(1, 2, 3, 0).reshape(-1, latent.shape[1]).contiguous()

@@ -18,6 +18,7 @@ from transformers.initialization import no_init_weights
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
 from .checkpoint import VIT_CONFIG_NAME, VIT_WEIGHTS_NAME, SafetensorsFile, check_keys
+from .preprocessing import vit_image_tensor
 
 
 def attention_backend(requested: str | None, device: torch.device | str) -> str:
@@ -101,3 +102,12 @@ def patchify_video_with_merge(
     x = video.permute(1, 0, 2, 3).reshape(gt, tp, c, gh // m, m, p, gw // m, m, p)
     patches = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8).reshape(gt * gh * gw, c * tp * p * p)
     return patches, torch.tensor([[gt, gh, gw]], dtype=torch.long)
+
+
+def image_patches(image, resolution: str, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2):
+    """An image's ViT input: merge-window patches, their patch grid (T/2, H/14, W/14) and the LLM grid of
+    its block (T/2, H/28, W/28)."""
+    video = vit_image_tensor(image, resolution)
+    patches, grid = patchify_video_with_merge(video, patch_size, temporal_patch_size, merge_size)
+    t, h, w = grid[0].tolist()
+    return patches, (t, h, w), (t, h // merge_size, w // merge_size)

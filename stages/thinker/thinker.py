@@ -23,14 +23,13 @@ import torch
 
 from stages.lance.checkpoint import load_lance_config, load_tokenizer, read_vit_config, resolve_checkpoint
 from stages.lance.config import SpecialTokens
-from stages.lance.denoise import posterior_eps
 from stages.lance.handoff import BranchKV, ContextHandoff
-from stages.lance.preprocessing import vae_image_tensor, vit_image_tensor
 from stages.lance.prompts import Visual, default_system_prompt
 from stages.lance.requests import ImageRequest, TextRequest
-from stages.lance.sequence import (BranchPlan, LanceSequence, build_generation_sequence,
-                                   build_understanding_sequence, mrope_positions, plan_generation)
-from stages.lance.vit import patchify_video_with_merge
+from stages.lance.sequence import (BranchPlan, LanceSequence, build_understanding_sequence, mrope_positions,
+                                   plan_generation_request)
+from stages.lance.vae import latent_tokens, reference_latent
+from stages.lance.vit import image_patches
 
 from .engine_config import LanceTokenIds, engine_kwargs, write_vllm_config_dir
 from .errors import ContextTooLongError, KVExportError, ThinkerRequestError
@@ -156,40 +155,28 @@ class Thinker:
             visuals.vit_patches, visuals.vit_patch_grid, vit_grid = self._vit_inputs(req.image, req.resolution)
             ref = self._reference_latent(req.image, req.resolution, req.params.seed, reference_eps)  # [1, 48, t, h, w]
             grid = tuple(ref.shape[2:])
-            visuals.ref_latents = ref[0].permute(1, 2, 3, 0).reshape(-1, ref.shape[1]).contiguous()
+            visuals.ref_latents = latent_tokens(ref)
             visuals.latent_grid = grid
             context_visuals, n_ref = [("vit", vit_grid), ("vae_ref", grid)], visuals.ref_latents.shape[0]
         system = req.system_prompt if req.system_prompt is not None else default_system_prompt(req.task)
-
-        def build(caption: str) -> LanceSequence:
-            return build_generation_sequence(self.tokenizer, self.tokens, system, caption, context_visuals, grid)
-
-        negative = build(req.negative_prompt) if req.negative_prompt is not None else None
-        cond, uncond = plan_generation(build(req.prompt), negative, self.config.llm.tokens_per_second)
+        cond, uncond = plan_generation_request(self.tokenizer, self.tokens, system, req.prompt, context_visuals, grid,
+                                               req.negative_prompt, self.config.llm.tokens_per_second)
         for plan in (cond, uncond) if req.params.uses_cfg else (cond,):
             self._check_length(plan.context.input_ids.numel(), "context")
         return PreparedGeneration(cond, uncond if req.params.uses_cfg else None, tuple(grid), visuals, n_ref)
 
     def _vit_inputs(self, image, resolution: str):
         """Merge-window pixel patches, their patch grid and the block's LLM grid (T/2, H/28, W/28)."""
+        cfg = self.vit_config
         try:
-            video = vit_image_tensor(image, resolution)
+            return image_patches(image, resolution, cfg.get("patch_size", 14), cfg.get("temporal_patch_size", 2),
+                                 cfg.get("spatial_merge_size", 2))
         except ValueError as e:
             raise ThinkerRequestError(str(e), param="resolution") from None
-        cfg = self.vit_config
-        m = cfg.get("spatial_merge_size", 2)
-        patches, grid = patchify_video_with_merge(video, cfg.get("patch_size", 14), cfg.get("temporal_patch_size", 2), m)
-        t, h, w = grid[0].tolist()
-        return patches, (t, h, w), (t, h // m, w // m)
 
     def _reference_latent(self, image, resolution: str, seed: int, eps) -> torch.Tensor:
-        video = vae_image_tensor(image, resolution)[None]
         with self._vae_lock:
-            vae = self._reference_encoder()
-            mean, logvar = vae.encode(video.to(vae.latents_mean.dtype))
-        if eps is None:
-            eps = posterior_eps(mean.shape, seed, mean.device, mean.dtype)
-        return vae.sample_posterior(mean, logvar, eps=eps)
+            return reference_latent(self._reference_encoder(), image, resolution, seed, eps)
 
     def _reference_encoder(self):
         if self._vae is None:  # edits only: t2i and text deployments never load the VAE
