@@ -225,8 +225,15 @@ def test_local_root_and_variant_dir_resolve_without_the_hub(no_hub, tiny_ckpt_di
 def test_local_resolution_errors_name_what_is_missing(no_hub, tmp_path, tiny_ckpt_dir):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_checkpoint(tmp_path / "missing" / "dir")
+    # A checkpoint folder that holds only the image variant: asking for the video one names what is there.
+    image_only = tmp_path / "image_only"
+    image_only.mkdir()
+    for entry in tiny_ckpt_dir.iterdir():
+        if entry.name != "Lance_3B_Video":
+            (image_only / entry.name).symlink_to(entry)
     with pytest.raises(FileNotFoundError, match=r"no Lance_3B_Video/llm_config.json.*\['Lance_3B'\]"):
-        resolve_checkpoint(tiny_ckpt_dir, variant="Lance_3B_Video")
+        resolve_checkpoint(image_only, variant="Lance_3B_Video")
+    assert resolve_checkpoint(tiny_ckpt_dir, variant="Lance_3B_Video").variant == "Lance_3B_Video"
     with pytest.raises(ValueError, match="is the Lance_3B variant"):
         resolve_checkpoint(tiny_ckpt_dir / "Lance_3B", variant="Lance_3B_Video")
     with pytest.raises(ValueError, match="unknown Lance variant"):
