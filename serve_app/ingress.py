@@ -10,6 +10,11 @@ Streaming (`stream: true`) is SSE in OpenAI's chunk format ending with `data: [D
 or for images chunks with an empty delta and `lance_progress: {step, total}`, then one chunk whose
 delta content is the image part. Errors after the stream started arrive as `data: {"error": ...}`.
 
+Every answer says what was done with the request: a `lance` object (`{"task", "ignored_params"}`:
+the routed task, and the valid parameters that do not apply to it), in the first chunk of a stream,
+and the X-Lance-Ignored-Params header when something was ignored. A chat completion asking for n
+images (`n` / `num_outputs_per_prompt`) gets n choices.
+
 `build_fastapi_app(service)` makes the app; `LanceIngress` is the Serve deployment that owns one.
 """
 from __future__ import annotations
@@ -66,6 +71,12 @@ async def _deadline(seconds: float):
         raise _timeout_error(seconds) from None
 
 
+def _lance_notes(task: str, ignored_params: list[str]) -> tuple[dict, dict]:
+    """The response's `lance` object and headers: the routed task and the ignored parameters."""
+    headers = {oai.IGNORED_PARAMS_HEADER: ", ".join(ignored_params)} if ignored_params else {}
+    return oai.lance_extension(task, ignored_params), headers
+
+
 class LanceService:
     """What the routes do; holds the stage pipeline and the settings."""
 
@@ -105,35 +116,40 @@ class LanceService:
         parsed = await parse_chat_request(await self._read_body(request), self.settings.limits)
         self._check_model(parsed.model)
         model, req = self.settings.served_model_name, parsed.request
+        lance, headers = _lance_notes(parsed.task, parsed.ignored_params)
         timeout = self.settings.request_timeout_s
         if isinstance(req, ImageRequest):
             if parsed.stream:
                 async with _deadline(timeout):
                     handoff = await self.pipeline.prefill(req)   # errors here are still 4xx
-                return self._sse(self._image_events(req, handoff, model, parsed.include_usage))
-            async with _deadline(timeout):
-                image, handoff = await self.pipeline.generate_image(req)
-            return oai.chat_completion(req.request_id, model,
-                                       oai.image_content(png_data_url(image["png"])), "stop",
-                                       self._image_usage([handoff]))
+                return self._sse(self._image_events(req, handoff, model, parsed.include_usage, lance),
+                                 headers)
+            results = await self._generate_images(parsed.requests)
+            choices = [oai.chat_choice(i, oai.image_content(png_data_url(image["png"])), "stop")
+                       for i, (image, _) in enumerate(results)]
+            body = oai.chat_completion(req.request_id, model, choices,
+                                       self._image_usage([h for _, h in results]), lance)
+            return JSONResponse(body, headers=headers)
         if parsed.stream:
             tokens = self.pipeline.generate_text(req)
             async with _deadline(timeout):
                 first = await anext(tokens)   # context overflow surfaces here, as a 400
             return self._sse(self._text_events(req, tokens, first, model, parsed.include_usage,
-                                               parsed.return_token_ids))
+                                               lance, parsed.return_token_ids), headers)
         text, token_ids, finish, last = [], [], "stop", {}
         async with _deadline(timeout), aclosing(self.pipeline.generate_text(req)) as tokens:
             async for item in tokens:
                 text.append(item.get("text", ""))
                 token_ids.extend(item.get("token_ids", ()))
                 finish, last = item.get("finish_reason") or finish, item
-        return oai.chat_completion(req.request_id, model, "".join(text), finish,
+        choice = oai.chat_choice(0, "".join(text), finish,
+                                 token_ids if parsed.return_token_ids else None)
+        body = oai.chat_completion(req.request_id, model, [choice],
                                    oai.usage(last.get("prompt_tokens", 0),
-                                             last.get("completion_tokens", 0)),
-                                   token_ids if parsed.return_token_ids else None)
+                                             last.get("completion_tokens", 0)), lance)
+        return JSONResponse(body, headers=headers)
 
-    def _sse(self, events) -> StreamingResponse:
+    def _sse(self, events, headers: dict) -> StreamingResponse:
         timeout = self.settings.request_timeout_s
 
         async def body():
@@ -155,11 +171,12 @@ class LanceService:
                     yield oai.sse(stage_error(e, "stream").body())
             yield oai.SSE_DONE
         return StreamingResponse(body(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+                                 headers={"Cache-Control": "no-cache", **headers})
 
-    async def _image_events(self, req: ImageRequest, handoff, model: str, include_usage: bool):
+    async def _image_events(self, req: ImageRequest, handoff, model: str, include_usage: bool,
+                            lance: dict):
         rid = req.request_id
-        yield oai.chat_chunk(rid, model, {"role": "assistant", "content": ""})
+        yield oai.chat_chunk(rid, model, {"role": "assistant", "content": ""}, lance=lance)
         async with aclosing(self.pipeline.denoise(handoff)) as items:
             async for item in items:
                 if "png" in item:
@@ -173,9 +190,9 @@ class LanceService:
             yield oai.usage_chunk(rid, model, self._image_usage([handoff]))
 
     async def _text_events(self, req, tokens, first: dict, model: str, include_usage: bool,
-                           return_token_ids: bool = False):
+                           lance: dict, return_token_ids: bool = False):
         rid, last = req.request_id, first
-        yield oai.chat_chunk(rid, model, {"role": "assistant", "content": ""})
+        yield oai.chat_chunk(rid, model, {"role": "assistant", "content": ""}, lance=lance)
         async with aclosing(tokens):
             item = first
             while True:
@@ -239,20 +256,26 @@ class LanceService:
                               param="image", code="image_too_large")
         return decode_image_bytes(data, "image")
 
-    async def _run_images(self, parsed):
-        self._check_model(parsed.model)
-        tasks = [asyncio.ensure_future(self.pipeline.generate_image(r)) for r in parsed.requests]
+    async def _generate_images(self, requests: list[ImageRequest]) -> list:
+        """(image, handoff) per request, generated concurrently; one failure fails them all."""
+        tasks = [asyncio.ensure_future(self.pipeline.generate_image(r)) for r in requests]
         try:
             async with _deadline(self.settings.request_timeout_s):
-                results = await asyncio.gather(*tasks)
+                return await asyncio.gather(*tasks)
         except BaseException:
             for t in tasks:   # one failed image fails the request: stop the others
                 t.cancel()
             raise
+
+    async def _run_images(self, parsed):
+        self._check_model(parsed.model)
+        results = await self._generate_images(parsed.requests)
         images = [img for img, _ in results]
         size = f"{images[0]['width']}x{images[0]['height']}"
-        return oai.images_response([png_base64(img["png"]) for img in images], size,
-                                   self._image_usage([h for _, h in results]))
+        lance, headers = _lance_notes(parsed.task, parsed.ignored_params)
+        body = oai.images_response([png_base64(img["png"]) for img in images], size,
+                                   self._image_usage([h for _, h in results]), lance)
+        return JSONResponse(body, headers=headers)
 
     # -- /v1/models, /health ------------------------------------------------------------------------
     async def models(self):

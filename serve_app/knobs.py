@@ -1,12 +1,16 @@
 """Generation knobs and request limits: where clients may put a knob, and what values are valid.
 
-Knobs (height, width, size, num_inference_steps, seed, negative_prompt, cfg_*, ...) are read
-wherever clients put them (spec §7.3): top level (the OpenAI SDK flattens `extra_body` into the
-payload), a nested `extra_body` object (raw JSON, read the way vLLM-Omni reads
-`request.extra_body or request.model_extra`) and vLLM-Omni's `extra_args`. The same key given twice
-with different values is an error, never a silent pick. Image sizes are multiples of 16 between 64
-(a 4x4 latent grid; smaller is not a meaningful image) and the model's maximum, 1024
-(max_latent_size 64 x VAE downsample 16).
+Knobs (height, width, size, num_inference_steps, seed, negative_prompt, cfg_*, modalities, ...) are
+read wherever clients put them: top level (the OpenAI SDK flattens `extra_body` into the payload), a
+nested `extra_body` object (raw JSON, read the way vLLM-Omni reads `request.extra_body or
+request.model_extra`) and vLLM-Omni's `extra_args`. The same key given twice with different values
+is an error, never a silent pick; so are two names of one knob (`guidance_scale` and
+`cfg_text_scale`) with different values.
+
+Every knob's value is checked whatever the task; a valid knob that does not apply to the task the
+request is routed to (`KNOBS_BY_TASK`) is ignored and reported (`ignored_knobs`), never an error.
+Image sizes are multiples of 16 between 64 (a 4x4 latent grid; smaller is not a meaningful image) and
+the model's maximum, 1024 (max_latent_size 64 x VAE downsample 16).
 """
 from __future__ import annotations
 
@@ -51,6 +55,11 @@ class GenerationKnobs(StrictModel):
     seed: Optional[int] = Field(None, ge=0, lt=2**63)
     negative_prompt: Optional[str] = None
     cfg_text_scale: Optional[float] = Field(None, ge=0, le=100)
+    # the ecosystem's names for cfg_text_scale (diffusers / SGLang-Diffusion / BAGEL / GLM-Image,
+    # Qwen-Image, vLLM-Omni): the same classifier-free guidance scale on the text condition
+    guidance_scale: Optional[float] = Field(None, ge=0, le=100)
+    true_cfg_scale: Optional[float] = Field(None, ge=0, le=100)
+    cfg_scale: Optional[float] = Field(None, ge=0, le=100)
     timestep_shift: Optional[float] = Field(None, gt=0, le=100)
     cfg_interval: Optional[list[float]] = Field(None, min_length=2, max_length=2)  # [low, high]
     cfg_renorm_type: Optional[Literal["global", "channel", "none", ""]] = None
@@ -60,6 +69,9 @@ class GenerationKnobs(StrictModel):
     resolution: Optional[Literal["image_768res", "image_512res", "image_256res"]] = None
     do_sample: Optional[bool] = None                 # vLLM-Omni x2t sampling switch
     text_temperature: Optional[float] = Field(None, ge=0, le=2)
+    modalities: Optional[list[str]] = None           # ["image"] or ["text"]; checked when routing
+    n: Optional[int] = Field(None, ge=1)             # images per request (image output)
+    num_outputs_per_prompt: Optional[int] = Field(None, ge=1)   # vLLM-Omni's name for n
 
     @field_validator("cfg_interval")
     @classmethod
@@ -76,22 +88,24 @@ class GenerationKnobs(StrictModel):
         return v
 
 
-IMAGE_KNOBS = frozenset({"height", "width", "size", "num_inference_steps", "negative_prompt",
-                         "cfg_text_scale", "timestep_shift", "cfg_interval", "cfg_renorm_type",
-                         "cfg_renorm_min", "cfg_img_scale", "resolution"})
-TEXT_KNOBS = frozenset({"do_sample", "text_temperature"})
-_GUIDANCE = "Lance has no {k}; its text guidance knob is cfg_text_scale"
-_VIDEO = "video generation is not served by this deployment (image checkpoint)"
-UNSUPPORTED_KNOBS = {
-    "guidance_scale": _GUIDANCE, "true_cfg_scale": _GUIDANCE, "cfg_scale": _GUIDANCE,
-    "guidance_scale_2": _GUIDANCE, "num_frames": _VIDEO, "video_height": _VIDEO,
-    "video_width": _VIDEO, "origin_fps": _VIDEO,
-    "think": "think mode is not supported: upstream Lance has none (spec §3.9)",
-    "max_think_tokens": "think mode is not supported: upstream Lance has none (spec §3.9)",
-    "num_outputs_per_prompt": "one image per chat completion; use n on /v1/images/generations",
-    "lora": "LoRA adapters are not supported", "layers": "{k} is not supported by Lance",
-    "user_text": "send the user's text as the message content",
+# What each task reads; any other knob that was given is ignored and reported. seed, system_prompt,
+# modalities and n are read by every task (seed seeds text sampling; n > 1 is refused for text).
+_DENOISE = frozenset({"num_inference_steps", "cfg_text_scale", "guidance_scale", "true_cfg_scale",
+                      "cfg_scale", "timestep_shift", "cfg_interval", "cfg_renorm_type",
+                      "cfg_renorm_min", "cfg_img_scale"})
+_SAMPLING = frozenset({"do_sample", "text_temperature"})
+_EVERY_TASK = frozenset({"seed", "system_prompt", "modalities", "n", "num_outputs_per_prompt"})
+KNOBS_BY_TASK = {
+    "t2i": _DENOISE | {"height", "width", "size", "negative_prompt"} | _EVERY_TASK,
+    # an edit's output takes the input's aspect ratio at the `resolution` bucket (upstream's, and
+    # vLLM-Omni's, behaviour): size / height / width do not apply; nor does negative_prompt, which
+    # replaces the caption of t2i's text-uncond branch (an edit's uncond branch keeps the image)
+    "image_edit": _DENOISE | {"resolution"} | _EVERY_TASK,
+    "x2t_image": _SAMPLING | {"resolution"} | _EVERY_TASK,
+    "chat": _SAMPLING | _EVERY_TASK,
 }
+CFG_TEXT_SCALE_NAMES = ("cfg_text_scale", "guidance_scale", "true_cfg_scale", "cfg_scale")
+N_NAMES = ("n", "num_outputs_per_prompt")
 DEFAULT_X2T_TEMPERATURE = 0.3   # vLLM-Omni's text_temperature when do_sample is on
 
 
@@ -116,10 +130,6 @@ def merge_knob_sources(sources: list[tuple[str, dict]]) -> dict:
 
 
 def validate_knobs(values: dict, *, from_form: bool = False) -> GenerationKnobs:
-    for key in values:
-        if key in UNSUPPORTED_KNOBS:
-            raise bad_request(UNSUPPORTED_KNOBS[key].format(k=key), param=key,
-                              code="unsupported_parameter")
     try:
         if from_form:  # multipart values arrive as strings: coerce "30" -> 30
             return GenerationKnobs.model_validate(values)
@@ -129,13 +139,32 @@ def validate_knobs(values: dict, *, from_form: bool = False) -> GenerationKnobs:
         raise validation_error(e) from None
 
 
-def knob_sources(extra: dict, extra_body: dict | None, extra_args: dict | None,
-                  seed: int | None) -> list[tuple[str, dict]]:
-    body = dict(extra_body or {})
-    nested_args = body.pop("extra_args", None)
-    body.pop("modalities", None)
-    return [("top level", dict(extra, **({"seed": seed} if seed is not None else {}))),
-            ("extra_body", body), ("extra_args", extra_args), ("extra_body.extra_args", nested_args)]
+def knob_sources(top_level: dict, extra_body: dict | None,
+                 extra_args: dict | None) -> list[tuple[str, dict]]:
+    body = dict(extra_body or {}) if isinstance(extra_body, dict) else extra_body
+    nested_args = body.pop("extra_args", None) if isinstance(body, dict) else None
+    return [("top level", top_level), ("extra_body", body), ("extra_args", extra_args),
+            ("extra_body.extra_args", nested_args)]
+
+
+def one_value(knobs: GenerationKnobs, names: tuple[str, ...]):
+    """The value of a knob that has several names; names given with different values are a 400."""
+    given = [(name, getattr(knobs, name)) for name in names if getattr(knobs, name) is not None]
+    for name, value in given[1:]:
+        if value != given[0][1]:
+            raise bad_request(f"{given[0][0]} ({given[0][1]!r}) and {name} ({value!r}) are two names "
+                              f"for one knob with different values: send one of them", param=name,
+                              code="conflicting_values")
+    return given[0][1] if given else None
+
+
+def given_knobs(knobs: GenerationKnobs) -> set[str]:
+    return {name for name in GenerationKnobs.model_fields if getattr(knobs, name) is not None}
+
+
+def ignored_knobs(knobs: GenerationKnobs, task: str) -> set[str]:
+    """The knobs given that the task does not read (accepted, ignored, reported)."""
+    return given_knobs(knobs) - KNOBS_BY_TASK[task]
 
 
 def _check_side(value: int, name: str, limits: RequestLimits) -> None:
@@ -178,7 +207,7 @@ def denoise_params(k: GenerationKnobs, limits: RequestLimits) -> DenoiseParams:
                           f"[1, {limits.max_inference_steps}]", param="num_inference_steps",
                           code="invalid_value")
     given = {"num_inference_steps": k.num_inference_steps, "timestep_shift": k.timestep_shift,
-             "cfg_text_scale": k.cfg_text_scale, "cfg_renorm_min": k.cfg_renorm_min,
+             "cfg_text_scale": one_value(k, CFG_TEXT_SCALE_NAMES), "cfg_renorm_min": k.cfg_renorm_min,
              "seed": k.seed,
              "cfg_interval": tuple(k.cfg_interval) if k.cfg_interval is not None else None,
              "cfg_renorm_type": "none" if k.cfg_renorm_type == "" else k.cfg_renorm_type}

@@ -50,8 +50,10 @@ class ResponseFormat(_Lenient):
 
 
 class ChatCompletionRequest(BaseModel):
-    """POST /v1/chat/completions. Unknown top-level keys land in `model_extra` and are read as
-    generation knobs (that is what the OpenAI SDK's `extra_body` turns into on the wire)."""
+    """POST /v1/chat/completions: the fields Lance reads here. Every other top-level key lands in
+    `model_extra` and is read as a generation knob (that is what the OpenAI SDK's `extra_body` turns
+    into on the wire; knobs.py), including `modalities`, `seed` and `n`, or as another server's field
+    (other_fields.py: the penalties, tools, logprobs, vLLM's and SGLang's extensions, ...)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -59,56 +61,37 @@ class ChatCompletionRequest(BaseModel):
     model: Optional[str] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
-    modalities: Optional[list[str]] = None
-    n: int = 1
     max_tokens: Optional[int] = None
     max_completion_tokens: Optional[int] = None
     temperature: Optional[float] = None
     top_p: Optional[float] = None
     stop: Union[str, list[str], None] = None
-    seed: Optional[int] = None
     response_format: Optional[ResponseFormat] = None
     # vLLM's extension: the generated token ids in choices[i].token_ids (text output only)
     return_token_ids: Optional[bool] = None
-    # Accepted and ignored: they change nothing about what is generated.
-    user: Optional[str] = None
-    metadata: Optional[dict[str, str]] = None
-    store: Optional[bool] = None
-    service_tier: Optional[str] = None
-    parallel_tool_calls: Optional[bool] = None
-    # Accepted only at their neutral value (checked in request_parsing).
-    frequency_penalty: Optional[float] = None
-    presence_penalty: Optional[float] = None
-    logprobs: Optional[bool] = None
-    top_logprobs: Optional[int] = None
-    logit_bias: Optional[dict[str, float]] = None
-    tools: Optional[list[Any]] = None
-    tool_choice: Optional[Any] = None
     # vLLM-Omni style knob containers (raw JSON clients send them nested).
     extra_body: Optional[dict[str, Any]] = None
     extra_args: Optional[dict[str, Any]] = None
 
 
+# chat fields that only text output reads: on image output they are ignored (and reported)
+TEXT_OUTPUT_FIELDS = ("max_tokens", "max_completion_tokens", "temperature", "top_p", "stop",
+                      "response_format", "return_token_ids")
+
+
 class ImageGenerationRequest(BaseModel):
-    """POST /v1/images/generations (and the form fields of /v1/images/edits)."""
+    """POST /v1/images/generations (and the form fields of /v1/images/edits). `size` and `n` are
+    read as knobs; the images API's presentation fields (quality, style, ...) are other_fields.py's."""
 
     model_config = ConfigDict(extra="allow")
 
     prompt: str
     model: Optional[str] = None
-    n: int = 1
+    n: Optional[int] = None
     size: Optional[str] = None
     response_format: Optional[str] = None
     output_format: Optional[str] = None
     stream: bool = False
-    # Accepted and ignored (DALL-E / gpt-image presentation knobs, bookkeeping).
-    quality: Optional[str] = None
-    style: Optional[str] = None
-    background: Optional[str] = None
-    moderation: Optional[str] = None
-    input_fidelity: Optional[str] = None
-    output_compression: Optional[int] = None
-    user: Optional[str] = None
     extra_body: Optional[dict[str, Any]] = None
     extra_args: Optional[dict[str, Any]] = None
 
@@ -120,14 +103,28 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def chat_completion(request_id: str, model: str, content: Any, finish_reason: str,
-                    usage_: dict, token_ids: list[int] | None = None) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": content},
+IGNORED_PARAMS_HEADER = "X-Lance-Ignored-Params"
+
+
+def lance_extension(task: str, ignored_params: list[str]) -> dict:
+    """The `lance` object of a response: the task the request was routed to, and the parameters
+    that were accepted but do not apply to it (also in the X-Lance-Ignored-Params header)."""
+    return {"task": task, "ignored_params": list(ignored_params)}
+
+
+def chat_choice(index: int, content: Any, finish_reason: str,
+                token_ids: list[int] | None = None) -> dict:
+    choice = {"index": index, "message": {"role": "assistant", "content": content},
               "finish_reason": finish_reason, "logprobs": None}
     if token_ids is not None:   # return_token_ids (vLLM's field name and place)
         choice["token_ids"] = token_ids
+    return choice
+
+
+def chat_completion(request_id: str, model: str, choices: list[dict], usage_: dict,
+                    lance: dict) -> dict:
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
-            "model": model, "choices": [choice], "usage": usage_}
+            "model": model, "choices": choices, "usage": usage_, "lance": lance}
 
 
 def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None = None,
@@ -150,9 +147,9 @@ def image_content(data_url: str) -> list[dict]:
     return [{"type": "image_url", "image_url": {"url": data_url}}]
 
 
-def images_response(b64_pngs: list[str], size: str, usage_: dict) -> dict:
+def images_response(b64_pngs: list[str], size: str, usage_: dict, lance: dict) -> dict:
     return {"created": int(time.time()), "data": [{"b64_json": b} for b in b64_pngs],
-            "output_format": "png", "size": size, "usage": usage_}
+            "output_format": "png", "size": size, "usage": usage_, "lance": lance}
 
 
 def sse(obj: Any) -> str:

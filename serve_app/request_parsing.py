@@ -1,10 +1,14 @@
 """OpenAI requests -> typed stage requests (ImageRequest / TextRequest), with every check a 400.
 
-Knobs and limits: knobs.py. Prompts: plain text, or text clients wrapped in `<|im_start|>` markers.
+Knobs and limits: knobs.py. Other servers' fields: other_fields.py. Messages: chat_messages.py.
 
-Routing (`modalities` defaults to ["text"], as OpenAI's):
+Routing (`modalities`, a knob, defaults to ["text"] as OpenAI's):
   image out, no input image -> t2i     image out, one input image -> image_edit
   text out, one input image -> x2t_image   text out, no image -> chat
+
+Every value is checked, whatever the task (a wrong one is a 400 naming the field); a valid parameter
+that the routed task does not read is accepted and listed in `ignored_params`, which the response
+carries in its `lance` object and X-Lance-Ignored-Params header.
 """
 from __future__ import annotations
 
@@ -17,90 +21,51 @@ from typing import Optional, Union
 
 from pydantic import ValidationError
 
-from stages.lance.requests import ChatTurn, ImageRequest, TextRequest
+from stages.lance.requests import DenoiseParams, ImageRequest, TextRequest
 
+from .chat_messages import (Conversation, collect_messages, load_image, no_special_tokens,
+                            one_system_prompt, unwrap_prompt)
 from .errors import bad_request, validation_error
-from .knobs import (DEFAULT_X2T_TEMPERATURE, IMAGE_KNOBS, TEXT_KNOBS, GenerationKnobs, RequestLimits,
-                    denoise_params, knob_sources, merge_knob_sources, target_size, validate_knobs)
-from .media import decode_data_url, fetch_remote_image
-from .openai_protocol import ChatCompletionRequest, ImageGenerationRequest, ImagePart, TextPart
+from .knobs import (DEFAULT_X2T_TEMPERATURE, N_NAMES, GenerationKnobs, RequestLimits, denoise_params,
+                    ignored_knobs, knob_sources, merge_knob_sources, one_value, target_size,
+                    validate_knobs)
+from .openai_protocol import TEXT_OUTPUT_FIELDS, ChatCompletionRequest, ImageGenerationRequest
+from .other_fields import screen_other_fields, split_other_fields
 
 
-# -- prompts ----------------------------------------------------------------------------------------
-
-_TURN = re.compile(r"<\|im_start\|>(?:(system|user|assistant)\n)?(.*?)(?:<\|im_end\|>|\Z)", re.S)
-_VISUAL = re.compile(r"<\|vision_start\|>(?:<\|(?:video_pad|image_pad)\|>)*<\|vision_end\|>")
-_SPECIAL = re.compile(r"<\|[a-z_]+\|>")
-
-
-def _no_special_tokens(text: str, param: str) -> str:
-    m = _SPECIAL.search(text)
-    if m:
-        raise bad_request(f"the prompt contains the special token {m.group(0)}; send plain text "
-                          "and images as image_url parts", param=param, code="invalid_prompt")
-    return text
+def _validated(model_cls, raw: bytes):
+    try:
+        return model_cls.model_validate_json(raw, strict=True)
+    except ValidationError as e:
+        raise validation_error(e) from None
 
 
-def unwrap_prompt(text: str, param: str) -> tuple[Optional[str], str]:
-    """(system prompt or None, user text) from a prompt clients may have wrapped in chat markers.
-
-    `<|im_start|>cat<|im_end|>` (the BAGEL client's wrapping) -> "cat"; a rendered Lance template
-    (`<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\n...`) -> its system and user text,
-    with image placeholders dropped (the image itself comes as an image_url part).
-    """
-    if "<|im_start|>" not in text:
-        return None, _no_special_tokens(text, param)
-    system, users, end = None, [], 0
-    for m in _TURN.finditer(text):
-        if text[end:m.start()].strip():
-            raise bad_request("the prompt mixes plain text with <|im_start|> blocks", param=param,
-                              code="invalid_prompt")
-        end = m.end()
-        role, body = m.group(1), _VISUAL.sub("", m.group(2))
-        if role == "system":
-            system = _no_special_tokens(body, param)
-        elif role in (None, "user"):
-            users.append(_no_special_tokens(body, param))
-        # an assistant block is the generation header the template ends with: nothing to keep
-    if text[end:].strip():
-        raise bad_request("the prompt mixes plain text with <|im_start|> blocks", param=param,
-                          code="invalid_prompt")
-    return system, " ".join(u.strip("\n") for u in users)
+def read_knobs(sources: list[tuple[str, dict]], *,
+               from_form: bool = False) -> tuple[GenerationKnobs, dict]:
+    """(Lance's knobs, checked; the other servers' fields, to screen once the output is known)."""
+    lance, other = split_other_fields(merge_knob_sources(sources))
+    return validate_knobs(lance, from_form=from_form), other
 
 
-def _one_system_prompt(candidates: list[tuple[str, str]]) -> Optional[str]:
-    distinct = {text for _, text in candidates}
-    if len(distinct) > 1:
-        where = ", ".join(w for w, _ in candidates)
-        raise bad_request(f"the system prompt is given in several places that disagree ({where})",
-                          param="system_prompt", code="conflicting_values")
-    return candidates[0][1] if candidates else None
+@dataclass(frozen=True)
+class ImageKnobs:
+    """An image request's size and denoising knobs, checked for every request (text ones too)."""
+
+    height: Optional[int]
+    width: Optional[int]
+    params: DenoiseParams
+
+    @classmethod
+    def of(cls, knobs: GenerationKnobs, limits: RequestLimits) -> "ImageKnobs":
+        height, width = target_size(knobs, limits)
+        return cls(height, width, denoise_params(knobs, limits))
 
 
-# -- chat completions -------------------------------------------------------------------------------
+# -- routing ----------------------------------------------------------------------------------------
 
-@dataclass
-class ParsedChat:
-    request: Union[ImageRequest, TextRequest]
-    stream: bool
-    include_usage: bool
-    model: Optional[str]
-    return_token_ids: bool = False
-
-
-@dataclass
-class _Image:
-    url: str
-    param: str
-    message_index: int
-
-
-def _output_modality(modalities: list | None) -> str:
+def output_modality(modalities: list[str] | None) -> str:
     if modalities is None:
         return "text"
-    if not isinstance(modalities, list) or not all(isinstance(m, str) for m in modalities):
-        raise bad_request("modalities must be a list of strings", param="modalities",
-                          code="invalid_type")
     if modalities in (["image"], ["text"]):
         return modalities[0]
     raise bad_request(f"unsupported modalities {modalities}: use [\"image\"] (generate or edit an "
@@ -108,36 +73,64 @@ def _output_modality(modalities: list | None) -> str:
                       code="unsupported_modality")
 
 
-async def load_image(img: _Image, limits: RequestLimits):
-    url = img.url.strip()
-    if url.startswith("data:"):
-        return decode_data_url(url, img.param, limits.max_image_bytes)
-    if url.startswith(("http://", "https://")):
-        if not limits.allow_remote_images:
-            raise bad_request("image URLs are disabled on this server; send the image as a "
-                              "data:image/...;base64 URL", param=img.param,
-                              code="remote_images_disabled")
-        return await fetch_remote_image(url, img.param, limits.max_image_bytes,
-                                        limits.remote_image_timeout_s)
-    raise bad_request("image_url.url must be a data: URL (or http(s) if the operator enabled it)",
-                      param=img.param, code="invalid_image_url")
+def route(output: str, has_image: bool) -> str:
+    if output == "image":
+        return "image_edit" if has_image else "t2i"
+    return "x2t_image" if has_image else "chat"
 
 
-def _check_openai_features(req: ChatCompletionRequest) -> None:
-    def reject(param: str, msg: str):
-        raise bad_request(msg, param=param, code="unsupported_parameter")
+# -- how many images --------------------------------------------------------------------------------
 
-    if req.n != 1:
-        reject("n", "n must be 1: one choice per chat completion (send several requests)")
-    if req.logprobs or req.top_logprobs:
-        reject("logprobs", "logprobs are not supported")
-    if req.logit_bias:
-        reject("logit_bias", "logit_bias is not supported")
-    if req.tools or req.tool_choice not in (None, "none"):
-        reject("tools", "tool calling is not supported by Lance")
-    for name in ("frequency_penalty", "presence_penalty"):
-        if getattr(req, name) not in (None, 0):
-            reject(name, f"{name} is not supported")
+def image_count(knobs: GenerationKnobs, limits: RequestLimits, stream: bool) -> int:
+    """n (or num_outputs_per_prompt): images of one prompt, seeds seed, seed+1, ..."""
+    n = one_value(knobs, N_NAMES) or 1
+    name = "n" if knobs.n is not None else "num_outputs_per_prompt"
+    if n > limits.max_n:
+        raise bad_request(f"{name} {n} is outside [1, {limits.max_n}]", param=name,
+                          code="invalid_value")
+    if stream and n > 1:
+        raise bad_request(f"a stream carries one image: send {name} 1 (or leave it out) with "
+                          "stream, or stream false for several images", param=name,
+                          code="unsupported_parameter")
+    return n
+
+
+def _one_text_answer(knobs: GenerationKnobs) -> None:
+    n = one_value(knobs, N_NAMES)
+    if n is not None and n != 1:
+        name = "n" if knobs.n is not None else "num_outputs_per_prompt"
+        raise bad_request(f"{name} must be 1 for text output: one answer per chat completion "
+                          "(send several requests)", param=name, code="unsupported_parameter")
+
+
+def n_requests(first: ImageRequest, n: int) -> list[ImageRequest]:
+    # n images of one prompt differ only by seed: seed, seed+1, ... (one seed would give n copies)
+    if first.params.seed + n > 2**63:
+        raise bad_request(f"seed {first.params.seed} leaves no room for n={n} seeds "
+                          "(seed, seed+1, ...) below 2**63", param="seed", code="invalid_value")
+    out = []
+    for i in range(n):
+        params = replace(first.params, seed=first.params.seed + i)
+        rid = first.request_id if n == 1 else f"{first.request_id}-{i}"
+        out.append(replace(first, params=params, request_id=rid))
+    return out
+
+
+# -- chat completions -------------------------------------------------------------------------------
+
+@dataclass
+class ParsedChat:
+    requests: list[Union[ImageRequest, TextRequest]]   # n images (seeds seed, seed+1, ...) or 1 text
+    stream: bool
+    include_usage: bool
+    model: Optional[str]
+    task: str
+    ignored_params: list[str]
+    return_token_ids: bool = False
+
+    @property
+    def request(self) -> Union[ImageRequest, TextRequest]:
+        return self.requests[0]
 
 
 def _sampling(req: ChatCompletionRequest, k: GenerationKnobs, limits: RequestLimits) -> dict:
@@ -176,121 +169,75 @@ def _sampling(req: ChatCompletionRequest, k: GenerationKnobs, limits: RequestLim
     return {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "stop": stop}
 
 
-def _message_parts(msg, i: int) -> list[tuple[object, str]]:
-    """(part, param path) of a message; a string content is one text part."""
-    if isinstance(msg.content, str):
-        return [(TextPart(type="text", text=msg.content), f"messages[{i}].content")]
-    return [(part, f"messages[{i}].content[{j}]") for j, part in enumerate(msg.content or [])]
+def _system_prompt(candidates: list[tuple[str, str]], knobs: GenerationKnobs) -> Optional[str]:
+    if knobs.system_prompt is not None:
+        candidates = candidates + [("system_prompt",
+                                    no_special_tokens(knobs.system_prompt, "system_prompt"))]
+    return one_system_prompt(candidates)
 
 
-def _given(knobs: GenerationKnobs, names) -> list[str]:
-    return sorted(k for k in names if getattr(knobs, k) is not None)
+def _check_image_count(conv: Conversation, limits: RequestLimits) -> None:
+    if len(conv.images) > limits.max_input_images:
+        raise bad_request(f"{len(conv.images)} images were sent; at most {limits.max_input_images} "
+                          "per request", param=conv.images[-1].param, code="too_many_images")
+
+
+def _given_text_fields(req: ChatCompletionRequest) -> set[str]:
+    return {name for name in TEXT_OUTPUT_FIELDS if getattr(req, name) not in (None, False)}
 
 
 async def parse_chat_request(raw: bytes, limits: RequestLimits) -> ParsedChat:
-    try:
-        req = ChatCompletionRequest.model_validate_json(raw, strict=True)
-    except ValidationError as e:
-        raise validation_error(e) from None
-    _check_openai_features(req)
-    nested = (req.extra_body or {}).get("modalities")
-    modalities = merge_knob_sources([
-        ("top level", {"modalities": req.modalities} if req.modalities is not None else {}),
-        ("extra_body", {"modalities": nested} if nested is not None else {})]).get("modalities")
-    output = _output_modality(modalities)
-    knobs = validate_knobs(merge_knob_sources(
-        knob_sources(req.model_extra or {}, req.extra_body, req.extra_args, req.seed)))
-
-    system_messages: list[str] = []
-    templated_systems: list[tuple[str, str]] = []
-    turns: list[ChatTurn] = []
-    images: list[_Image] = []
-    for i, msg in enumerate(req.messages):
-        texts = []
-        for part, param in _message_parts(msg, i):
-            if isinstance(part, ImagePart):
-                if msg.role != "user":
-                    raise bad_request("images are accepted in user messages only", param=param,
-                                      code="invalid_image_position")
-                images.append(_Image(part.image_url.url, param, i))
-            elif msg.role == "user":
-                tmpl_system, text = unwrap_prompt(part.text, param)
-                if tmpl_system is not None:
-                    templated_systems.append((f"{param} (template)", tmpl_system))
-                texts.append(text)
-            else:
-                texts.append(_no_special_tokens(part.text, param))
-        text = " ".join(t for t in texts if t)
-        if msg.role in ("system", "developer"):
-            system_messages.append(text)
-        else:
-            turns.append(ChatTurn(msg.role, text))
-
-    candidates = [("system message", "\n\n".join(system_messages))] if system_messages else []
-    candidates += templated_systems
-    if knobs.system_prompt is not None:
-        candidates.append(("system_prompt", _no_special_tokens(knobs.system_prompt,
-                                                               "system_prompt")))
-    system_prompt = _one_system_prompt(candidates)
-
-    if len(images) > limits.max_input_images:
-        raise bad_request(f"{len(images)} images were sent; at most {limits.max_input_images} "
-                          "per request", param=images[-1].param, code="too_many_images")
-    if not any(t.role == "user" for t in turns):
-        raise bad_request("messages need at least one user message", param="messages",
-                          code="invalid_value")
-    image = await load_image(images[0], limits) if images else None
+    req = _validated(ChatCompletionRequest, raw)
+    knobs, other_fields = read_knobs(knob_sources(req.model_extra or {}, req.extra_body,
+                                                  req.extra_args))
+    output = output_modality(knobs.modalities)
+    ignored = set(screen_other_fields(other_fields, image_output=output == "image"))
+    conv = collect_messages(req.messages)
+    system_prompt = _system_prompt(conv.system_prompts, knobs)
+    _check_image_count(conv, limits)
+    image_knobs, sampling = ImageKnobs.of(knobs, limits), _sampling(req, knobs, limits)
+    task = route(output, bool(conv.images))
+    image = await load_image(conv.images[0], limits) if conv.images else None
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
 
     if output == "image":
-        if req.return_token_ids:
-            raise bad_request("return_token_ids applies to text output", param="return_token_ids",
-                              code="invalid_value")
-        prompt = " ".join(t.text for t in turns if t.role == "user" and t.text)
-        request = _image_request(prompt, image, knobs, limits, system_prompt, request_id)
+        first = _image_request(task, conv.user_text(), "messages", image, knobs, image_knobs,
+                               system_prompt, request_id)
+        requests = n_requests(first, image_count(knobs, limits, req.stream))
+        ignored |= _given_text_fields(req)
     else:
-        if images and images[0].message_index != next(
-                i for i, m in enumerate(req.messages) if m.role == "user"):
-            raise bad_request("the image must be in the first user message",
-                              param=images[0].param, code="invalid_image_position")
-        request = _text_request(req, turns, image, knobs, limits, system_prompt, request_id)
+        _one_text_answer(knobs)
+        requests = [_text_request(task, conv, image, knobs, sampling, system_prompt, request_id)]
+        if sampling["temperature"] == 0 and knobs.seed is not None:
+            ignored.add("seed")   # greedy decoding draws nothing
+    ignored |= ignored_knobs(knobs, task)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return ParsedChat(request=request, stream=req.stream, include_usage=include_usage,
-                      model=req.model, return_token_ids=bool(req.return_token_ids))
+    return ParsedChat(requests=requests, stream=req.stream, include_usage=include_usage,
+                      model=req.model, task=task, ignored_params=sorted(ignored),
+                      return_token_ids=bool(req.return_token_ids) and output == "text")
 
 
-def _image_request(prompt: str, image, knobs: GenerationKnobs, limits: RequestLimits,
-                   system_prompt: Optional[str], request_id: str) -> ImageRequest:
-    if _given(knobs, TEXT_KNOBS):
-        key = _given(knobs, TEXT_KNOBS)[0]
-        raise bad_request(f"{key} applies to text output only", param=key, code="invalid_value")
+def _image_request(task: str, prompt: str, prompt_param: str, image, knobs: GenerationKnobs,
+                   image_knobs: ImageKnobs, system_prompt: Optional[str],
+                   request_id: str) -> ImageRequest:
     if not prompt.strip():
-        raise bad_request("the prompt is empty", param="messages", code="invalid_prompt")
-    height, width = target_size(knobs, limits)
-    task = "image_edit" if image is not None else "t2i"
-    if task == "image_edit":
-        if height is not None:
-            raise bad_request("image edits keep the input's bucketed size: leave size, height and "
-                              "width out (or size 'auto')", param="size", code="invalid_size")
-        if knobs.negative_prompt is not None:
-            raise bad_request("negative_prompt applies to text-to-image only (spec §7.3)",
-                              param="negative_prompt", code="invalid_value")
-    elif knobs.resolution is not None:
-        raise bad_request("resolution is the bucket of an edit's input image; for text-to-image "
-                          "use size", param="resolution", code="invalid_value")
+        raise bad_request("the prompt is empty", param=prompt_param, code="invalid_prompt")
+    common = dict(task=task, prompt=prompt, system_prompt=system_prompt, params=image_knobs.params,
+                  request_id=request_id)
+    if task == "t2i":
+        return ImageRequest(height=image_knobs.height, width=image_knobs.width,
+                            negative_prompt=knobs.negative_prompt, **common)
+    # an edit's output size is the input's bucketed size (see knobs.KNOBS_BY_TASK)
     extra = {"resolution": knobs.resolution} if knobs.resolution else {}
-    return ImageRequest(task=task, prompt=prompt, height=height, width=width, image=image,
-                        negative_prompt=knobs.negative_prompt, system_prompt=system_prompt,
-                        params=denoise_params(knobs, limits), request_id=request_id, **extra)
+    return ImageRequest(image=image, **common, **extra)
 
 
-def _text_request(req: ChatCompletionRequest, turns: list[ChatTurn], image,
-                  knobs: GenerationKnobs, limits: RequestLimits, system_prompt: Optional[str],
-                  request_id: str) -> TextRequest:
-    if _given(knobs, IMAGE_KNOBS - {"resolution"}):
-        key = _given(knobs, IMAGE_KNOBS - {"resolution"})[0]
-        raise bad_request(f"{key} applies to image output; set modalities to [\"image\"]",
-                          param=key, code="invalid_value")
+def _text_request(task: str, conv: Conversation, image, knobs: GenerationKnobs, sampling: dict,
+                  system_prompt: Optional[str], request_id: str) -> TextRequest:
+    turns = conv.turns
+    if conv.images and conv.images[0].message_index != conv.first_user_message:
+        raise bad_request("the image must be in the first user message",
+                          param=conv.images[0].param, code="invalid_image_position")
     if turns[-1].role != "user":
         raise bad_request("the last message must be the user's", param="messages",
                           code="invalid_value")
@@ -298,9 +245,8 @@ def _text_request(req: ChatCompletionRequest, turns: list[ChatTurn], image,
         raise bad_request("the last user message is empty", param="messages",
                           code="invalid_prompt")
     extra = {"resolution": knobs.resolution} if knobs.resolution else {}
-    return TextRequest(task="x2t_image" if image is not None else "chat", turns=turns,
-                       image=image, system_prompt=system_prompt, seed=knobs.seed,
-                       request_id=request_id, **_sampling(req, knobs, limits), **extra)
+    return TextRequest(task=task, turns=turns, image=image, system_prompt=system_prompt,
+                       seed=knobs.seed, request_id=request_id, **sampling, **extra)
 
 
 # -- images API -------------------------------------------------------------------------------------
@@ -309,12 +255,11 @@ def _text_request(req: ChatCompletionRequest, turns: list[ChatTurn], image,
 class ParsedImages:
     requests: list[ImageRequest]   # one per image asked for (n), seeds seed, seed+1, ...
     model: Optional[str]
+    task: str
+    ignored_params: list[str]
 
 
-def _check_images_fields(req: ImageGenerationRequest, limits: RequestLimits) -> None:
-    if not 1 <= req.n <= limits.max_n:
-        raise bad_request(f"n {req.n} is outside [1, {limits.max_n}]", param="n",
-                          code="invalid_value")
+def _check_images_fields(req: ImageGenerationRequest, knobs: GenerationKnobs) -> None:
     if req.response_format not in (None, "b64_json"):
         raise bad_request("only response_format 'b64_json' is served (no image hosting)",
                           param="response_format", code="invalid_value")
@@ -324,47 +269,35 @@ def _check_images_fields(req: ImageGenerationRequest, limits: RequestLimits) -> 
     if req.stream:
         raise bad_request("streaming is served on /v1/chat/completions (stream: true)",
                           param="stream", code="unsupported_parameter")
+    if knobs.modalities not in (None, ["image"]):
+        raise bad_request("the images API answers with images: leave modalities out (text answers "
+                          "are served on /v1/chat/completions)", param="modalities",
+                          code="unsupported_modality")
 
 
-def _n_requests(first: ImageRequest, n: int) -> list[ImageRequest]:
-    # n images of one prompt differ only by seed: seed, seed+1, ... (one seed would give n copies)
-    out = []
-    for i in range(n):
-        params = replace(first.params, seed=first.params.seed + i)
-        rid = first.request_id if n == 1 else f"{first.request_id}-{i}"
-        out.append(replace(first, params=params, request_id=rid))
-    return out
-
-
-def parse_images_request(req: ImageGenerationRequest, knob_values: dict, image,
-                         limits: RequestLimits, from_form: bool) -> ParsedImages:
-    if req.size is not None:
-        knob_values = merge_knob_sources([("size", {"size": req.size}), ("knobs", knob_values)])
-    knobs = validate_knobs(knob_values, from_form=from_form)
-    _check_images_fields(req, limits)
-    system_prompt, prompt = unwrap_prompt(req.prompt, "prompt")
-    if knobs.system_prompt is not None:
-        system_prompt = _one_system_prompt(
-            ([("prompt (template)", system_prompt)] if system_prompt else [])
-            + [("system_prompt", _no_special_tokens(knobs.system_prompt, "system_prompt"))])
-    if not prompt.strip():
-        raise bad_request("the prompt is empty", param="prompt", code="invalid_prompt")
-    first = _image_request(prompt, image, knobs, limits, system_prompt,
-                           f"img-{uuid.uuid4().hex}")
-    if first.params.seed + req.n > 2**63:
-        raise bad_request(f"seed {first.params.seed} leaves no room for n={req.n} seeds "
-                          "(seed, seed+1, ...) below 2**63", param="seed", code="invalid_value")
-    return ParsedImages(requests=_n_requests(first, req.n), model=req.model)
+def parse_images_request(req: ImageGenerationRequest, image, limits: RequestLimits,
+                         from_form: bool) -> ParsedImages:
+    top_level = dict(req.model_extra or {})
+    top_level.update({k: v for k, v in (("size", req.size), ("n", req.n)) if v is not None})
+    knobs, other_fields = read_knobs(knob_sources(top_level, req.extra_body, req.extra_args),
+                                     from_form=from_form)
+    _check_images_fields(req, knobs)
+    ignored = set(screen_other_fields(other_fields, image_output=True, typed=not from_form))
+    template_system, prompt = unwrap_prompt(req.prompt, "prompt")
+    system_prompt = _system_prompt([("prompt (template)", template_system)]
+                                   if template_system else [], knobs)
+    task = "image_edit" if image is not None else "t2i"
+    first = _image_request(task, prompt, "prompt", image, knobs, ImageKnobs.of(knobs, limits),
+                           system_prompt, f"img-{uuid.uuid4().hex}")
+    requests = n_requests(first, image_count(knobs, limits, stream=False))
+    ignored |= ignored_knobs(knobs, task)
+    return ParsedImages(requests=requests, model=req.model, task=task,
+                        ignored_params=sorted(ignored))
 
 
 def parse_generation_json(raw: bytes, limits: RequestLimits) -> ParsedImages:
-    try:
-        req = ImageGenerationRequest.model_validate_json(raw, strict=True)
-    except ValidationError as e:
-        raise validation_error(e) from None
-    knob_values = merge_knob_sources(knob_sources(req.model_extra or {}, req.extra_body,
-                                                   req.extra_args, None))
-    return parse_images_request(req, knob_values, None, limits, from_form=False)
+    return parse_images_request(_validated(ImageGenerationRequest, raw), None, limits,
+                                from_form=False)
 
 
 def form_fields(items: list[tuple[str, str]]) -> dict:
@@ -398,7 +331,5 @@ def parse_edit_form(fields: dict, image, limits: RequestLimits) -> ParsedImages:
         req = ImageGenerationRequest.model_validate(fields)
     except ValidationError as e:
         raise validation_error(e) from None
-    knob_values = merge_knob_sources(knob_sources(req.model_extra or {}, req.extra_body,
-                                                   req.extra_args, None))
-    return parse_images_request(req, knob_values, image, limits, from_form=True)
+    return parse_images_request(req, image, limits, from_form=True)
 

@@ -235,8 +235,158 @@ def test_generic_openai_fields_are_accepted(client):
     body = {"model": "lance-test", "messages": [user()], "user": "u1", "metadata": {"k": "v"},
             "store": False, "temperature": 1, "max_tokens": 10, "n": 1, "frequency_penalty": 0,
             "response_format": {"type": "text"}, "tool_choice": "none", "modalities": ["image"]}
-    assert isinstance(parse(body).request, ImageRequest)   # sampling fields do not apply to images
+    parsed = parse(body)
+    assert isinstance(parsed.request, ImageRequest)
+    # sampling fields do not apply to images; bookkeeping changes nothing: both are reported.
+    # Neutral values (store false, n 1, a zero penalty, no tools) ask for nothing: not reported.
+    assert parsed.ignored_params == ["max_tokens", "metadata", "response_format", "temperature", "user"]
     assert client.post("/v1/chat/completions", json=body).status_code == 503
+
+
+# -- liberal in what applies: valid knobs that do not apply are ignored and reported ----------------
+
+def lance_client_payload(modality: str, image_url: str | None = None) -> dict:
+    """What ../shared/clients/lance_openai_chat_client.py sends with its defaults (the e2e test runs
+    the client itself): height/width 512, 25 steps and seed 42 whatever the modality."""
+    content = [{"type": "text", "text": "<|im_start|>A cute cat<|im_end|>"}]
+    if image_url:
+        content.append({"type": "image_url", "image_url": {"url": image_url}})
+    return {"messages": [{"role": "user", "content": content}],
+            "modalities": ["image"] if modality in ("text2img", "img2img") else ["text"],
+            "height": 512, "width": 512, "num_inference_steps": 25, "seed": 42}
+
+
+@pytest.mark.parametrize("modality, image, task, ignored", [
+    ("text2img", None, "t2i", []),
+    ("img2img", IMG, "image_edit", ["height", "width"]),
+    ("img2text", IMG, "x2t_image", ["height", "num_inference_steps", "seed", "width"]),
+    ("text2text", None, "chat", ["height", "num_inference_steps", "seed", "width"]),
+])
+def test_the_lance_clients_defaults_are_accepted(client, modality, image, task, ignored):
+    parsed = parse(lance_client_payload(modality, image))
+    assert (parsed.task, parsed.request.task, parsed.ignored_params) == (task, task, ignored)
+    if task == "t2i":
+        assert (parsed.request.height, parsed.request.width) == (512, 512)
+        assert parsed.request.params == DenoiseParams(num_inference_steps=25, seed=42)
+    if task == "image_edit":   # the output keeps the input's bucketed size; the knobs that apply do
+        assert (parsed.request.height, parsed.request.width) == (None, None)
+        assert parsed.request.params == DenoiseParams(num_inference_steps=25, seed=42)
+    assert client.post("/v1/chat/completions", json=lance_client_payload(modality, image)).status_code == 503
+
+
+def test_seed_applies_to_sampled_text():
+    parsed = parse({"messages": [user("hi")], "seed": 3, "temperature": 0.5})
+    assert parsed.request.seed == 3 and parsed.ignored_params == []
+
+
+@pytest.mark.parametrize("name", ["cfg_text_scale", "guidance_scale", "true_cfg_scale", "cfg_scale"])
+def test_the_ecosystems_guidance_names_are_lances_cfg_text_scale(name):
+    parsed = parse({"messages": [user()], "modalities": ["image"], name: 2.5})
+    assert parsed.request.params.cfg_text_scale == 2.5 and parsed.ignored_params == []
+    both = parse({"messages": [user()], "modalities": ["image"], name: 2.5, "guidance_scale": 2.5,
+                  "extra_body": {"cfg_text_scale": 2.5}})
+    assert both.request.params.cfg_text_scale == 2.5
+    edit = parse({"messages": [user("x", IMG)], "modalities": ["image"], name: 1.5})
+    assert edit.request.params.cfg_text_scale == 1.5 and edit.ignored_params == []
+    text = parse({"messages": [user("hi")], name: 1.5})
+    assert text.ignored_params == [name]
+
+
+@pytest.mark.parametrize("name", ["n", "num_outputs_per_prompt"])
+def test_n_images_per_chat_completion(name):
+    parsed = parse({"messages": [user()], "modalities": ["image"], name: 3, "seed": 7})
+    assert [r.params.seed for r in parsed.requests] == [7, 8, 9]
+    assert len({r.request_id for r in parsed.requests}) == 3 and parsed.ignored_params == []
+    assert len(parse({"messages": [user()], "modalities": ["image"], "n": 2,
+                      "num_outputs_per_prompt": 2}).requests) == 2
+    assert len(parse({"messages": [user("hi")], name: 1}).requests) == 1
+
+
+def test_knobs_that_do_not_apply_to_the_task_are_ignored_and_reported():
+    t2i = parse(chat(modalities=["image"], resolution="image_256res", do_sample=True,
+                     guidance_scale_2=2.0, return_token_ids=True, stop="x"))
+    assert t2i.request.task == "t2i" and t2i.request.resolution == "image_768res"
+    assert t2i.ignored_params == ["do_sample", "guidance_scale_2", "resolution", "return_token_ids", "stop"]
+    assert not t2i.return_token_ids
+    edit = parse({"messages": [user("x", IMG)], "modalities": ["image"], "size": "512x512",
+                  "negative_prompt": "blurry", "resolution": "image_256res", "timestep_shift": 2.0})
+    assert edit.request.task == "image_edit" and edit.request.negative_prompt is None
+    assert edit.request.resolution == "image_256res" and edit.request.params.timestep_shift == 2.0
+    assert edit.ignored_params == ["negative_prompt", "size"]
+    x2t = parse({"messages": [user("q", IMG)], "resolution": "image_256res", "cfg_interval": [0.1, 0.9],
+                 "timestep_shift": 3.0, "negative_prompt": "n", "cfg_img_scale": 1.0, "max_tokens": 5})
+    assert x2t.request.task == "x2t_image" and x2t.request.resolution == "image_256res"
+    assert x2t.ignored_params == ["cfg_img_scale", "cfg_interval", "negative_prompt", "timestep_shift"]
+    chat_ = parse(chat(resolution="image_512res", size="256x256"))
+    assert chat_.request.task == "chat" and chat_.ignored_params == ["resolution", "size"]
+
+
+def test_other_servers_fields_neutral_values_pass_and_the_rest_is_reported_or_refused():
+    vllm_defaults = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "length_penalty": 1.0,
+                     "skip_special_tokens": True, "spaces_between_special_tokens": True,
+                     "add_generation_prompt": True, "echo": False, "ignore_eos": False, "min_tokens": 0,
+                     "stop_token_ids": [], "include_stop_str_in_output": False, "logprobs": False,
+                     "presence_penalty": 0, "frequency_penalty": 0.0, "tools": [], "tool_choice": "auto",
+                     "parallel_tool_calls": True, "separate_reasoning": True, "stream_reasoning": True}
+    assert parse(chat(**vllm_defaults)).ignored_params == []
+    assert parse(chat(modalities=["image"], **vllm_defaults)).ignored_params == []
+    hints = parse(chat(chat_template_kwargs={"enable_thinking": False}, priority=5, request_id="r1",
+                       reasoning_effort="low", mm_processor_kwargs={"max_pixels": 100}))
+    assert hints.ignored_params == ["chat_template_kwargs", "mm_processor_kwargs", "priority",
+                                    "reasoning_effort", "request_id"]
+    # sampling fields Lance does not implement are a 400 on text output, ignored on image output
+    image = parse(chat(modalities=["image"], top_k=40, repetition_penalty=1.2, logprobs=True))
+    assert image.ignored_params == ["logprobs", "repetition_penalty", "top_k"]
+    # and they are read wherever knobs are read
+    nested = parse({"messages": [user("hi")], "extra_body": {"user": "u", "top_k": -1}})
+    assert nested.ignored_params == ["user"]
+
+
+def test_refusals_say_what_to_send_instead(client):
+    err = assert_openai_error(client.post("/v1/chat/completions", json=chat(top_k=40)), 400, "top_k")
+    assert "send -1" in err["message"]
+    err = assert_openai_error(client.post("/v1/chat/completions", json=chat(repetition_penalty=1.1)), 400)
+    assert "send 1" in err["message"]
+    err = assert_openai_error(client.post("/v1/chat/completions", json=chat(n=3)), 400, "n")
+    assert "send several requests" in err["message"]
+
+
+def test_client_facing_messages_cite_no_internal_document():
+    from serve_app.other_fields import OTHER_FIELDS
+
+    for name, field in OTHER_FIELDS.items():
+        assert field.refuse is None or ("spec" not in field.refuse and "§" not in field.refuse), name
+
+
+def test_a_vllm_style_vision_request():
+    """What vLLM's docs and clients send for image understanding: a string system message, an
+    image_url with detail, max_completion_tokens."""
+    body = {"model": "lance-test", "max_completion_tokens": 64, "temperature": 0,
+            "messages": [{"role": "system", "content": "You are a careful observer."},
+                         {"role": "user", "content": [
+                             {"type": "text", "text": "What is in this image?"},
+                             {"type": "image_url", "image_url": {"url": IMG, "detail": "high"}}]}]}
+    parsed = parse(body)
+    req = parsed.request
+    assert req.task == "x2t_image" and req.system_prompt == "You are a careful observer."
+    assert req.max_tokens == 64 and req.image.size == (40, 30) and parsed.ignored_params == []
+    assert [(t.role, t.text) for t in req.turns] == [("user", "What is in this image?")]
+
+
+def test_images_api_reads_guidance_scale_and_reports_what_it_ignores():
+    parsed = parse_generation_json(json.dumps({
+        "prompt": "a cube", "size": "256x256", "n": 2, "guidance_scale": 3.0, "quality": "hd",
+        "style": "vivid", "user": "u", "resolution": "image_512res", "background": "auto"}).encode(), LIMITS)
+    assert {r.params.cfg_text_scale for r in parsed.requests} == {3.0} and len(parsed.requests) == 2
+    assert parsed.task == "t2i" and parsed.ignored_params == ["quality", "resolution", "style", "user"]
+    parsed = parse_generation_json(json.dumps({"prompt": "a", "num_outputs_per_prompt": 3}).encode(), LIMITS)
+    assert len(parsed.requests) == 3
+    image = Image.open(io.BytesIO(png_bytes()))
+    (edit,) = parse_edit_form({"prompt": "make it blue", "size": "512x512", "true_cfg_scale": "2.0",
+                               "negative_prompt": "x", "quality": "high"}, image, LIMITS).requests
+    assert edit.task == "image_edit" and edit.params.cfg_text_scale == 2.0 and edit.height is None
+    ignored = parse_edit_form({"prompt": "b", "size": "512x512", "quality": "high"}, image, LIMITS).ignored_params
+    assert ignored == ["quality", "size"]
 
 
 def test_images_generations_sdk(sdk):
@@ -324,17 +474,10 @@ BAD_CHAT = [
     ("timestep_shift 0", chat(modalities=["image"], timestep_shift=0), 400, "timestep_shift", "invalid_value"),
     ("renorm type", chat(modalities=["image"], cfg_renorm_type="local"), 400, "cfg_renorm_type", "invalid_value"),
     ("image cfg", chat(modalities=["image"], cfg_img_scale=2.0), 400, "cfg_img_scale", "invalid_value"),
-    ("guidance_scale", chat(modalities=["image"], guidance_scale=7.5), 400, "guidance_scale", "unsupported_parameter"),
     ("video knob", chat(modalities=["image"], num_frames=25), 400, "num_frames", "unsupported_parameter"),
     ("think", chat(modalities=["image"], extra_args={"think": True}), 400, "think", "unsupported_parameter"),
     ("typo knob", chat(modalities=["image"], num_inference_step=3), 400, "num_inference_step", "unknown_parameter"),
     ("typo in extra_body", chat(extra_body={"heigth": 512}), 400, "heigth", "unknown_parameter"),
-    ("image knob on text", chat(num_inference_steps=3), 400, "num_inference_steps", "invalid_value"),
-    ("text knob on image", chat(modalities=["image"], do_sample=True), 400, "do_sample", "invalid_value"),
-    ("size for edit", {"messages": [user("x", IMG)], "modalities": ["image"], "size": "512x512"}, 400,
-     "size", "invalid_size"),
-    ("negative prompt for edit", {"messages": [user("x", IMG)], "modalities": ["image"],
-                                  "negative_prompt": "n"}, 400, "negative_prompt", "invalid_value"),
     ("broken base64", {"messages": [user("x", "data:image/png;base64,!!!notbase64")],
                        "modalities": ["image"]}, 400, "messages[0].content[1]", "invalid_base64"),
     ("not an image", {"messages": [user("x", data_url(b"hello, not a picture"))], "modalities": ["image"]},
@@ -364,7 +507,38 @@ BAD_CHAT = [
      "messages", "invalid_value"),
     ("system conflict", {"messages": [{"role": "system", "content": "A"}, user()], "system_prompt": "B"},
      400, "system_prompt", "conflicting_values"),
-    ("n=2", chat(n=2), 400, "n", "unsupported_parameter"),
+    ("n=2 for text", chat(n=2), 400, "n", "unsupported_parameter"),
+    ("n=2 streamed image", chat(modalities=["image"], n=2, stream=True), 400, "n", "unsupported_parameter"),
+    ("n above max", chat(modalities=["image"], num_outputs_per_prompt=5), 400, "num_outputs_per_prompt",
+     "invalid_value"),
+    ("n 0", chat(modalities=["image"], n=0), 400, "n", "invalid_value"),
+    ("two n names disagree", chat(modalities=["image"], n=2, num_outputs_per_prompt=3), 400,
+     "num_outputs_per_prompt", "conflicting_values"),
+    ("guidance names disagree", chat(modalities=["image"], cfg_text_scale=4.0, guidance_scale=5.0), 400,
+     "guidance_scale", "conflicting_values"),
+    ("guidance out of range", chat(modalities=["image"], guidance_scale=500), 400, "guidance_scale",
+     "invalid_value"),
+    ("true_cfg_scale string", chat(modalities=["image"], true_cfg_scale="4"), 400, "true_cfg_scale",
+     "invalid_type"),
+    ("invalid size on text", chat(height=100, width=512), 400, "height", "invalid_size"),
+    ("invalid steps on text", chat(num_inference_steps=0), 400, "num_inference_steps", "invalid_value"),
+    ("invalid size on edit", {"messages": [user("x", IMG)], "modalities": ["image"], "size": "1000x1000"},
+     400, "height", "invalid_size"),
+    ("invalid temperature on image", chat(modalities=["image"], temperature=3), 400, "temperature",
+     "invalid_value"),
+    ("invalid text knob on image", chat(modalities=["image"], text_temperature=5), 400,
+     "text_temperature", "invalid_value"),
+    ("top_k on text", chat(top_k=40), 400, "top_k", "unsupported_parameter"),
+    ("penalty on text", chat(frequency_penalty=0.5), 400, "frequency_penalty", "unsupported_parameter"),
+    ("guided decoding", chat(guided_json={"type": "object"}), 400, "guided_json", "unsupported_parameter"),
+    ("chat_template", chat(chat_template="{{ x }}"), 400, "chat_template", "unsupported_parameter"),
+    ("lora", chat(modalities=["image"], lora={"name": "x"}), 400, "lora", "unsupported_parameter"),
+    ("top_k wrong type", chat(top_k="40"), 400, "top_k", "invalid_type"),
+    ("user wrong type", chat(user=5), 400, "user", "invalid_type"),
+    ("modalities in extra_args", chat(extra_args={"modalities": ["audio"]}), 400, "modalities",
+     "unsupported_modality"),
+    ("modalities conflict", chat(modalities=["image"], extra_body={"modalities": ["text"]}), 400,
+     "modalities", "conflicting_values"),
     ("tools", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools", "unsupported_parameter"),
     ("logprobs", chat(logprobs=True), 400, "logprobs", "unsupported_parameter"),
     ("max_tokens 0", chat(max_tokens=0), 400, "max_tokens", "invalid_value"),
@@ -434,8 +608,11 @@ BAD_IMAGES = [
     ("bad size", {"prompt": "a", "size": "1000x1000"}, "height", "invalid_size"),
     ("size conflict", {"prompt": "a", "size": "512x512", "extra_body": {"size": "256x256"}}, "size",
      "conflicting_values"),
-    ("text knob", {"prompt": "a", "text_temperature": 0.3}, "text_temperature", "invalid_value"),
     ("typo", {"prompt": "a", "seeed": 1}, "seeed", "unknown_parameter"),
+    ("text modality", {"prompt": "a", "modalities": ["text"]}, "modalities", "unsupported_modality"),
+    ("two n names", {"prompt": "a", "n": 2, "num_outputs_per_prompt": 3}, "num_outputs_per_prompt",
+     "conflicting_values"),
+    ("guidance range", {"prompt": "a", "guidance_scale": -1}, "guidance_scale", "invalid_value"),
 ]
 
 
@@ -449,10 +626,10 @@ BAD_EDITS = [
     ("mask", {"prompt": "a"}, {"image": png_bytes(), "mask": png_bytes()}, "mask", "unsupported_parameter"),
     ("not an image", {"prompt": "a"}, {"image": b"GIF89a-broken"}, "image", "invalid_image"),
     ("two images", {"prompt": "a"}, {"image[]": [png_bytes(), png_bytes()]}, "image", "too_many_images"),
-    ("size", {"prompt": "a", "size": "512x512"}, {"image": png_bytes()}, "size", "invalid_size"),
     ("steps", {"prompt": "a", "num_inference_steps": "abc"}, {"image": png_bytes()},
      "num_inference_steps", "invalid_type"),
     ("no prompt", {}, {"image": png_bytes()}, "prompt", "missing_required_parameter"),
+    ("invalid size", {"prompt": "a", "size": "100x100"}, {"image": png_bytes()}, "height", "invalid_size"),
     ("field twice", {"prompt": "a", "cfg_interval": "[0.1, 1]", "cfg_interval[]": "0.2"},
      {"image": png_bytes()}, "cfg_interval", "conflicting_values"),
     ("seed overflow with n", {"prompt": "a", "n": "2", "seed": str(2**63 - 1)}, {"image": png_bytes()},
