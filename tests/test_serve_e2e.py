@@ -488,6 +488,160 @@ def test_images_edit_with_the_openai_sdk(client, offline):
     assert_pixels_close(served, reference, "images.edit")
 
 
+# -- real clients, unchanged ----------------------------------------------------------------------------
+
+LANCE_CLIENT = Path(os.environ.get("LANCE_CLIENTS_DIR", REPO_ROOT.parent / "shared" / "clients")) \
+    / "lance_openai_chat_client.py"
+CLIENT_PROMPT = "A cute cat"   # the client's default prompt, sent wrapped as <|im_start|>...<|im_end|>
+
+
+def run_lance_client(server: Server, tmp_path: Path, modality: str, *args: str) -> str:
+    """vLLM-Omni's Lance chat client, as a user runs it (its own argv); its stdout."""
+    assert LANCE_CLIENT.is_file(), f"{LANCE_CLIENT} is missing (set LANCE_CLIENTS_DIR)"
+    cmd = [sys.executable, str(LANCE_CLIENT), "--server", server.base_url, "--modality", modality,
+           "--output", str(tmp_path / "out.png"), *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=2 * REQUEST_TIMEOUT_S)
+    assert proc.returncode == 0, f"{' '.join(cmd[1:])} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def client_text(stdout: str) -> str:
+    assert "Response:\n" in stdout, stdout
+    return stdout.split("Response:\n", 1)[1].strip("\n")
+
+
+@pytest.mark.parametrize("modality", ["text2img", "img2img", "img2text", "text2text"])
+def test_the_lance_client_unchanged_with_its_defaults(server, offline, tmp_path, modality):
+    """The client always sends height/width 512, 25 steps and seed 42: every modality is answered."""
+    args = ["--prompt", "Describe this image" if modality == "img2text" else CLIENT_PROMPT]
+    if modality in ("img2img", "img2text"):
+        (tmp_path / "in.png").write_bytes(png_bytes(input_image()))
+        args += ["--image-url", str(tmp_path / "in.png")]
+    stdout = run_lance_client(server, tmp_path, modality, *args)
+    if modality in ("text2img", "img2img"):
+        with Image.open(tmp_path / "out.png") as img:
+            assert img.format == "PNG"
+            served = img.convert("RGB")
+        if modality == "text2img":   # the seeded t2i is the offline pipeline's image
+            reference = offline.text_to_image(CLIENT_PROMPT, height=512, width=512, num_inference_steps=25,
+                                              seed=42).image
+            assert_pixels_close(served, reference, "lance client text2img defaults")
+        else:   # an edit keeps the input's bucketed size: the client's 512x512 is ignored
+            assert served.size != (512, 512) and served.size[0] > served.size[1]   # 120x90 input
+    else:
+        assert client_text(stdout).strip(), stdout
+
+
+@pytest.mark.parametrize("modality", ["text2img", "img2img", "img2text", "text2text"])
+def test_the_lance_client_unchanged_with_explicit_knobs(server, offline, tmp_path, modality):
+    knobs = ["--height", "64", "--width", "96", "--steps", "3", "--seed", "7", "--negative", "blurry, dark"]
+    prompt = "What is in the picture?" if modality == "img2text" else "A red cube on a blue table"
+    image = input_image(96, 128)
+    if modality in ("img2img", "img2text"):
+        (tmp_path / "in.png").write_bytes(png_bytes(image))
+        knobs += ["--image-url", str(tmp_path / "in.png")]
+    stdout = run_lance_client(server, tmp_path, modality, "--prompt", prompt, *knobs)
+    if modality == "text2img":
+        with Image.open(tmp_path / "out.png") as img:
+            served = img.convert("RGB")
+        reference = offline.text_to_image(prompt, height=64, width=96, num_inference_steps=3, seed=7,
+                                          negative_prompt="blurry, dark").image
+        assert_pixels_close(served, reference, "lance client text2img knobs")
+        assert_knobs_matter(reference, offline.text_to_image(prompt, height=64, width=96, seed=7).image,
+                            "client knobs")
+    elif modality == "img2img":
+        with Image.open(tmp_path / "out.png") as img:
+            assert img.format == "PNG" and img.size != (96, 64) and img.size[1] > img.size[0]
+    else:
+        assert client_text(stdout).strip(), stdout
+
+
+def test_ignored_params_are_reported_in_the_body_header_and_stream(http):
+    """What the Lance client sends for text: its image knobs are accepted, ignored and reported."""
+    body = {"messages": [{"role": "user", "content": "<|im_start|>Hello<|im_end|>"}], "modalities": ["text"],
+            "height": 512, "width": 512, "num_inference_steps": 25, "seed": 42, "max_tokens": 4}
+    resp = http.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 200, resp.text[:500]
+    ignored = ["height", "num_inference_steps", "seed", "width"]   # greedy: the seed draws nothing
+    assert resp.json()["lance"] == {"task": "chat", "ignored_params": ignored}
+    assert resp.headers["x-lance-ignored-params"] == ", ".join(ignored)
+    with http.stream("POST", "/v1/chat/completions", json=body | {"stream": True}) as streamed:
+        assert streamed.status_code == 200
+        assert streamed.headers["x-lance-ignored-params"] == ", ".join(ignored)
+        events = sse_events(streamed)
+    assert events[0]["lance"] == {"task": "chat", "ignored_params": ignored}
+    nothing_ignored = http.post("/v1/chat/completions", json=t2i_body(seed=3, **SMALL))
+    assert nothing_ignored.json()["lance"] == {"task": "t2i", "ignored_params": []}
+    assert "x-lance-ignored-params" not in nothing_ignored.headers
+
+
+def test_a_bagel_glm_image_style_request(http, offline):
+    """guidance_scale (their name for Lance's cfg_text_scale), a negative prompt, 1024x1024, 50 steps."""
+    body = {"messages": [{"role": "user", "content": f"<|im_start|>{PROMPT}<|im_end|>"}], "modalities": ["image"],
+            "guidance_scale": 5.0, "negative_prompt": "lowres, bad anatomy", "height": 1024, "width": 1024,
+            "num_inference_steps": 50, "seed": 1234}
+    resp = http.post("/v1/chat/completions", json=body)
+    assert resp.status_code == 200, resp.text[:500]
+    assert resp.json()["lance"] == {"task": "t2i", "ignored_params": []}
+    served = chat_image(resp.json())
+    assert served.size == (1024, 1024)
+    reference = offline.text_to_image(PROMPT, height=1024, width=1024, num_inference_steps=50, seed=1234,
+                                      cfg_text_scale=5.0, negative_prompt="lowres, bad anatomy").image
+    assert_pixels_close(served, reference, "BAGEL/GLM-Image-style request")
+
+
+def test_openai_sdk_extra_body_with_ecosystem_names(client, offline):
+    """extra_body with guidance_scale and num_outputs_per_prompt (vLLM-Omni's names): two images,
+    seeds seed and seed+1; a knob for edits only (resolution) is reported as ignored."""
+    raw = client.chat.completions.with_raw_response.create(
+        model="lance-tiny-random", messages=[{"role": "user", "content": PROMPT}],
+        extra_body={"modalities": ["image"], "guidance_scale": 2.0, "num_outputs_per_prompt": 2,
+                    "size": "64x64", "num_inference_steps": 3, "seed": 12, "resolution": "image_256res"})
+    assert raw.headers["x-lance-ignored-params"] == "resolution"
+    resp = raw.parse()
+    assert resp.model_extra["lance"] == {"task": "t2i", "ignored_params": ["resolution"]}
+    assert [c.index for c in resp.choices] == [0, 1]
+    for i, choice in enumerate(resp.choices):
+        reference = offline.text_to_image(PROMPT, height=64, width=64, num_inference_steps=3, seed=12 + i,
+                                          cfg_text_scale=2.0).image
+        assert_pixels_close(image_from_data_url(choice.message.content[0]["image_url"]["url"]), reference,
+                            f"SDK extra_body choice {i}")
+    assert_knobs_matter(reference, offline.text_to_image(PROMPT, height=64, width=64, num_inference_steps=3,
+                                                         seed=13).image, "guidance_scale")
+
+
+def test_images_api_with_guidance_scale(client, offline):
+    raw = client.images.with_raw_response.generate(
+        model="lance-tiny-random", prompt=PROMPT, size="64x64", quality="hd",
+        extra_body={"guidance_scale": 2.0, "num_inference_steps": 3, "seed": 40})
+    assert raw.headers["x-lance-ignored-params"] == "quality"
+    result = raw.parse()
+    served = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))).convert("RGB")
+    reference = offline.text_to_image(PROMPT, height=64, width=64, num_inference_steps=3, seed=40,
+                                      cfg_text_scale=2.0).image
+    assert_pixels_close(served, reference, "images API guidance_scale")
+    assert_knobs_matter(reference, offline.text_to_image(PROMPT, height=64, width=64, num_inference_steps=3,
+                                                         seed=40).image, "images guidance_scale")
+
+
+def test_a_vllm_style_vision_request(client, offline):
+    """As vLLM's docs send image understanding: a string system message, image_url with detail,
+    max_completion_tokens; the answer is the offline pipeline's greedy answer."""
+    image, question, system = input_image(100, 140), "What color is the square?", "You are a careful observer."
+    resp = client.chat.completions.create(
+        model="lance-tiny-random", max_completion_tokens=10, temperature=0,
+        messages=[{"role": "system", "content": system},
+                  {"role": "user", "content": [
+                      {"type": "text", "text": question},
+                      {"type": "image_url", "image_url": {"url": data_url(png_bytes(image)), "detail": "high"}}]}],
+        extra_body={"return_token_ids": True})
+    reference = offline.image_to_text(image, question, system_prompt=system, max_new_tokens=10)
+    assert len(reference.token_ids) >= 2
+    assert resp.choices[0].model_extra["token_ids"] == reference.token_ids
+    assert resp.choices[0].message.content == reference.text
+    assert resp.model_extra["lance"] == {"task": "x2t_image", "ignored_params": []}
+
+
 # -- errors: every bad request is a 4xx with an OpenAI error body -------------------------------------------
 
 def _user_with_images(*urls: str, text: str = "edit it") -> list:
@@ -520,7 +674,11 @@ BAD_CHAT_REQUESTS = {
                          "modalities": ["image"]}, 400, "too_many_images"),
     "remote_image_disabled": ({"messages": _user_with_images("http://example.com/cat.png"),
                                "modalities": ["text"]}, 400, "remote_images_disabled"),
-    "guidance_scale_unknown_to_lance": (t2i_body(guidance_scale=5.0), 400, "unsupported_parameter"),
+    "guidance_names_disagree": (t2i_body(guidance_scale=5.0, cfg_text_scale=4.0), 400, "conflicting_values"),
+    "invalid_size_on_a_text_answer": ({"messages": [{"role": "user", "content": "hi"}], "height": 100,
+                                       "width": 512}, 400, "invalid_size"),
+    "unsupported_sampling_field": ({"messages": [{"role": "user", "content": "hi"}], "top_k": 40}, 400,
+                                   "unsupported_parameter"),
     "conflicting_knob_places": (t2i_body(seed=1, extra_body={"seed": 2}), 400, "conflicting_values"),
     "max_tokens_above_context": ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**6},
                                  400, "invalid_value"),
