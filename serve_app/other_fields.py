@@ -22,7 +22,6 @@ from typing import Any
 from .errors import bad_request
 
 NUMBER = (int, float)
-ANY = (object,)
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,7 @@ _CONSTRAINED = ("constrained decoding (JSON schema, regex, grammar) is not suppo
                 "and ask for the format in the prompt")
 _LOGPROBS = "log probabilities are not returned: leave {k} out (return_token_ids gives the token ids)"
 _PENALTY = "{k} is not supported: leave it out or send {n} (temperature and top_p shape sampling)"
+_PROCESSORS = "custom logits processors are not supported: leave {k} out"
 _LORA = "LoRA adapters are not supported: leave {k} out"
 _VIDEO = "video generation is not served by this deployment (image checkpoint): leave {k} out"
 _THINK = "think mode is not supported (Lance has none): leave {k} out"
@@ -128,9 +128,8 @@ OTHER_FIELDS: dict[str, OtherField] = {
     "regex": _sampling((str,), (), _CONSTRAINED),
     "ebnf": _sampling((str,), (), _CONSTRAINED),
     "json_schema": _sampling((str, dict), (), _CONSTRAINED),
-    "logits_processors": _sampling((list,), (), "custom logits processors are not supported: leave {k} out"),
-    "custom_logit_processor": _sampling((str, list), (), "custom logits processors are not supported: leave {k} "
-                                        "out"),
+    "logits_processors": _sampling((list,), (), _PROCESSORS),
+    "custom_logit_processor": _sampling((str, list), (), _PROCESSORS),
     "return_tokens_as_token_ids": _sampling((bool,), (False,), "use return_token_ids: leave {k} out"),
     "prompt_logprobs": _sampling((int,), (), _LOGPROBS),
     "allowed_token_ids": _sampling((list,), (), "allowed_token_ids is not supported: leave it out"),
@@ -179,7 +178,7 @@ def _is_neutral(value: Any, neutral: tuple) -> bool:
 
 
 def _has_kind(value: Any, kind: tuple[type, ...]) -> bool:
-    if value is None or kind == ANY:
+    if value is None:
         return True
     if isinstance(value, bool):
         return bool in kind

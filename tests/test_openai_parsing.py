@@ -358,6 +358,21 @@ def test_client_facing_messages_cite_no_internal_document():
         assert field.refuse is None or ("spec" not in field.refuse and "§" not in field.refuse), name
 
 
+def test_the_readme_table_decides_every_field():
+    """The README's "Fields of other servers" table names every field other_fields.py decides, and
+    every Lance knob (with its other names)."""
+    from pathlib import Path
+
+    from serve_app.knobs import GenerationKnobs
+    from serve_app.other_fields import OTHER_FIELDS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("### Fields of other servers"):]
+    table = table[:table.index("\n### ")]
+    missing = [name for name in [*OTHER_FIELDS, *GenerationKnobs.model_fields] if f"`{name}`" not in table]
+    assert not missing, f"not in the README's table: {missing}"
+
+
 def test_a_vllm_style_vision_request():
     """What vLLM's docs and clients send for image understanding: a string system message, an
     image_url with detail, max_completion_tokens."""
