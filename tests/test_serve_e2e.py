@@ -448,6 +448,7 @@ def test_stream_image_progress_then_image(http):
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[0]["lance"] == {"task": "t2i", "ignored_params": []}
     progress = [c["lance_progress"] for c in chunks if "lance_progress" in c]
     assert progress == [{"step": i, "total": 4} for i in range(1, 5)]
     image_chunks = [i for i, c in enumerate(chunks) if isinstance(c["choices"][0]["delta"].get("content"), list)]
@@ -517,14 +518,17 @@ def test_the_lance_client_unchanged_with_its_defaults(server, offline, tmp_path,
     if modality in ("img2img", "img2text"):
         (tmp_path / "in.png").write_bytes(png_bytes(input_image()))
         args += ["--image-url", str(tmp_path / "in.png")]
-    stdout = run_lance_client(server, tmp_path, modality, *args)
+    with ThreadPoolExecutor(1) as pool:   # the client's request and the offline reference side by side
+        pending = pool.submit(run_lance_client, server, tmp_path, modality, *args)
+        if modality == "text2img":   # the seeded t2i is the offline pipeline's image
+            reference = offline.text_to_image(CLIENT_PROMPT, height=512, width=512, num_inference_steps=25,
+                                              seed=42).image
+        stdout = pending.result()
     if modality in ("text2img", "img2img"):
         with Image.open(tmp_path / "out.png") as img:
             assert img.format == "PNG"
             served = img.convert("RGB")
-        if modality == "text2img":   # the seeded t2i is the offline pipeline's image
-            reference = offline.text_to_image(CLIENT_PROMPT, height=512, width=512, num_inference_steps=25,
-                                              seed=42).image
+        if modality == "text2img":
             assert_pixels_close(served, reference, "lance client text2img defaults")
         else:   # an edit keeps the input's bucketed size: the client's 512x512 is ignored
             assert served.size != (512, 512) and served.size[0] > served.size[1]   # 120x90 input
@@ -580,13 +584,15 @@ def test_a_bagel_glm_image_style_request(http, offline):
     body = {"messages": [{"role": "user", "content": f"<|im_start|>{PROMPT}<|im_end|>"}], "modalities": ["image"],
             "guidance_scale": 5.0, "negative_prompt": "lowres, bad anatomy", "height": 1024, "width": 1024,
             "num_inference_steps": 50, "seed": 1234}
-    resp = http.post("/v1/chat/completions", json=body)
+    with ThreadPoolExecutor(1) as pool:   # the server and the offline reference work side by side
+        pending = pool.submit(http.post, "/v1/chat/completions", json=body)
+        reference = offline.text_to_image(PROMPT, height=1024, width=1024, num_inference_steps=50, seed=1234,
+                                          cfg_text_scale=5.0, negative_prompt="lowres, bad anatomy").image
+        resp = pending.result()
     assert resp.status_code == 200, resp.text[:500]
     assert resp.json()["lance"] == {"task": "t2i", "ignored_params": []}
     served = chat_image(resp.json())
     assert served.size == (1024, 1024)
-    reference = offline.text_to_image(PROMPT, height=1024, width=1024, num_inference_steps=50, seed=1234,
-                                      cfg_text_scale=5.0, negative_prompt="lowres, bad anatomy").image
     assert_pixels_close(served, reference, "BAGEL/GLM-Image-style request")
 
 
