@@ -13,6 +13,8 @@ import yaml
 from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                       ValidationError, model_validator)
 
+from stages.lance.limits import DTYPE_NAMES
+
 from .strict_model import StrictModel, error_lines
 
 SHIPPED_GRAPHS_DIR = Path(__file__).resolve().parent.parent / "configs" / "stage_graphs"
@@ -98,7 +100,7 @@ class DeploymentSpec(StrictModel):
         return opts
 
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Dtype = Literal[("auto",) + DTYPE_NAMES]
 
 
 class ThinkerEngineArgs(StrictModel):

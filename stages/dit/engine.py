@@ -22,14 +22,13 @@ import torch
 
 from stages.lance.denoise import initial_noise
 from stages.lance.handoff import ContextHandoff
+from stages.lance.limits import LimitError, check_denoise_params
 from stages.lance.model import LanceModel
 from stages.lance.scheduler import FlowMatchEulerScheduler
 
 from .forward import BranchContext, FastForward, ReferenceForward, Row, VelocityForward
 
 log = logging.getLogger(__name__)
-MAX_STEPS = 1000
-RENORM_TYPES = ("global", "channel", "none", "")
 
 
 class DiTRequestError(ValueError):
@@ -170,20 +169,10 @@ class DenoiseEngine:
 
     @staticmethod
     def _check_params(p) -> None:
-        def bad(msg, param):
-            raise DiTRequestError(msg, param=param, code="invalid_value")
-
-        if not 1 <= p.num_inference_steps <= MAX_STEPS:
-            bad(f"num_inference_steps must be in [1, {MAX_STEPS}], got {p.num_inference_steps}", "num_inference_steps")
-        if not p.timestep_shift > 0:
-            bad(f"timestep_shift must be > 0, got {p.timestep_shift}", "timestep_shift")
-        lo, hi = p.cfg_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            bad(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {p.cfg_interval}", "cfg_interval")
-        if p.cfg_renorm_type not in RENORM_TYPES:
-            bad(f"cfg_renorm_type must be one of global, channel, none; got {p.cfg_renorm_type!r}", "cfg_renorm_type")
-        if not p.cfg_renorm_min >= 0:
-            bad(f"cfg_renorm_min must be >= 0, got {p.cfg_renorm_min}", "cfg_renorm_min")
+        try:
+            check_denoise_params(p)
+        except LimitError as e:
+            raise DiTRequestError(e.message, param=e.param, code="invalid_value") from None
 
     def _branch(self, branch, kv, grid, name: str) -> BranchContext:
         llm = self.cfg.llm

@@ -16,6 +16,7 @@ from PIL import Image
 
 from stages.lance.checkpoint import resolve_checkpoint
 from stages.lance.handoff import ContextHandoff
+from stages.lance.limits import torch_dtype
 from stages.lance.vae import LanceVAE, decode_to_uint8
 
 from .engine import DenoiseEngine, DenoiseJob, DiTRequestError
@@ -23,8 +24,6 @@ from .model import load_dit_model, memory_report
 from .vae_decode import FrameDecoder
 
 log = logging.getLogger(__name__)
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -38,9 +37,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r} (auto, {', '.join(DTYPES)})")
-    return DTYPES[dtype]
+    return torch_dtype(dtype)
 
 
 def fast_path_options(compile: bool, device: torch.device) -> dict:

@@ -21,6 +21,7 @@ from .checkpoint import load_lance_config, load_tokenizer, resolve_checkpoint, S
 from .config import LanceConfig, SpecialTokens
 from .context import prefill_context
 from .denoise import BranchState, denoise, initial_noise
+from .limits import check_image_size
 from .model import LanceModel
 from .prompts import Visual, default_system_prompt
 from .requests import DenoiseParams
@@ -101,9 +102,8 @@ class LancePipeline:
                       cfg_interval: tuple[float, float] = (0.4, 1.0), seed: int = 42,
                       latents: torch.Tensor | None = None, negative_prompt: str | None = None,
                       system_prompt: str | None = None, callback: StepCallback | None = None) -> ImageOutput:
+        check_image_size(height, width, self.config.latent)
         grid = self.config.latent.latent_grid(1, height, width)
-        if grid[1] * 16 != height or grid[2] * 16 != width:
-            raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
         params = DenoiseParams(num_inference_steps, timestep_shift, cfg_text_scale, tuple(cfg_interval), seed=seed)
         system = system_prompt if system_prompt is not None else default_system_prompt("t2i")
         ctx = self.prepare_generation(system, prompt, [], grid, negative_prompt)

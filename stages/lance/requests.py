@@ -10,6 +10,8 @@ from typing import Literal
 
 from PIL import Image
 
+from .limits import CFG_RENORM_TYPES
+
 ImageTask = Literal["t2i", "image_edit"]
 TextTask = Literal["x2t_image", "chat"]
 
@@ -22,7 +24,7 @@ class DenoiseParams:
     timestep_shift: float = 3.5
     cfg_text_scale: float = 4.0
     cfg_interval: tuple[float, float] = (0.4, 1.0)
-    cfg_renorm_type: Literal["global", "channel", "none"] = "global"
+    cfg_renorm_type: Literal[CFG_RENORM_TYPES] = "global"
     cfg_renorm_min: float = 0.0
     seed: int = 42
 
