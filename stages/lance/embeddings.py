@@ -42,6 +42,16 @@ def latent_pos_embed(hidden_size: int, grid: tuple[int, int, int]) -> torch.Tens
     return _sincos_3d(hidden_size, _grid_coords(*grid))
 
 
+def embed_latent_tokens(vae2llm: nn.Module, latents: torch.Tensor, timestep_embedding: torch.Tensor,
+                        position_embedding: torch.Tensor) -> torch.Tensor:
+    """How a VAE latent token enters the LLM: vae2llm(x) + time_embedder(sigma) + its latent position row.
+
+    The one formula the model core, the thinker (reference latents at sigma 0) and the DiT's packed
+    forward all use; each computes the two embeddings its own way (cached, batched, broadcast).
+    """
+    return vae2llm(latents) + timestep_embedding + position_embedding
+
+
 def timestep_features(sigma: torch.Tensor, dim: int = TIMESTEP_FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:
     """DiT sinusoidal features of sigma in [0, 1] (used directly, no x1000): [cos | sin]."""
     half = dim // 2

@@ -25,18 +25,18 @@ import torch
 
 from .checkpoint import (
     LLM_CONFIG_NAME, TOP_CONFIG_NAME, VAE_FILE_NAME, VARIANTS, VIDEO_VARIANTS, VIT_CONFIG_NAME, VIT_DIR_NAME,
-    VIT_PREFIX, VIT_WEIGHTS_NAME, CheckpointFiles, check_checkpoint, expected_llm_tensor_shapes,
+    VIT_WEIGHTS_NAME, CheckpointFiles, check_checkpoint, expected_llm_tensor_shapes,
     expected_vae_tensor_shapes, expected_vit_tensor_shapes, resolve_checkpoint, stored_latent_pos_embed_frames,
 )
 from .config import LATENT_CHANNELS, LanceConfig, LanceLLMConfig
 from .embeddings import latent_pos_embed_table
+from .weights import BUNDLED_VIT_PREFIX, POSITION_TABLE_NAME
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEED = 20260714  # the golden tiny checkpoint's seed
 # Head sizes vLLM's CPU attention backend supports; the tiny LLM must run in the vLLM thinker too.
 VLLM_CPU_HEAD_DIMS = (64, 80, 112, 128)
-POS_EMBED_NAME = "latent_pos_embed.pos_embed"
 TINY_TOKENIZER_DIR = Path(__file__).parent / "data" / "tiny_tokenizer"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
 # Wan2.2 VAE structure (spec §6.1); only the widths are tiny.
@@ -212,11 +212,11 @@ def make_tiny_checkpoint(out_dir: str | Path, spec: TinyCheckpointSpec = TinyChe
         # Variants are separate fine-tunes: seed the non-default ones' tensors apart from Lance_3B's.
         tag = "" if variant == VARIANTS[0] else f"{variant}/"
         tensors = {n: transformer_tensor(n, s, spec.seed, tag + n) for n, s in expected_llm_tensor_shapes(cfg).items()
-                   if n != POS_EMBED_NAME}
+                   if n != POSITION_TABLE_NAME}
         frames = stored_latent_pos_embed_frames(cfg)
-        tensors[POS_EMBED_NAME] = latent_pos_embed_table(spec.hidden, frames, cfg.latent.max_latent_size)
+        tensors[POSITION_TABLE_NAME] = latent_pos_embed_table(spec.hidden, frames, cfg.latent.max_latent_size)
         if variant in VIDEO_VARIANTS:  # the video file carries its own ViT copy (spec §1.1)
-            tensors |= {VIT_PREFIX + n: transformer_tensor(n, s, spec.seed, tag + VIT_PREFIX + n)
+            tensors |= {BUNDLED_VIT_PREFIX + n: transformer_tensor(n, s, spec.seed, tag + BUNDLED_VIT_PREFIX + n)
                         for n, s in vit_shapes.items()}
         _save_safetensors(tensors, llm_dir / "model.safetensors")
         _write_json(llm_dir / LLM_CONFIG_NAME, raw_llm)
