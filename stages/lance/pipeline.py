@@ -183,7 +183,8 @@ class LancePipeline:
         lm = self.model.language_model
         n = plan.context.input_ids.numel() - 1
         cache = prefill_context(self.model, BranchPlan(plan.context.head(n), plan.context_positions[:, :n],
-                                                       plan.query_positions), vit_features)
+                                                       plan.query_positions), vit_features,
+                                extra_capacity=1 + max_new_tokens)
         next_id = plan.context.input_ids[-1:].to(self.device)  # the "\n" after assistant (upstream decode 0)
         pos = int(plan.context_positions[0, -1])
         out, logits_seen = [], []
