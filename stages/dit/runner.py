@@ -50,6 +50,14 @@ def fast_path_options(compile: bool, device: torch.device) -> dict:
     return {"kernels": "triton", "cuda_graphs": True, "attention_backends": [SDPBackend.CUDNN_ATTENTION]}
 
 
+def require_image_grid(latent_grid) -> None:
+    """The DiT stage decodes images: one latent frame."""
+    grid = tuple(latent_grid)
+    if len(grid) == 3 and grid[0] != 1:
+        raise DiTRequestError(f"the DiT stage makes images (one latent frame); got latent_grid {grid}",
+                              param="latent_grid")
+
+
 @dataclass
 class DecodedImage:
     png: bytes
@@ -86,10 +94,7 @@ class DiTRunner:
         return out
 
     def prepare(self, handoff: ContextHandoff, cond_kv, uncond_kv=None, on_step=None) -> DenoiseJob:
-        grid = tuple(handoff.latent_grid)
-        if len(grid) == 3 and grid[0] != 1:
-            raise DiTRequestError(f"the DiT stage makes images (one latent frame); got latent_grid "
-                                  f"{grid}", param="latent_grid")
+        require_image_grid(handoff.latent_grid)
         return self.engine.prepare(handoff, cond_kv, uncond_kv, on_step)
 
     def submit(self, job: DenoiseJob) -> None:
