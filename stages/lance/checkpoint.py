@@ -1,7 +1,7 @@
 """Find, open and account for the files of a Lance checkpoint.
 
 A checkpoint is either a local directory laid out like the Hugging Face repo `bytedance-research/Lance`
-(spec §1.1), a path straight at one of its variant folders (`.../Lance_3B`), or a hub repo id, which is
+(lance_spec.md §1.1), a path straight at one of its variant folders (`.../Lance_3B`), or a hub repo id, which is
 downloaded with only the files the chosen variant needs. Weights are read lazily: shapes and names
 come from the safetensors header alone, tensors are materialised one at a time.
 
@@ -32,7 +32,7 @@ VARIANTS = ("Lance_3B", "Lance_3B_Video")
 VIDEO_VARIANTS = frozenset({"Lance_3B_Video"})
 
 LLM_CONFIG_NAME = "llm_config.json"
-LLM_WEIGHT_NAMES = ("model.safetensors", "ema.safetensors")  # upstream falls back to ema (spec §1.5)
+LLM_WEIGHT_NAMES = ("model.safetensors", "ema.safetensors")  # upstream falls back to ema (lance_spec.md §1.5)
 VIT_DIR_NAME = "Qwen2.5-VL-ViT"
 VIT_CONFIG_NAME = "config.json"
 VIT_WEIGHTS_NAME = "vit.safetensors"

@@ -1,7 +1,7 @@
 """Lance's latent-token embeddings: timestep embedder and the 3-D sin-cos latent position table.
 
 A latent token enters the LLM as `vae2llm(x) + time_embedder(sigma) + latent_pos_embed[t*S*S + h*S + w]`
-(spec §3.2, §3.3); ids restart at 0 for every VAE block.
+(lance_spec.md §3.2, §3.3); ids restart at 0 for every VAE block.
 """
 from __future__ import annotations
 

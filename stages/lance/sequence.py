@@ -1,4 +1,4 @@
-"""Token sequences, segments and 3-axis mRoPE positions of Lance's tasks (spec §2.2, §2.3).
+"""Token sequences, segments and 3-axis mRoPE positions of Lance's tasks (lance_spec.md §2.2, §2.3).
 
 One definition for the offline pipeline, the vLLM thinker and the DiT stage. A sequence is a list of
 segments (text, ViT block, reference VAE block, target block), each with its attention mode; positions

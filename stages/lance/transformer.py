@@ -1,4 +1,4 @@
-"""Lance's Qwen2 Mixture-of-Transformers decoder in plain PyTorch (spec §2.1).
+"""Lance's Qwen2 Mixture-of-Transformers decoder in plain PyTorch (lance_spec.md §2.1).
 
 Every layer holds two experts with identical shapes: `und` (text, markers, ViT tokens) and `gen` (VAE
 latent tokens). Routing is by token index, never learned; both experts' tokens meet in one attention.

@@ -288,7 +288,8 @@ class LanceThinkerForConditionalGeneration(nn.Module, SupportsMultiModal, Suppor
             positions[:, start:start + length] = item_pos
             at, next_pos = start + length, int(feature.data[f.next_position].data)
         positions[:, at:] = torch.arange(next_pos, next_pos + len(input_tokens) - at)
-        delta = next_pos + len(input_tokens) - at - len(input_tokens)
+        # vLLM places decoded token i at position i + delta: continue the text after the last item
+        delta = next_pos - at
         return positions, delta
 
     # --- forward -------------------------------------------------------------------------------------
