@@ -156,12 +156,17 @@ def tensor_dims(llm: LanceLLMConfig, latent_channels: int, position_rows: int) -
 def checkpoint_tensor_shapes(llm: LanceLLMConfig, latent_channels: int, position_rows: int) -> dict[str, tuple[int, ...]]:
     """Every name and shape of the MoT LLM and its generation connectors, as the checkpoint stores them."""
     dims = tensor_dims(llm, latent_channels, position_rows)
-    shape = lambda t: tuple(dims[d] for d in t.shape)  # noqa: E731
+
+    def shape(t: ExpertTensor | TopTensor) -> tuple[int, ...]:
+        return tuple(dims[d] for d in t.shape)
+
+    und = [t for t in EXPERT_TENSORS if llm.qk_norm_und or not t.qk_norm]
+    gen = [t for t in EXPERT_TENSORS if llm.qk_norm_gen or not t.qk_norm]
     shapes: dict[str, tuple[int, ...]] = {}
     for layer in range(llm.num_hidden_layers):
         prefix = _LAYER_PREFIX.format(layer=layer)
-        for expert, qk_norm, spell in (("und", llm.qk_norm_und, str), ("gen", llm.qk_norm_gen, gen_expert_name)):
-            shapes.update({prefix + spell(t.checkpoint): shape(t) for t in EXPERT_TENSORS if qk_norm or not t.qk_norm})
+        shapes.update({prefix + t.checkpoint: shape(t) for t in und})
+        shapes.update({prefix + gen_expert_name(t.checkpoint): shape(t) for t in gen})
     shapes.update({t.checkpoint: shape(t) for t in TOP_TENSORS if not (t.untied_only and llm.tie_word_embeddings)})
     return shapes
 
@@ -187,10 +192,11 @@ def map_checkpoint_name(name: str) -> WeightTarget | None:
     return WeightTarget(f"language_model.layers.{layer}.{expert}.{tensor.param}", tensor.shard, layer, expert)
 
 
-_SHARDS_OF: dict[str, tuple[str, ...]] = {}
-for _t in EXPERT_TENSORS:
-    if _t.shard is not None:
-        _SHARDS_OF[_t.param] = _SHARDS_OF.get(_t.param, ()) + (_t.shard,)
+# our fused parameter inside an expert -> the checkpoint shards that fill it, in row order
+_SHARDS_OF: dict[str, tuple[str, ...]] = {
+    fused: tuple(t.shard for t in EXPERT_TENSORS if t.param == fused)
+    for fused in dict.fromkeys(t.param for t in EXPERT_TENSORS if t.shard is not None)
+}
 
 
 def fused_shards(param: str) -> tuple[str | None, ...]:
