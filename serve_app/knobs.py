@@ -17,8 +17,9 @@ from typing import Literal, Optional
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
-from stages.lance.limits import (CFG_RENORM_TYPES, IMAGE_SIDE_MULTIPLE, MAX_CFG_TEXT_SCALE, MAX_IMAGE_SIDE,
-                                 MAX_INFERENCE_STEPS, MAX_INPUT_IMAGES, MAX_TIMESTEP_SHIFT, MIN_IMAGE_SIDE)
+from stages.lance.limits import (CFG_RENORM_TYPES, IMAGE_SIDE_MULTIPLE, MAX_CFG_RENORM_MIN, MAX_CFG_TEXT_SCALE,
+                                 MAX_IMAGE_SIDE, MAX_INFERENCE_STEPS, MAX_INPUT_IMAGES, MAX_TIMESTEP_SHIFT,
+                                 MIN_IMAGE_SIDE)
 from stages.lance.requests import DenoiseParams
 
 from .errors import bad_request, validation_error
@@ -56,7 +57,7 @@ class GenerationKnobs(StrictModel):
     timestep_shift: Optional[float] = Field(None, gt=0, le=MAX_TIMESTEP_SHIFT)
     cfg_interval: Optional[list[float]] = Field(None, min_length=2, max_length=2)  # [low, high]
     cfg_renorm_type: Optional[Literal[CFG_RENORM_TYPES + ("",)]] = None   # "": vLLM-Omni's spelling of none
-    cfg_renorm_min: Optional[float] = Field(None, ge=0, le=1)
+    cfg_renorm_min: Optional[float] = Field(None, ge=0, le=MAX_CFG_RENORM_MIN)
     cfg_img_scale: Optional[float] = None            # Lance's image CFG is off: only 1.0
     system_prompt: Optional[str] = None
     resolution: Optional[Literal["image_768res", "image_512res", "image_256res"]] = None

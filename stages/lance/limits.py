@@ -13,6 +13,7 @@ MAX_INFERENCE_STEPS = 200
 CFG_RENORM_TYPES = ("global", "channel", "none")
 MAX_CFG_TEXT_SCALE = 100.0
 MAX_TIMESTEP_SHIFT = 100.0
+MAX_CFG_RENORM_MIN = 1.0      # the renorm ratio is clamped to [renorm_min, 1]
 
 # Image sizes: one latent token per 16x16 pixels, at most max_latent_size (64) tokens per side.
 IMAGE_SIDE_MULTIPLE = VAE_SPATIAL_DOWNSAMPLE
@@ -49,16 +50,21 @@ def check_denoise_params(p) -> None:
     if not 1 <= p.num_inference_steps <= MAX_INFERENCE_STEPS:
         raise LimitError(f"num_inference_steps must be in [1, {MAX_INFERENCE_STEPS}], got {p.num_inference_steps}",
                          "num_inference_steps")
-    if not p.timestep_shift > 0:
-        raise LimitError(f"timestep_shift must be > 0, got {p.timestep_shift}", "timestep_shift")
+    if not 0 < p.timestep_shift <= MAX_TIMESTEP_SHIFT:
+        raise LimitError(f"timestep_shift must be in (0, {MAX_TIMESTEP_SHIFT:g}], got {p.timestep_shift}",
+                         "timestep_shift")
+    if not 0 <= p.cfg_text_scale <= MAX_CFG_TEXT_SCALE:
+        raise LimitError(f"cfg_text_scale must be in [0, {MAX_CFG_TEXT_SCALE:g}], got {p.cfg_text_scale}",
+                         "cfg_text_scale")
     lo, hi = p.cfg_interval
     if not 0.0 <= lo <= hi <= 1.0:
         raise LimitError(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {p.cfg_interval}", "cfg_interval")
     if p.cfg_renorm_type not in CFG_RENORM_TYPES:
         raise LimitError(f"cfg_renorm_type must be one of {', '.join(CFG_RENORM_TYPES)}; got {p.cfg_renorm_type!r}",
                          "cfg_renorm_type")
-    if not p.cfg_renorm_min >= 0:
-        raise LimitError(f"cfg_renorm_min must be >= 0, got {p.cfg_renorm_min}", "cfg_renorm_min")
+    if not 0 <= p.cfg_renorm_min <= MAX_CFG_RENORM_MIN:
+        raise LimitError(f"cfg_renorm_min must be in [0, {MAX_CFG_RENORM_MIN:g}], got {p.cfg_renorm_min}",
+                         "cfg_renorm_min")
 
 
 def torch_dtype(name: str):
