@@ -28,6 +28,7 @@ from stages.lance.transformer import KVCache, mrope_cos_sin
 
 from .kernels import ElementwiseOps
 from .model import MARKER_IDS
+from .quantize import DenseLinears, Fp8Linears, is_quantized
 
 _uids = itertools.count()
 
@@ -77,6 +78,9 @@ class ReferenceForward:
     """The model core's forward, one request at a time (its rows batched with a padding mask)."""
 
     def __init__(self, model: LanceModel):
+        if is_quantized(model):
+            raise ValueError("the reference forward runs the model core's unquantized weights; "
+                             "a quantized model runs the fast forward")
         self.model = model
         self.markers = MARKER_IDS.to(model.vae2llm.weight.device)
         self._batched: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
@@ -177,10 +181,12 @@ class FastForward:
         self.model = model
         self.cfg = model.config.llm
         self.ops = ElementwiseOps(kernels)
-        self.attention_backends = attention_backends   # e.g. [SDPBackend.CUDNN_ATTENTION]; None = SDPA's choice
-        self.expand_kv: bool | None = None             # decided on first use: does the backend take GQA?
         self.device = model.vae2llm.weight.device
         self.dtype = model.vae2llm.weight.dtype
+        # projections: weights in the model dtype, or FP8 with per-token activation scales (quantize.py)
+        self.linears = Fp8Linears(self.ops, self.device, self.dtype) if is_quantized(model) else DenseLinears(self.ops)
+        self.attention_backends = attention_backends   # e.g. [SDPBackend.CUDNN_ATTENTION]; None = SDPA's choice
+        self.expand_kv: bool | None = None             # decided on first use: does the backend take GQA?
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self.max_plans = max_plans
         # CUDA graphs, one per plan signature, captured the second time a signature is seen (the
@@ -307,8 +313,8 @@ class FastForward:
         v.index_copy_(0, mk, v_u)   # v is a view into the gen qkv output, patched in place
         o = self.attention(q, k, v, plan, index)
         x_u, o_u = x.index_select(0, mk), o.index_select(0, mk)
-        x = x.addmm_(o, gen.attn.o_proj.weight.t())   # in place: cuBLAS reads the residual as C, no copy
-        x.index_copy_(0, mk, torch.addmm(x_u, o_u, und.attn.o_proj.weight.t()))
+        x = self.linears.linear_add_(x, o, gen.attn.o_proj)   # in place
+        x.index_copy_(0, mk, self.linears.linear_add_(x_u, o_u, und.attn.o_proj))
         # MLP block, same split
         x_u = x.index_select(0, mk)
         y = self._mlp(gen, x)
@@ -317,17 +323,14 @@ class FastForward:
 
     def _qkv(self, expert, x, cos, sin):
         attn = expert.attn
-        h = self.ops.rms_norm(x, expert.input_layernorm.weight, expert.input_layernorm.eps)
-        qkv = F.linear(h, attn.qkv_proj.weight, attn.qkv_proj.bias)
+        qkv = self.linears.norm_linear(x, expert.input_layernorm, attn.qkv_proj)
         return self.ops.qk_norm_rope(qkv, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin,
                                      self.cfg.num_attention_heads, self.cfg.num_key_value_heads)
 
     def _mlp(self, expert, x):
         """x + mlp(post_attention_layernorm(x)), accumulated into x."""
-        ln = expert.post_attention_layernorm
-        h = self.ops.rms_norm(x, ln.weight, ln.eps)
-        act = self.ops.silu_mul(F.linear(h, expert.mlp.gate_up_proj.weight))
-        return x.addmm_(act, expert.mlp.down_proj.weight.t())
+        gate_up = self.linears.norm_linear(x, expert.post_attention_layernorm, expert.mlp.gate_up_proj)
+        return self.linears.swiglu_linear_add_(x, gate_up, expert.mlp.down_proj)
 
     def attention(self, q, k, v, plan: _Plan, layer: int) -> torch.Tensor:
         """Per group: [context K/V ; the group's own K/V] against its queries, no mask. -> [T, Hq*d]."""

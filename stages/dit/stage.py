@@ -1,23 +1,24 @@
-"""`DiTStage`: the Ray Serve deployment of the DiT (hand-off in, progress and a PNG out).
+"""`DiTStage`: the Ray Serve deployment of the DiT (hand-off in, progress and an encoded image out).
 
-One replica owns one `DiTRunner` (model, engine, VAE decoder). Requests are async generators on the
-replica's event loop; a single background task drives the engine from one worker thread, one step at
-a time, so requests join and leave between steps and the event loop stays free. Each request gets
-{"step": i, "total": n} after every step, then {"png", "width", "height", "latents": None}.
+One replica owns one `DiTRunner` (model, engine, VAE decoder) driven by a `DiTServingLoop` (serving.py:
+the engine on one worker thread, encoding on a small pool). Each request gets {"step": i, "total": n}
+after every step, then {"image": bytes, "format", "media_type", "width", "height"}; the image is encoded
+as the request's `ImageEncoding` asks (PNG by default).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
 from ray import serve
 
 from stages.lance.handoff import BranchKV, ContextHandoff
+from stages.lance.requests import ImageEncoding
 
-from .engine import DenoiseJob
+from .encode import with_png_level
 from .runner import DiTRunner
+from .serving import DiTServingLoop
 
 log = logging.getLogger("ray.serve")
 
@@ -32,111 +33,69 @@ async def fetch_kv(branch: BranchKV | None):
     return tuple(await kv)
 
 
+ENGINE_ARGS = ("dtype", "device", "compile", "quantization", "png_compress_level")
+
+
 @serve.deployment(max_ongoing_requests=16)
 class DiTStage:
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01, cfg_parallel: int = 1, compile: bool = True, *,
-                 variant: str | None = None, engine_args: dict[str, Any] | None = None):
+                 variant: str | None = None, engine_args: dict[str, Any] | None = None,
+                 quantization: str | None = None, png_compress_level: int = 6):
         """`compile` (GPU only): fused Triton kernels + CUDA graphs + cuDNN attention (runner.fast_path_options).
-        `engine_args` (the stage graph's `dit.engine`) may carry dtype / device / compile instead."""
+        `quantization`: None or "fp8" (GPU only). `png_compress_level`: zlib level of PNG responses.
+        `engine_args` (the stage graph's `dit.engine`) may carry any of these instead."""
         engine_args = dict(engine_args or {})
-        dtype = engine_args.pop("dtype", dtype)
-        device = engine_args.pop("device", device)
-        compile = engine_args.pop("compile", compile)
-        if engine_args:
-            raise ValueError(f"unknown DiT engine_args: {sorted(engine_args)} (dtype, device, compile)")
+        unknown = sorted(set(engine_args) - set(ENGINE_ARGS))
+        if unknown:
+            raise ValueError(f"unknown DiT engine_args: {unknown} ({', '.join(ENGINE_ARGS)})")
+        dtype = engine_args.get("dtype", dtype)
+        device = engine_args.get("device", device)
+        compile = engine_args.get("compile", compile)
+        quantization = engine_args.get("quantization", quantization)
+        png_compress_level = engine_args.get("png_compress_level", png_compress_level)
+        if quantization in ("none", ""):
+            quantization = None
         if cfg_parallel not in (1, 2):
             raise ValueError(f"cfg_parallel={cfg_parallel}: use 1 (one device) or 2 (a device per CFG branch)")
         self.group = None
+        self.png_compress_level = png_compress_level
         if cfg_parallel == 2:
+            if quantization is not None:
+                raise ValueError("quantization is not supported with cfg_parallel 2 yet; use cfg_parallel: 1")
             # The two branches on the replica's two GPU bundles; one request at a time (a latency option).
             from .cfg_parallel import CfgParallelGroup
             self.group = CfgParallelGroup(model, variant, dtype=dtype, compile=compile)
             return
         self.runner = DiTRunner(model, variant, dtype=dtype, device=device, max_batch_size=max_batch_size,
-                                compile=compile)
-        self.batch_wait_timeout_s = batch_wait_timeout_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit-engine")
-        self._waiters: dict[DenoiseJob, asyncio.Queue] = {}
-        self._wake: asyncio.Event | None = None
-        self._driver: asyncio.Task | None = None
+                                compile=compile, quantization=quantization)
+        self.loop = DiTServingLoop(self.runner, batch_wait_timeout_s, png_compress_level=png_compress_level)
 
-    async def generate_image(self, handoff: ContextHandoff) -> AsyncIterator[dict]:
+    async def generate_image(self, handoff: ContextHandoff, encoding: ImageEncoding | None = None
+                             ) -> AsyncIterator[dict]:
         if self.group is not None:
+            encoding = with_png_level(encoding, self.png_compress_level)
             async for item in self.group.denoise_stream(handoff):
                 img = item.get("image")
-                yield item if img is None else {"png": img.png, "width": img.width, "height": img.height,
-                                                "latents": None}
+                if img is None:
+                    yield item
+                    continue
+                data = await asyncio.get_running_loop().run_in_executor(None, img.encode, encoding)
+                yield {"image": data, "format": encoding.format, "media_type": encoding.media_type,
+                       "width": img.width, "height": img.height}
             return
         cond_kv, uncond_kv = await asyncio.gather(fetch_kv(handoff.cond), fetch_kv(handoff.uncond))
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def on_step(done: int, total: int) -> None:   # called on the engine thread
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(queue.put_nowait, {"step": done, "total": total})
-
-        # on the engine thread: device copies never race a running step
-        job = await loop.run_in_executor(self._executor, self.runner.prepare, handoff, cond_kv, uncond_kv, on_step)
-        self._waiters[job] = queue
-        self.runner.submit(job)
-        self._ensure_driver()
-        self._wake.set()
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if "png" in item:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                job.cancelled = True   # the client left: the engine drops the job before its next step
-            self._waiters.pop(job, None)
+        async for item in self.loop.generate_image(handoff, cond_kv, uncond_kv, encoding):
+            yield item
 
     async def check_health(self) -> None:
         if self.group is not None:
             self.group.check_health()
             return
-        if self._driver is not None and self._driver.done():
-            raise RuntimeError(f"the DiT engine loop stopped: {self._driver.exception()!r}")
+        self.loop.check_health()
 
     async def stats(self) -> dict:
         """Memory (weights, allocator) and load, for logs and metrics."""
         if self.group is not None:
             return {"cfg_parallel": 2}
-        return {"memory": self.runner.memory(), "active": len(self.runner.engine.active), "waiting": len(self._waiters)}
-
-    # --- the engine loop ---------------------------------------------------------------------------
-
-    def _ensure_driver(self) -> None:
-        if self._driver is None or self._driver.done():  # (re)start on the running loop
-            self._wake = asyncio.Event()
-            self._driver = asyncio.get_running_loop().create_task(self._drive())
-
-    async def _drive(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self.runner.has_work:
-                self._wake.clear()
-                await self._wake.wait()
-                if self.batch_wait_timeout_s > 0:  # let requests arriving together share the first step
-                    await asyncio.sleep(self.batch_wait_timeout_s)
-            try:
-                results = await loop.run_in_executor(self._executor, self.runner.step)
-            except Exception as e:  # a bug outside any one job: fail the active jobs, keep serving
-                log.exception("DiT engine step failed")
-                results = [(job, e) for job in self.runner.engine.active]
-                self.runner.engine.active.clear()
-            for job, result in results:
-                queue = self._waiters.get(job)
-                if queue is None:
-                    continue
-                if isinstance(result, BaseException):
-                    queue.put_nowait(result)
-                else:
-                    queue.put_nowait({"png": result.png, "width": result.width, "height": result.height,
-                                      "latents": None})
+        return self.loop.stats()
