@@ -14,6 +14,7 @@ Two implementations of one function, checked against each other:
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -173,12 +174,58 @@ class _Graph:
     loaded: int
 
 
+class _StreamFork:
+    """A second CUDA stream for the und chain of `FastForward.run_layers` (no-op without a device).
+
+    `side()` runs its block on the side stream after everything queued so far on the main stream;
+    `join_main()` makes the main stream wait for everything queued so far on the side stream. Tensors
+    that cross between the streams are kept alive until the final join, so the caching allocator never
+    hands their memory to one stream while the other may still read it (also inside graph capture).
+    """
+
+    def __init__(self, device: torch.device | None):
+        self.main = self.stream = None
+        if device is not None and device.type == "cuda":
+            self.main = torch.cuda.current_stream(device)
+            self.stream = _side_stream(device)
+        self._kept: list[torch.Tensor] = []
+
+    def side(self):
+        if self.stream is None:
+            return contextlib.nullcontext()
+        self.stream.wait_stream(self.main)
+        return torch.cuda.stream(self.stream)
+
+    def join_main(self) -> None:
+        if self.stream is not None:
+            self.main.wait_stream(self.stream)
+
+    def keep(self, *tensors) -> None:
+        if self.stream is not None:
+            self._kept.extend(tensors)
+
+    def release(self) -> None:
+        self._kept.clear()
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[key]
+
+
 class FastForward:
     """All rows in one packed forward (see the module docstring). Same function as ReferenceForward."""
 
     def __init__(self, model: LanceModel, kernels: str = "torch", attention_backends=None, cuda_graphs: bool = False,
-                 max_plans: int = 8, max_graphs: int = 16):
+                 max_plans: int = 8, max_graphs: int = 16, overlap_markers: bool = True):
+        """`overlap_markers` (GPU): the und expert's marker rows on a second stream (see run_layers)."""
         self.model = model
+        self.overlap_markers = overlap_markers
         self.cfg = model.config.llm
         self.ops = ElementwiseOps(kernels)
         self.device = model.vae2llm.weight.device
@@ -296,30 +343,46 @@ class FastForward:
         return x
 
     def run_layers(self, plan: _Plan, x: torch.Tensor) -> torch.Tensor:
-        """Packed embeddings [T, hidden] -> velocities of the latent tokens [T_lat, channels]."""
+        """Packed embeddings [T, hidden] -> velocities of the latent tokens [T_lat, channels].
+
+        Two chains: the gen expert on every token (marker rows included, as wasted work), and the und
+        expert on the markers' own residual stream `x_u` (2 rows per packed row). They meet once per
+        layer: the markers' q/k/v are patched into the attention input, and the und chain takes the
+        markers' attention output. The gen chain's marker rows are never read by anything that matters
+        (per-token ops only; the final norm reads latent rows), so they are never patched back. On a
+        GPU the und chain runs on a second stream (a parallel branch of the CUDA graph): its ~5.5 GB of
+        weight reads for a handful of tokens hide behind the gen GEMMs.
+        """
         lm = self.model.language_model
-        for i, layer in enumerate(lm.layers):
-            x = self.layer(i, layer, x, plan)
+        layers, mk = lm.layers, plan.marker_index
+        fork = _StreamFork(self.device) if self.overlap_markers else _StreamFork(None)
+        x_u = x.index_select(0, mk)
+        cos_u, sin_u = plan.cos.index_select(0, mk), plan.sin.index_select(0, mk)
+        with fork.side():
+            qkv_u = self._qkv(layers[0].und, x_u, cos_u, sin_u)
+            fork.keep(x_u, cos_u, sin_u, *qkv_u)
+        for i, layer in enumerate(layers):
+            gen, und = layer.gen, layer.und
+            q, k, v = self._qkv(gen, x, plan.cos, plan.sin)
+            fork.join_main()                 # the markers' q/k/v of this layer are ready
+            q.index_copy_(0, mk, qkv_u[0])
+            k.index_copy_(0, mk, qkv_u[1])
+            v.index_copy_(0, mk, qkv_u[2])   # v is a view into the gen qkv output, patched in place
+            o = self.attention(q, k, v, plan, i)
+            o_u = o.index_select(0, mk)
+            fork.keep(o_u)
+            with fork.side():                # waits for o_u
+                x_u = self.linears.linear_add_(x_u, o_u, und.attn.o_proj)
+                x_u = self._mlp(und, x_u)
+                if i + 1 < len(layers):
+                    qkv_u = self._qkv(layers[i + 1].und, x_u, cos_u, sin_u)
+                    fork.keep(*qkv_u)
+            x = self.linears.linear_add_(x, o, gen.attn.o_proj)   # in place
+            x = self._mlp(gen, x)
+        fork.join_main()
+        fork.release()
         h = self.ops.rms_norm(x.index_select(0, plan.latent_index), lm.norm_gen.weight, lm.norm_gen.eps)
         return self.model.llm2vae(h)
-
-    def layer(self, index: int, layer, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        gen, und, ops, mk = layer.gen, layer.und, self.ops, plan.marker_index
-        # attention block: gen expert on every token, und expert re-run on the markers and patched in
-        q, k, v = self._qkv(gen, x, plan.cos, plan.sin)
-        q_u, k_u, v_u = self._qkv(und, x.index_select(0, mk), plan.cos.index_select(0, mk), plan.sin.index_select(0, mk))
-        q.index_copy_(0, mk, q_u)
-        k.index_copy_(0, mk, k_u)
-        v.index_copy_(0, mk, v_u)   # v is a view into the gen qkv output, patched in place
-        o = self.attention(q, k, v, plan, index)
-        x_u, o_u = x.index_select(0, mk), o.index_select(0, mk)
-        x = self.linears.linear_add_(x, o, gen.attn.o_proj)   # in place
-        x.index_copy_(0, mk, self.linears.linear_add_(x_u, o_u, und.attn.o_proj))
-        # MLP block, same split
-        x_u = x.index_select(0, mk)
-        y = self._mlp(gen, x)
-        y.index_copy_(0, mk, self._mlp(und, x_u))
-        return y
 
     def _qkv(self, expert, x, cos, sin):
         attn = expert.attn
