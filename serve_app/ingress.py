@@ -28,7 +28,7 @@ from stages.lance.requests import ImageRequest
 
 from . import openai_protocol as oai
 from .errors import OpenAIError, bad_request, install_error_handlers, stage_error
-from .media import decode_image_bytes, png_base64, png_data_url
+from .media import decode_image_bytes, image_base64, image_data_url
 from .metrics import StageMetrics
 from .pipeline import StagePipeline
 from .knobs import RequestLimits
@@ -114,7 +114,7 @@ class LanceService:
             async with _deadline(timeout):
                 image, handoff = await self.pipeline.generate_image(req)
             return oai.chat_completion(req.request_id, model,
-                                       oai.image_content(png_data_url(image["png"])), "stop",
+                                       oai.image_content(image_data_url(image)), "stop",
                                        self._image_usage([handoff]))
         if parsed.stream:
             tokens = self.pipeline.generate_text(req)
@@ -162,9 +162,9 @@ class LanceService:
         yield oai.chat_chunk(rid, model, {"role": "assistant", "content": ""})
         async with aclosing(self.pipeline.denoise(handoff)) as items:
             async for item in items:
-                if "png" in item:
+                if "image" in item:
                     yield oai.chat_chunk(rid, model, {"content": oai.image_content(
-                        png_data_url(item["png"]))})
+                        image_data_url(item))})
                 else:
                     yield oai.chat_chunk(rid, model, {}, lance_progress={
                         "step": item.get("step"), "total": item.get("total")})
@@ -251,8 +251,8 @@ class LanceService:
             raise
         images = [img for img, _ in results]
         size = f"{images[0]['width']}x{images[0]['height']}"
-        return oai.images_response([png_base64(img["png"]) for img in images], size,
-                                   self._image_usage([h for _, h in results]))
+        return oai.images_response([image_base64(img["image"]) for img in images], size,
+                                   self._image_usage([h for _, h in results]), images[0]["format"])
 
     # -- /v1/models, /health ------------------------------------------------------------------------
     async def models(self):

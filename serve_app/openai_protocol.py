@@ -100,6 +100,7 @@ class ImageGenerationRequest(BaseModel):
     size: Optional[str] = None
     response_format: Optional[str] = None
     output_format: Optional[str] = None
+    output_compression: Optional[int] = None   # webp/jpeg quality 0..100 (png: ignored)
     stream: bool = False
     # Accepted and ignored (DALL-E / gpt-image presentation knobs, bookkeeping).
     quality: Optional[str] = None
@@ -107,7 +108,6 @@ class ImageGenerationRequest(BaseModel):
     background: Optional[str] = None
     moderation: Optional[str] = None
     input_fidelity: Optional[str] = None
-    output_compression: Optional[int] = None
     user: Optional[str] = None
     extra_body: Optional[dict[str, Any]] = None
     extra_args: Optional[dict[str, Any]] = None
@@ -150,9 +150,9 @@ def image_content(data_url: str) -> list[dict]:
     return [{"type": "image_url", "image_url": {"url": data_url}}]
 
 
-def images_response(b64_pngs: list[str], size: str, usage_: dict) -> dict:
-    return {"created": int(time.time()), "data": [{"b64_json": b} for b in b64_pngs],
-            "output_format": "png", "size": size, "usage": usage_}
+def images_response(b64_images: list[str], size: str, usage_: dict, output_format: str = "png") -> dict:
+    return {"created": int(time.time()), "data": [{"b64_json": b} for b in b64_images],
+            "output_format": output_format, "size": size, "usage": usage_}
 
 
 def sse(obj: Any) -> str:

@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 from pydantic import ValidationError
 
-from stages.lance.requests import ChatTurn, ImageRequest, TextRequest
+from stages.lance.requests import IMAGE_FORMATS, ChatTurn, ImageEncoding, ImageRequest, TextRequest
 
 from .errors import bad_request, validation_error
 from .knobs import (DEFAULT_X2T_TEMPERATURE, IMAGE_KNOBS, TEXT_KNOBS, GenerationKnobs, RequestLimits,
@@ -318,12 +318,22 @@ def _check_images_fields(req: ImageGenerationRequest, limits: RequestLimits) -> 
     if req.response_format not in (None, "b64_json"):
         raise bad_request("only response_format 'b64_json' is served (no image hosting)",
                           param="response_format", code="invalid_value")
-    if req.output_format not in (None, "png"):
-        raise bad_request("only output_format 'png' is served", param="output_format",
-                          code="invalid_value")
+    if req.output_format not in (None, *IMAGE_FORMATS):
+        raise bad_request(f"output_format {req.output_format!r} is not served; use one of "
+                          f"{', '.join(IMAGE_FORMATS)}", param="output_format", code="invalid_value")
+    if req.output_compression is not None and not 0 <= req.output_compression <= 100:
+        raise bad_request(f"output_compression {req.output_compression} is outside [0, 100]",
+                          param="output_compression", code="invalid_value")
     if req.stream:
         raise bad_request("streaming is served on /v1/chat/completions (stream: true)",
                           param="stream", code="unsupported_parameter")
+
+
+def _image_encoding(req: ImageGenerationRequest) -> ImageEncoding:
+    # output_compression is the OpenAI API's webp/jpeg quality; a PNG is lossless and ignores it
+    fmt = req.output_format or "png"
+    quality = req.output_compression if req.output_compression is not None and fmt != "png" else 100
+    return ImageEncoding(fmt, quality)
 
 
 def _n_requests(first: ImageRequest, n: int) -> list[ImageRequest]:
@@ -351,6 +361,7 @@ def parse_images_request(req: ImageGenerationRequest, knob_values: dict, image,
         raise bad_request("the prompt is empty", param="prompt", code="invalid_prompt")
     first = _image_request(prompt, image, knobs, limits, system_prompt,
                            f"img-{uuid.uuid4().hex}")
+    first = replace(first, encoding=_image_encoding(req))
     if first.params.seed + req.n > 2**63:
         raise bad_request(f"seed {first.params.seed} leaves no room for n={req.n} seeds "
                           "(seed, seed+1, ...) below 2**63", param="seed", code="invalid_value")

@@ -108,7 +108,7 @@ class Fp8Linears:
 
     def __init__(self, ops: ElementwiseOps, device: torch.device, dtype: torch.dtype):
         self.ops, self.dtype = ops, dtype
-        self.native = scaled_mm_available(device)
+        self.native = scaled_mm_available(device) and dtype == torch.bfloat16   # row-wise scales: bf16 out
 
     def _mm(self, q, scale, lin):
         return fp8_matmul(q, scale, lin, self.dtype, self.native)

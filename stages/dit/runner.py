@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from stages.lance.checkpoint import resolve_checkpoint
+from stages.lance.config import LanceConfig
 from stages.lance.handoff import ContextHandoff
+from stages.lance.model import LanceModel
 from stages.lance.requests import ImageEncoding
 from stages.lance.vae import LanceVAE, decode_to_uint8
 
@@ -96,19 +98,34 @@ class DiTRunner:
                  quantization: str | None = None, debug_outputs: bool = False):
         """`quantization`: None or "fp8" (GPU: DiT linear weights held in FP8 E4M3, see quantize.py).
         `debug_outputs`: also copy each image's final latents and float image to the host (tests)."""
-        self.debug_outputs = debug_outputs
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        device_ = resolve_device(device)
+        dtype_ = resolve_dtype(dtype, device_)
         t0 = time.perf_counter()
         files = resolve_checkpoint(model, variant, need_vit=False, need_vae=True)
-        self.model, self.config = load_dit_model(files, self.device, self.dtype)
-        self.quantization = quantize_dit_model(self.model, quantization)
-        self.vae = LanceVAE.from_wan22_pth(files.vae_path, dtype=self.dtype, device=self.device, encoder=False)
-        self.decoder = FrameDecoder(self.vae)
-        self.engine = DenoiseEngine(self.model, forward, max_batch_size=max_batch_size,
-                                    **fast_path_options(compile, self.device))
+        dit, config = load_dit_model(files, device_, dtype_)
+        vae = LanceVAE.from_wan22_pth(files.vae_path, dtype=dtype_, device=device_, encoder=False)
+        self._assemble(dit, config, vae, max_batch_size, compile, forward, quantization, debug_outputs)
         log.info("DiT stage ready in %.1fs on %s (%s): %s", time.perf_counter() - t0, self.device, self.dtype,
                  self.memory())
+
+    @classmethod
+    def from_loaded(cls, model: LanceModel, config: LanceConfig, vae: LanceVAE, max_batch_size: int = 8,
+                    compile: bool = True, forward: str = "fast", quantization: str | None = None,
+                    debug_outputs: bool = False) -> "DiTRunner":
+        """A runner on an already built DiT model and VAE decoder (benchmarks: random weights of the real shapes)."""
+        runner = cls.__new__(cls)
+        runner._assemble(model, config, vae, max_batch_size, compile, forward, quantization, debug_outputs)
+        return runner
+
+    def _assemble(self, model, config, vae, max_batch_size, compile, forward, quantization, debug_outputs):
+        self.model, self.config, self.vae = model, config, vae
+        self.device = model.vae2llm.weight.device
+        self.dtype = model.vae2llm.weight.dtype
+        self.debug_outputs = debug_outputs
+        self.quantization = quantize_dit_model(model, quantization)
+        self.decoder = FrameDecoder(vae)
+        self.engine = DenoiseEngine(model, forward, max_batch_size=max_batch_size,
+                                    **fast_path_options(compile, self.device))
 
     def memory(self) -> dict:
         """Bytes held by this stage: DiT weights, VAE decoder weights, and (GPU) allocator figures."""

@@ -17,6 +17,7 @@ from stages.lance.handoff import BranchKV, ContextHandoff
 from stages.lance.requests import ImageEncoding
 
 from .encode import with_png_level
+from .quantize import QUANTIZATIONS
 from .runner import DiTRunner
 from .serving import DiTServingLoop
 
@@ -56,6 +57,8 @@ class DiTStage:
         png_compress_level = engine_args.get("png_compress_level", png_compress_level)
         if quantization in ("none", ""):
             quantization = None
+        if quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {quantization!r} (none | fp8)")
         if cfg_parallel not in (1, 2):
             raise ValueError(f"cfg_parallel={cfg_parallel}: use 1 (one device) or 2 (a device per CFG branch)")
         self.group = None
