@@ -7,6 +7,8 @@ layer, fused ~100 KB (see benchmarks/dit_notes.md).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -50,6 +52,8 @@ def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter (the CPU tests)
 
 # FP8 (E4M3) activations, one scale per token (row): q = x / s, s = max|x| / 448, so x ~ q * s.
 FP8_DTYPE = torch.float8_e4m3fn
@@ -142,15 +146,18 @@ if triton is not None:
         return tl.where(v < 0, -r, r)
 
     @triton.jit
-    def _store_fp8_row(y, mask, q_row_ptr, scale_ptr, row):
+    def _store_fp8_row(y, mask, q_row_ptr, scale_ptr, row, ROUND_IN_FP32: tl.constexpr):
         """One row of fp32 values (already rounded as the model dtype would) -> E4M3 + its scale."""
         scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0) / 448.0, 1e-12 / 448.0)
-        q = _fp8_round(y / scale)
+        q = y / scale
+        if ROUND_IN_FP32:   # the interpreter; a GPU's cast rounds to nearest even and saturates by itself
+            q = _fp8_round(q)
         tl.store(q_row_ptr, q.to(tl.float8e4nv), mask=mask)
         tl.store(scale_ptr + row, scale)
 
     @triton.jit
-    def _rms_norm_fp8_kernel(x_ptr, w_ptr, q_ptr, scale_ptr, stride_x, n_cols, eps, BLOCK: tl.constexpr):
+    def _rms_norm_fp8_kernel(x_ptr, w_ptr, q_ptr, scale_ptr, stride_x, n_cols, eps, BLOCK: tl.constexpr,
+                             ROUND_IN_FP32: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -160,10 +167,11 @@ if triton is not None:
         normed = (x * rstd).to(dt).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         y = (normed * w).to(dt).to(tl.float32)
-        _store_fp8_row(y, mask, q_ptr + row * n_cols + cols, scale_ptr, row)
+        _store_fp8_row(y, mask, q_ptr + row * n_cols + cols, scale_ptr, row, ROUND_IN_FP32)
 
     @triton.jit
-    def _silu_mul_fp8_kernel(gu_ptr, q_ptr, scale_ptr, stride_gu, n_cols, BLOCK: tl.constexpr):
+    def _silu_mul_fp8_kernel(gu_ptr, q_ptr, scale_ptr, stride_gu, n_cols, BLOCK: tl.constexpr,
+                             ROUND_IN_FP32: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -172,15 +180,20 @@ if triton is not None:
         dt = gu_ptr.dtype.element_ty
         act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
         y = (act * u).to(dt).to(tl.float32)
-        _store_fp8_row(y, mask, q_ptr + row * n_cols + cols, scale_ptr, row)
+        _store_fp8_row(y, mask, q_ptr + row * n_cols + cols, scale_ptr, row, ROUND_IN_FP32)
+
+    if not _INTERPRETED:   # a whole 11008-wide row per program: let the first call pick the warps
+        _silu_mul_fp8_kernel = triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (8, 16, 32)],
+                                               key=["n_cols"])(_silu_mul_fp8_kernel)
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, stride_x, n_cols, BLOCK: tl.constexpr):
+    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, stride_x, n_cols, BLOCK: tl.constexpr,
+                              ROUND_IN_FP32: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         y = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        _store_fp8_row(y, mask, q_ptr + row * n_cols + cols, scale_ptr, row)
+        _store_fp8_row(y, mask, q_ptr + row * n_cols + cols, scale_ptr, row, ROUND_IN_FP32)
 
 
 def rms_norm_fp8_triton(x: torch.Tensor, weight: torch.Tensor, eps: float):
@@ -190,7 +203,7 @@ def rms_norm_fp8_triton(x: torch.Tensor, weight: torch.Tensor, eps: float):
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     if rows:
         _rms_norm_fp8_kernel[(rows,)](x, weight, q, scale, x.stride(0), n, eps, BLOCK=triton.next_power_of_2(n),
-                                      num_warps=8)
+                                      ROUND_IN_FP32=_INTERPRETED, num_warps=8)
     return q, scale
 
 
@@ -202,7 +215,7 @@ def silu_mul_fp8_triton(gate_up: torch.Tensor):
     if rows:
         block = triton.next_power_of_2(n)
         _silu_mul_fp8_kernel[(rows,)](gate_up, q, scale, gate_up.stride(0), n, BLOCK=block,
-                                      num_warps=max(4, min(16, block // 1024)))
+                                      ROUND_IN_FP32=_INTERPRETED)
     return q, scale
 
 
@@ -213,7 +226,8 @@ def quantize_rows_triton(x: torch.Tensor):
     scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
     if rows:
         block = triton.next_power_of_2(n)
-        _quantize_rows_kernel[(rows,)](x, q, scale, x.stride(0), n, BLOCK=block, num_warps=max(4, min(16, block // 1024)))
+        _quantize_rows_kernel[(rows,)](x, q, scale, x.stride(0), n, BLOCK=block, ROUND_IN_FP32=_INTERPRETED,
+                                       num_warps=max(4, min(16, block // 1024)))
     return q, scale
 
 

@@ -49,9 +49,8 @@ def is_quantized(model) -> bool:
 def quantize_dit_model(model, quantization: str | None) -> str | None:
     """Quantize the model's layer weights in place (one linear at a time: peak memory grows by one
     weight, not by the model). Returns the scheme now in force."""
-    if quantization in (None, "none", ""):
-        model.quantization = None
-        return None
+    if quantization in (None, "none", ""):   # nothing asked: the model stays as it is
+        return getattr(model, "quantization", None)
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"unknown quantization {quantization!r} (none | fp8)")
     if is_quantized(model):
@@ -74,13 +73,17 @@ def scaled_mm_available(device: torch.device) -> bool:
 
 
 def fp8_matmul(q: torch.Tensor, scale: torch.Tensor, lin: nn.Linear, out_dtype: torch.dtype,
-               native: bool) -> torch.Tensor:
-    """(q * scale) @ (q_w * s_w)^T (+ bias) in out_dtype: FP8 tensor cores, or fp32 dequantized."""
+               native: bool, bias_in_epilogue: bool = True) -> torch.Tensor:
+    """(q * scale) @ (q_w * s_w)^T (+ bias) in out_dtype: FP8 tensor cores (bias in the GEMM's epilogue
+    where the library takes it), or fp32 dequantized."""
     if native:
+        fused = lin.bias if bias_in_epilogue else None
         out = torch._scaled_mm(q, lin.weight.t(), scale_a=scale, scale_b=lin.weight_scale.view(1, -1),
-                               out_dtype=out_dtype)
-    else:
-        out = ((q.float() * scale) @ (lin.weight.float() * lin.weight_scale[:, None]).t()).to(out_dtype)
+                               bias=fused, out_dtype=out_dtype)
+        if lin.bias is not None and fused is None:
+            out += lin.bias
+        return out
+    out = ((q.float() * scale) @ (lin.weight.float() * lin.weight_scale[:, None]).t()).to(out_dtype)
     if lin.bias is not None:
         out += lin.bias
     return out
@@ -109,9 +112,17 @@ class Fp8Linears:
     def __init__(self, ops: ElementwiseOps, device: torch.device, dtype: torch.dtype):
         self.ops, self.dtype = ops, dtype
         self.native = scaled_mm_available(device) and dtype == torch.bfloat16   # row-wise scales: bf16 out
+        self.bias_in_epilogue: bool | None = None
 
     def _mm(self, q, scale, lin):
-        return fp8_matmul(q, scale, lin, self.dtype, self.native)
+        if self.bias_in_epilogue is None and lin.bias is not None and self.native:
+            try:   # decided on the first (eager) call: does this torch/cuBLAS take a bias with row-wise scales?
+                out = fp8_matmul(q, scale, lin, self.dtype, True, True)
+                self.bias_in_epilogue = True
+                return out
+            except RuntimeError:
+                self.bias_in_epilogue = False
+        return fp8_matmul(q, scale, lin, self.dtype, self.native, bool(self.bias_in_epilogue))
 
     def norm_linear(self, x, norm, lin):
         return self._mm(*self.ops.rms_norm_fp8(x, norm.weight, norm.eps), lin)
