@@ -96,6 +96,8 @@ def section(name):
             finally:
                 gc.collect()
                 torch.cuda.empty_cache()
+                if "out" in RESULTS:   # partial results survive a run cut short
+                    Path(RESULTS["out"], "bench_dit.partial.json").write_text(json.dumps(RESULTS, indent=1, default=str))
         return run
     return wrap
 
@@ -727,7 +729,7 @@ def main():
     fast = {512: [1, 2, 4] if args.quick else [1, 2, 4, 8, 16], 1024: [1, 2] if args.quick else [1, 2, 4]}
     batches = {"fast": fast, "fp8": {512: [1, 8, 16] if not args.quick else [1, 4], 1024: [1, 2]}}
     RESULTS.update(command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), label=args.label,
-                   code_root=_code_root())
+                   code_root=_code_root(), out=str(out))
     cfg = lance_3b()
     ceilings()
     self_check()

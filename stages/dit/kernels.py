@@ -183,7 +183,7 @@ if triton is not None:
         _store_fp8_row(y, mask, q_ptr + row * n_cols + cols, scale_ptr, row, ROUND_IN_FP32)
 
     if not _INTERPRETED:   # a whole 11008-wide row per program: let the first call pick the warps
-        _silu_mul_fp8_kernel = triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (8, 16, 32)],
+        _silu_mul_fp8_kernel = triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)],
                                                key=["n_cols"])(_silu_mul_fp8_kernel)
 
     @triton.jit
