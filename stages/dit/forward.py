@@ -324,7 +324,9 @@ class FastForward:
             self.run_layers(static, static_x)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: other threads (the encoder pool waiting on finished images' copies) may keep making
+        # CUDA calls while this thread captures; "global" would make those calls fail the capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = self.run_layers(static, static_x)
         return _Graph(graph, static, static_x, out, plan.uid)
 
