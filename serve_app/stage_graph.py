@@ -13,6 +13,8 @@ import yaml
 from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                       ValidationError, model_validator)
 
+from stages.lance.limits import DTYPE_NAMES
+
 from .strict_model import StrictModel, error_lines
 
 SHIPPED_GRAPHS_DIR = Path(__file__).resolve().parent.parent / "configs" / "stage_graphs"
@@ -98,7 +100,7 @@ class DeploymentSpec(StrictModel):
         return opts
 
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Dtype = Literal[("auto",) + DTYPE_NAMES]
 
 
 class ThinkerEngineArgs(StrictModel):
@@ -161,11 +163,28 @@ class DiTBatching(StrictModel):
     batch_wait_timeout_s: NonNegativeFloat = 0.0
 
 
+DIT_CLASS = "stages.dit:DiTStage"
+CFG_PARALLEL_DIT_CLASS = "stages.dit:CfgParallelDiTStage"   # a request's two CFG branches on two GPUs
+
+
 class DiTSpec(DeploymentSpec):
-    deployment_class: str = "stages.dit:DiTStage"
+    deployment_class: str = DIT_CLASS
     engine: DiTEngineArgs = Field(default_factory=DiTEngineArgs)
     batching: DiTBatching = Field(default_factory=DiTBatching)
-    cfg_parallel: Literal[1, 2] = 1   # 2: cond and uncond branches on two devices of one replica
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cfg_parallel_is_a_class(cls, data):
+        if isinstance(data, dict) and "cfg_parallel" in data:
+            raise ValueError(f"cfg_parallel is no longer a key: the CFG-parallel DiT is its own class, set "
+                             f"deployment_class: {CFG_PARALLEL_DIT_CLASS} (with resources.num_gpus: 2) "
+                             "instead of cfg_parallel: 2, and remove cfg_parallel: 1")
+        return data
+
+    @property
+    def cfg_parallel(self) -> int:
+        """Devices one request's CFG branches are spread over: 2 for the CFG-parallel class, else 1."""
+        return 2 if self.deployment_class == CFG_PARALLEL_DIT_CLASS else 1
 
     @model_validator(mode="after")
     def _feasible(self):
@@ -182,11 +201,15 @@ class DiTSpec(DeploymentSpec):
                 raise ValueError(f"engine.quantization fp8 computes in bfloat16; set engine.dtype to "
                                  f"bfloat16 (or auto), not {self.engine.dtype}")
             if self.cfg_parallel == 2:
-                raise ValueError("engine.quantization fp8 is not supported with cfg_parallel 2; use "
-                                 "cfg_parallel: 1 or remove the quantization")
-        if self.cfg_parallel == 2 and 0 < gpus < 2:
-            raise ValueError(f"cfg_parallel 2 needs 2 GPUs per DiT replica, resources.num_gpus is "
-                             f"{gpus}; set num_gpus: 2 or cfg_parallel: 1")
+                raise ValueError(f"engine.quantization fp8 is not supported by {CFG_PARALLEL_DIT_CLASS}; use "
+                                 f"deployment_class: {DIT_CLASS} or remove the quantization")
+        if self.cfg_parallel == 2 and gpus not in (0, 2):
+            raise ValueError(f"{CFG_PARALLEL_DIT_CLASS} needs 2 GPUs per DiT replica (one per CFG branch), "
+                             f"resources.num_gpus is {gpus}; set num_gpus: 2 or deployment_class: {DIT_CLASS}")
+        if self.cfg_parallel == 2 and self.batching.max_batch_size != 1:
+            raise ValueError(f"{CFG_PARALLEL_DIT_CLASS} denoises one request at a time on both GPUs: "
+                             f"batching.max_batch_size must be 1 (got {self.batching.max_batch_size}); "
+                             "scale with replicas instead")
         return self
 
 

@@ -68,7 +68,7 @@ def test_typo_num_gpu_names_file_key_and_fix(tmp_path):
 
 @pytest.mark.parametrize("where, key, fix", [
     (lambda r: r, "stage", "stages"),
-    (lambda r: r["stages"]["dit"], "cfg_paralel", "cfg_parallel"),
+    (lambda r: r["stages"]["dit"], "deployment_clas", "deployment_class"),
     (lambda r: r["stages"]["dit"]["batching"], "max_batch", "max_batch_size"),
     (lambda r: r["stages"]["thinker"]["engine"], "gpu_mem_utilization", "gpu_memory_utilization"),
 ])
@@ -99,8 +99,12 @@ def _chain(*edits):
     ("single_gpu", _set(["stages", "thinker", "engine", "gpu_memory_utilization"], 0.9),
      "exceeds the thinker's GPU share"),
     ("single_gpu", _set(["stages", "dit", "resources", "num_gpus"], 0.75), "cannot share one GPU"),
-    ("single_gpu", _set(["stages", "dit", "cfg_parallel"], 2), "cfg_parallel 2 needs 2 GPUs"),
-    ("cpu", _set(["stages", "dit", "cfg_parallel"], 3), "cfg_parallel"),
+    ("single_gpu", _set(["stages", "dit", "deployment_class"], "stages.dit:CfgParallelDiTStage"),
+     "CfgParallelDiTStage needs 2 GPUs"),
+    ("multi_gpu", lambda r: (_set(["stages", "dit", "deployment_class"], "stages.dit:CfgParallelDiTStage")(r),
+                             _set(["stages", "dit", "resources", "num_gpus"], 2)(r)),
+     "batching.max_batch_size must be 1"),
+    ("cpu", _set(["stages", "dit", "cfg_parallel"], 2), "deployment_class: stages.dit:CfgParallelDiTStage"),
     ("cpu", _set(["stages", "dit", "batching", "max_batch_size"], 64), "could never fill"),
     ("cpu", _set(["stages", "thinker", "engine", "gpu_memory_utilization"], 0.5),
      "resources.num_gpus is 0"),
@@ -206,7 +210,7 @@ def test_plan_for_cpu_hands_graph_engine_args_to_the_stages(tmp_path, monkeypatc
     assert plan.thinker_init == {"model": plan.served.path, "variant": "Lance_3B",
                                  "engine_args": graph.stages.thinker.engine.vllm_engine_args()}
     assert plan.thinker_init["engine_args"]["cpu_kv_cache_space_gib"] == 2
-    assert plan.dit_init["cfg_parallel"] == graph.stages.dit.cfg_parallel
+    assert "cfg_parallel" not in plan.dit_init and plan.dit_init["engine_args"] == graph.stages.dit.engine.model_dump()
     assert plan.dit_init["max_batch_size"] == graph.stages.dit.batching.max_batch_size
 
 

@@ -1,14 +1,19 @@
-"""`DiTStage`: the Ray Serve deployment of the DiT (hand-off in, progress and an encoded image out).
+"""The Ray Serve deployments of the DiT (hand-off in, progress and an encoded image out); the stage graph's
+`deployment_class` picks one, and both take the graph's `dit.engine` as `engine_args`.
 
-One replica owns one `DiTRunner` (model, engine, VAE decoder) driven by a `DiTServingLoop` (serving.py:
-the engine on one worker thread, encoding on a small pool). Each request gets {"step": i, "total": n}
-after every step, then {"image": bytes, "format", "media_type", "width", "height"}; the image is encoded
-as the request's `ImageEncoding` asks (PNG by default).
+`DiTStage`: one replica owns one `DiTRunner` (model, engine, VAE decoder) driven by a `DiTServingLoop`
+(serving.py: the engine on one worker thread, one step at a time, so requests join and leave between
+steps; finished images encoded on a small pool, off the engine thread).
+`CfgParallelDiTStage`: one replica spreads each request's two CFG branches over two devices.
+
+Each request gets {"step": i, "total": n} after every step, then {"image": bytes, "format", "media_type",
+"width", "height"}, encoded as the request's `ImageEncoding` asks (PNG unless it asks otherwise).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass, fields
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -34,71 +39,95 @@ async def fetch_kv(branch: BranchKV | None):
     return tuple(await kv)
 
 
-ENGINE_ARGS = ("dtype", "device", "compile", "quantization", "png_compress_level")
+@dataclass(frozen=True)
+class DiTEngineOptions:
+    """The stage graph's `dit.engine`: the one way engine arguments reach a DiT deployment."""
+
+    dtype: str = "auto"       # auto: bfloat16 on a GPU, float32 on the CPU
+    device: str = "auto"      # auto: cuda when there is one (DiTStage only: CFG-parallel ranks use their bundles')
+    compile: bool = True      # GPU only: fused Triton kernels, CUDA graphs, cuDNN attention
+    quantization: str | None = None   # None/"none" or "fp8": layer weights in FP8 E4M3 (quantize.py)
+    png_compress_level: int = 6       # zlib level of PNG responses (the pixels are the same at any level)
+
+    def __post_init__(self):
+        if self.quantization in ("none", ""):
+            object.__setattr__(self, "quantization", None)
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r} (none | fp8)")
+        ImageEncoding(png_compress_level=self.png_compress_level)   # validates the level
+
+    @classmethod
+    def from_dict(cls, args: dict[str, Any] | None) -> "DiTEngineOptions":
+        args = dict(args or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown DiT engine_args: {unknown} ({', '.join(sorted(known))})")
+        return cls(**args)
 
 
 @serve.deployment(max_ongoing_requests=16)
 class DiTStage:
-    def __init__(self, model: str, dtype: str = "auto", device: str = "auto", max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01, cfg_parallel: int = 1, compile: bool = True, *,
-                 variant: str | None = None, engine_args: dict[str, Any] | None = None,
-                 quantization: str | None = None, png_compress_level: int = 6):
-        """`compile` (GPU only): fused Triton kernels + CUDA graphs + cuDNN attention (runner.fast_path_options).
-        `quantization`: None or "fp8" (GPU only). `png_compress_level`: zlib level of PNG responses.
-        `engine_args` (the stage graph's `dit.engine`) may carry any of these instead."""
-        engine_args = dict(engine_args or {})
-        unknown = sorted(set(engine_args) - set(ENGINE_ARGS))
-        if unknown:
-            raise ValueError(f"unknown DiT engine_args: {unknown} ({', '.join(ENGINE_ARGS)})")
-        dtype = engine_args.get("dtype", dtype)
-        device = engine_args.get("device", device)
-        compile = engine_args.get("compile", compile)
-        quantization = engine_args.get("quantization", quantization)
-        png_compress_level = engine_args.get("png_compress_level", png_compress_level)
-        if quantization in ("none", ""):
-            quantization = None
-        if quantization not in QUANTIZATIONS:
-            raise ValueError(f"unknown quantization {quantization!r} (none | fp8)")
-        if cfg_parallel not in (1, 2):
-            raise ValueError(f"cfg_parallel={cfg_parallel}: use 1 (one device) or 2 (a device per CFG branch)")
-        self.group = None
-        self.png_compress_level = png_compress_level
-        if cfg_parallel == 2:
-            if quantization is not None:
-                raise ValueError("quantization is not supported with cfg_parallel 2 yet; use cfg_parallel: 1")
-            # The two branches on the replica's two GPU bundles; one request at a time (a latency option).
-            from .cfg_parallel import CfgParallelGroup
-            self.group = CfgParallelGroup(model, variant, dtype=dtype, compile=compile)
-            return
-        self.runner = DiTRunner(model, variant, dtype=dtype, device=device, max_batch_size=max_batch_size,
-                                compile=compile, quantization=quantization)
-        self.loop = DiTServingLoop(self.runner, batch_wait_timeout_s, png_compress_level=png_compress_level)
+    """One device; requests that arrive together are denoised together, one step at a time."""
+
+    def __init__(self, model: str, engine_args: dict[str, Any] | None = None, variant: str | None = None, *,
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01):
+        args = DiTEngineOptions.from_dict(engine_args)
+        self.runner = DiTRunner(model, variant, dtype=args.dtype, device=args.device, max_batch_size=max_batch_size,
+                                compile=args.compile, quantization=args.quantization)
+        self.loop = DiTServingLoop(self.runner, batch_wait_timeout_s, png_compress_level=args.png_compress_level)
 
     async def generate_image(self, handoff: ContextHandoff, encoding: ImageEncoding | None = None
                              ) -> AsyncIterator[dict]:
-        if self.group is not None:
-            encoding = with_png_level(encoding, self.png_compress_level)
-            async for item in self.group.denoise_stream(handoff):
-                img = item.get("image")
-                if img is None:
-                    yield item
-                    continue
-                data = await asyncio.get_running_loop().run_in_executor(None, img.encode, encoding)
-                yield {"image": data, "format": encoding.format, "media_type": encoding.media_type,
-                       "width": img.width, "height": img.height}
-            return
         cond_kv, uncond_kv = await asyncio.gather(fetch_kv(handoff.cond), fetch_kv(handoff.uncond))
         async for item in self.loop.generate_image(handoff, cond_kv, uncond_kv, encoding):
             yield item
 
     async def check_health(self) -> None:
-        if self.group is not None:
-            self.group.check_health()
-            return
         self.loop.check_health()
 
     async def stats(self) -> dict:
         """Memory (weights, allocator) and load, for logs and metrics."""
-        if self.group is not None:
-            return {"cfg_parallel": 2}
         return self.loop.stats()
+
+
+@serve.deployment(max_ongoing_requests=16)
+class CfgParallelDiTStage:
+    """The cond and text-uncond branches of each request on two devices of one replica (`cfg_parallel.py`):
+    lower latency per image, one request at a time. Deploy it with a placement group of the replica's
+    bundle plus one GPU bundle per branch (serve_app.builder does, from the stage graph)."""
+
+    def __init__(self, model: str, engine_args: dict[str, Any] | None = None, variant: str | None = None, *,
+                 max_batch_size: int = 1, batch_wait_timeout_s: float = 0.0):
+        args = DiTEngineOptions.from_dict(engine_args)
+        if args.device != "auto":
+            raise ValueError("the CFG-parallel DiT puts its two ranks on its placement group's devices; "
+                             "remove engine_args.device")
+        if args.quantization is not None:
+            raise ValueError("the CFG-parallel DiT does not run quantized weights; remove engine_args.quantization "
+                             "or use stages.dit:DiTStage")
+        if max_batch_size != 1:
+            raise ValueError(f"the CFG-parallel DiT denoises one request at a time on both devices, "
+                             f"max_batch_size must be 1 (got {max_batch_size}); scale with replicas")
+        from .cfg_parallel import CfgParallelGroup
+
+        self.group = CfgParallelGroup(model, variant, dtype=args.dtype, compile=args.compile)
+        self.png_compress_level = args.png_compress_level
+
+    async def generate_image(self, handoff: ContextHandoff, encoding: ImageEncoding | None = None
+                             ) -> AsyncIterator[dict]:
+        encoding = with_png_level(encoding, self.png_compress_level)
+        async for item in self.group.denoise_stream(handoff):
+            image = item.get("image")
+            if image is None:
+                yield item
+                continue
+            data = await asyncio.get_running_loop().run_in_executor(None, image.encode, encoding)
+            yield {"image": data, "format": encoding.format, "media_type": encoding.media_type,
+                   "width": image.width, "height": image.height}
+
+    async def check_health(self) -> None:
+        self.group.check_health()
+
+    async def stats(self) -> dict:
+        return {"cfg_parallel": 2}
