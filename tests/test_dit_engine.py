@@ -175,6 +175,23 @@ def test_fp8_weights_halve_the_layers_and_stay_close_to_full_precision(tiny_ckpt
         quantize_dit_model(model, "int4")
 
 
+def test_runner_loads_fp8_weights_and_decodes(tiny_ckpt_dir, golden):
+    from stages.dit.runner import DiTRunner
+
+    runner = DiTRunner(str(tiny_ckpt_dir), dtype="float32", device="cpu", compile=False, quantization="fp8")
+    assert runner.quantization == "fp8"
+    mem = runner.memory()
+    assert mem["dit_parameter_bytes"] < 0.5 * 4 * mem["dit_parameters"]   # most weights 1 byte, not 4
+    h = golden_handoff(golden("t2i"), "t2i", DenoiseParams(num_inference_steps=3, seed=1))
+    runner.submit(runner.prepare(h, h.cond.kv, h.uncond.kv))
+    done = []
+    while runner.has_work:
+        done += runner.step()
+    (job, image), = done
+    assert image.pixels.dtype == torch.uint8 and (image.height, image.width) == (128, 128)
+    assert image.latents is None and image.encode().startswith(b"\x89PNG")
+
+
 # --- bad hand-offs -------------------------------------------------------------------------------
 
 def test_bad_handoffs_are_request_errors(dit_model, golden):
