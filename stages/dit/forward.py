@@ -353,8 +353,9 @@ class FastForward:
         layer: the markers' q/k/v are patched into the attention input, and the und chain takes the
         markers' attention output. The gen chain's marker rows are never read by anything that matters
         (per-token ops only; the final norm reads latent rows), so they are never patched back. On a
-        GPU the und chain runs on a second stream (a parallel branch of the CUDA graph): its ~5.5 GB of
-        weight reads for a handful of tokens hide behind the gen GEMMs.
+        GPU the und chain runs on a second stream (a parallel branch of the CUDA graph), free to use the
+        gaps between the gen chain's kernels for its ~5.5 GB of weight reads on a handful of tokens
+        (cuBLAS's persistent GEMMs hold every SM, so the overlap is partial: benchmarks/dit_notes.md).
         """
         lm = self.model.language_model
         layers, mk = lm.layers, plan.marker_index
