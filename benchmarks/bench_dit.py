@@ -720,7 +720,12 @@ def main():
     ap.add_argument("--code-root", default=None, help="import stages/ from this checkout (old rows)")
     ap.add_argument("--label", default="new", help="names the code under test in the JSON")
     ap.add_argument("--compare", default=None, help="an earlier run's bench_dit.json: print its rows next to these")
+    ap.add_argument("--sizes", default=None, help="comma list of image sides to run (default: 512,1024)")
+    ap.add_argument("--batches", default=None, help="comma list of batch sizes for the fast and FP8 loops")
     args = ap.parse_args()
+    if args.sizes:
+        for side in [s for s in SIZES if str(s) not in args.sizes.split(",")]:
+            del SIZES[side]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
@@ -728,6 +733,9 @@ def main():
     skip = set(filter(None, args.skip.split(",")))
     fast = {512: [1, 2, 4] if args.quick else [1, 2, 4, 8, 16], 1024: [1, 2] if args.quick else [1, 2, 4]}
     batches = {"fast": fast, "fp8": {512: [1, 8, 16] if not args.quick else [1, 4], 1024: [1, 2]}}
+    if args.batches:
+        chosen = [int(b) for b in args.batches.split(",")]
+        batches = {path: {side: chosen for side in SIZES} for path in batches}
     RESULTS.update(command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), label=args.label,
                    code_root=_code_root(), out=str(out))
     cfg = lance_3b()

@@ -57,10 +57,23 @@ class DiTServingLoop:
             if not loop.is_closed():
                 loop.call_soon_threadsafe(queue.put_nowait, {"step": done, "total": total})
 
-        # on the engine thread: device copies never race a running step
-        job = await loop.run_in_executor(self._executor, self.runner.prepare, handoff, cond_kv, uncond_kv, on_step)
-        self._waiters[job] = _Waiter(queue, encoding)
-        self.runner.submit(job)
+        waiter = _Waiter(queue, encoding)
+
+        def prepare_and_submit() -> DenoiseJob:
+            # On the engine thread: device copies never race a running step, and a job prepared before a
+            # step that is already queued behind it joins that step (submitting from the event loop
+            # afterwards would let the queued step start without it).
+            job = self.runner.prepare(handoff, cond_kv, uncond_kv, on_step)
+            self._waiters[job] = waiter
+            self.runner.submit(job)
+            return job
+
+        prepared = self._executor.submit(prepare_and_submit)
+        try:
+            job = await asyncio.wrap_future(prepared)
+        except asyncio.CancelledError:   # the client left while its job was being prepared: drop the job
+            prepared.add_done_callback(self._drop_prepared)
+            raise
         self._ensure_driver()
         self._wake.set()
         finished = False
@@ -76,6 +89,12 @@ class DiTServingLoop:
         finally:
             if not finished:
                 job.cancelled = True   # the client left: the engine drops the job before its next step
+            self._waiters.pop(job, None)
+
+    def _drop_prepared(self, prepared) -> None:
+        if not prepared.cancelled() and prepared.exception() is None:
+            job = prepared.result()
+            job.cancelled = True
             self._waiters.pop(job, None)
 
     def check_health(self) -> None:
