@@ -1,12 +1,17 @@
 """DiT stage benchmark on one GPU: Lance_3B-shaped random weights (bf16), the real Wan2.2 VAE shape.
 
     PYTHONUNBUFFERED=1 python benchmarks/bench_dit.py --out $OUT [--quick] [--fp32-1024]
+    # old vs new on one machine: the same script against the old checkout, then the new one
+    python benchmarks/bench_dit.py --out $OUT/old --code-root OLD --label old --skip accuracy,vae,micro,serving
+    python benchmarks/bench_dit.py --out $OUT/new --compare $OUT/old/bench_dit.json
 
 Reports, for 512² (25 steps) and 1024² (30 steps): seconds per image (denoise, VAE decode), images/s at
 batch 1 and at the best batch, MFU of the denoising forwards, peak memory - for the fast path and the
-plain reference path (the model core's forward) in the same run - plus the relative error of bf16 final
-latents against fp32 on the same weights. Writes bench_dit.json and bench_dit.log under --out and
-prints a short table last.
+plain reference path (the model core's forward) in the same run, and the opt-in FP8 path (where the
+code under test has it) - plus the error of bf16 and FP8 final latents against fp32 on the same weights
+(rel-L2, and PSNR of the decoded images), and the DiT stage's serving loop (`DiTServingLoop`: engine
+thread, VAE decode, encoding pool) under 16 concurrent requests. Writes bench_dit.json and bench_dit.log
+under --out and prints a short table last.
 
 FLOPs (model FLOPs, executed useful work): one forward of a row = N query tokens (latents + 2 markers)
 against L cached context tokens:
@@ -21,6 +26,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -30,7 +36,14 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+def _code_root() -> str:
+    """`--code-root DIR` runs this script against another checkout's stages/ (the old rows of a comparison)."""
+    if "--code-root" in sys.argv:
+        return str(Path(sys.argv[sys.argv.index("--code-root") + 1]).resolve())
+    return str(Path(__file__).resolve().parents[1])
+
+
+sys.path.insert(0, _code_root())
 
 from stages.dit.engine import DenoiseEngine                      # noqa: E402
 from stages.dit.forward import BranchContext, FastForward, ReferenceForward, Row   # noqa: E402
@@ -83,6 +96,8 @@ def section(name):
             finally:
                 gc.collect()
                 torch.cuda.empty_cache()
+                if "out" in RESULTS:   # partial results survive a run cut short
+                    Path(RESULTS["out"], "bench_dit.partial.json").write_text(json.dumps(RESULTS, indent=1, default=str))
         return run
     return wrap
 
@@ -135,6 +150,34 @@ def jobs_for(engine, handoffs):
     return [engine.prepare(h, h.cond.kv, h.uncond.kv) for h in handoffs]
 
 
+def has(module: str) -> bool:
+    """Does the code under test have this module (new features are skipped on an old checkout)?"""
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
+def fast_forward_options(attn, **kw) -> dict:
+    """FastForward keyword arguments the code under test accepts."""
+    import inspect
+    accepted = inspect.signature(FastForward.__init__).parameters
+    return {k: v for k, v in dict(kernels="triton", attention_backends=attn, **kw).items() if k in accepted}
+
+
+def fp8_model(cfg, m16):
+    """A copy of the bf16 model with its layer weights quantized to FP8 (the serving path's quantization)."""
+    from stages.dit.quantize import quantize_dit_model
+    m8 = build_dit_model(cfg, "cuda", torch.bfloat16)
+    copy_weights(m8, m16)
+    quantize_dit_model(m8, "fp8")
+    return m8
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR (dB) of two uint8 images."""
+    mse = (a.float() - b.float()).pow(2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+
+
 # --- sections -------------------------------------------------------------------------------------
 
 @section("device and ceilings")
@@ -176,6 +219,18 @@ def self_check():
                     "triton+flash": FastForward(model, "triton", [SDPBackend.FLASH_ATTENTION]),
                     "triton+cudnn": FastForward(model, "triton", [SDPBackend.CUDNN_ATTENTION]),
                     "triton+graphs": FastForward(model, "triton", cuda_graphs=True)}
+        if "overlap_markers" in fast_forward_options(None, overlap_markers=False):
+            variants["triton+graphs, markers inline"] = FastForward(model, "triton", cuda_graphs=True,
+                                                                    overlap_markers=False)
+        if has("stages.dit.quantize") and dtype == torch.bfloat16:   # FP8 against the bf16 model core
+            from stages.dit.quantize import quantize_dit_model
+            m8 = build_dit_model(cfg, "cuda", dtype)
+            copy_weights(m8, model)
+            quantize_dit_model(m8, "fp8")
+            emulated = FastForward(m8, "torch")
+            emulated.linears.native = False        # fp32 dequantized matmuls, torch quantizers
+            variants.update({"fp8 triton+scaled_mm+graphs": FastForward(m8, "triton", cuda_graphs=True),
+                             "fp8 emulated (fp32)": emulated})
         ref = ReferenceForward(model)
         for name, fwd in variants.items():
             worst = 0.0
@@ -185,7 +240,8 @@ def self_check():
                     for a, b in zip(fwd(rows), ref(rows)):
                         worst = max(worst, ((a - b).norm() / b.norm()).item())
                 out[f"{dtype}/{name}"] = worst
-                log.info("self-check %s %-14s max rel err %.2e %s", dtype, name, worst, "ok" if worst < tol else "FAIL")
+                limit = 0.15 if name.startswith("fp8") else tol   # FP8: quantization error, reported not hidden
+                log.info("self-check %s %-30s max rel err %.2e %s", dtype, name, worst, "ok" if worst < limit else "FAIL")
             except RuntimeError as e:
                 if "float32" in str(dtype) and name in ("triton+flash", "triton+cudnn"):
                     continue   # those kernels take 16-bit inputs only
@@ -206,6 +262,20 @@ def gemms(cfg):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         t = cuda_time(lambda: torch.nn.functional.linear(x, w), reps=20)
         out[name] = 2 * m * k * n / t / 1e12
+        if has("stages.dit.quantize"):   # FP8 row-wise scaled, as the FP8 path runs it; fast accumulation too
+            from stages.dit.kernels import quantize_rows_torch
+            from stages.dit.quantize import quantize_weight
+            xq, xs = quantize_rows_torch(x)
+            wq, ws = quantize_weight(w)
+            ref = torch.nn.functional.linear(x.float(), w.float())
+            for fast in (False, True):
+                def mm():
+                    return torch._scaled_mm(xq, wq.t(), scale_a=xs, scale_b=ws.view(1, -1), out_dtype=torch.bfloat16,
+                                            use_fast_accum=fast)
+                t = cuda_time(mm, reps=20)
+                key = f"{name}_fp8" + ("_fast_accum" if fast else "")
+                out[key] = 2 * m * k * n / t / 1e12
+                out[key + "_rel_err"] = ((mm().float() - ref).norm() / ref.norm()).item()
     RESULTS["gemm_tflops"] = out
     log.info("GEMM TFLOP/s: %s", out)
 
@@ -252,13 +322,15 @@ def copy_weights(dst, src):
             p.copy_(q)
 
 
-@section("correctness and accuracy (fp32 vs bf16, same weights)")
-def accuracy(cfg, m16, steps512: int, with_1024: bool, attn):
+@section("correctness and accuracy (fp32 vs bf16 vs FP8, same weights)")
+def accuracy(cfg, m16, vae, steps512: int, with_1024: bool, attn):
+    """Returns the FP8 copy of the (re-initialised) bf16 model, where the code under test has FP8."""
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     m32 = build_dit_model(cfg, "cuda", torch.float32)
     random_init_(m32, seed=0)
     copy_weights(m16, m32)
+    m8 = fp8_model(cfg, m16) if has("stages.dit.quantize") else None
     out = {}
     # one mixed batch through both forwards: two requests of different grids and context lengths
     for label, model, kernels in (("fp32", m32, "triton"), ("bf16", m16, "triton")):
@@ -289,42 +361,78 @@ def accuracy(cfg, m16, steps512: int, with_1024: bool, attn):
         e = DenoiseEngine(m16, "reference")
         x_ref16 = e.run(jobs_for(e, [h16]))[0]
 
-        def rel(a):
-            return ((a - x_ref32).norm() / x_ref32.norm()).item()
+        def rel(a, ref=x_ref32):
+            return ((a - ref).norm() / ref.norm()).item()
         out[f"{side}"] = {"fast_fp32_vs_ref_fp32": rel(x_fast32), "fast_bf16_vs_ref_fp32": rel(x_fast16),
                           "ref_bf16_vs_ref_fp32": rel(x_ref16),
-                          "fast_bf16_vs_ref_bf16": ((x_fast16 - x_ref16).norm() / x_ref16.norm()).item(),
+                          "fast_bf16_vs_ref_bf16": rel(x_fast16, x_ref16),
                           "final_latent_rms": x_ref32.pow(2).mean().sqrt().item()}
+        if m8 is not None:
+            e = DenoiseEngine(m8, "fast", **fast_forward_options(attn, cuda_graphs=True))
+            x_fast8 = e.run(jobs_for(e, [h16]))[0]
+            out[f"{side}"].update(fast_fp8_vs_ref_fp32=rel(x_fast8), fast_fp8_vs_fast_bf16=rel(x_fast8, x_fast16))
+        if vae is not None:   # decoded images (random-weight Wan2.2 decoder, bf16), uint8, PSNR in dB
+            from stages.dit.vae_decode import FrameDecoder
+            from stages.lance.vae import decode_to_uint8
+            dec = FrameDecoder(vae)
+            hw = side // 16
+
+            def image(x):
+                img = dec(x.view(1, hw, hw, -1).permute(0, 3, 1, 2)[:, :, None].to(torch.bfloat16))
+                return decode_to_uint8(img.transpose(0, 1))[0]
+            i32, i16 = image(x_ref32), image(x_fast16)
+            out[f"{side}"].update(psnr_bf16_vs_fp32_db=psnr(i16, i32))
+            if m8 is not None:
+                i8 = image(x_fast8)
+                out[f"{side}"].update(psnr_fp8_vs_bf16_db=psnr(i8, i16), psnr_fp8_vs_fp32_db=psnr(i8, i32))
         log.info("final latent rel err %d^2: %s", side, out[f"{side}"])
     del m32
     RESULTS["accuracy"] = out
+    return m8
 
 
-@section("forward ladder at 1024^2, batch 1 (one CFG forward: 2 rows x 4098 tokens)")
-def forward_ladder(cfg, m16, attn):
-    h = make_handoff(cfg, 1024, 30, seed=3, dtype=torch.bfloat16)
-    job = DenoiseEngine(m16, "reference").prepare(h, h.cond.kv, h.uncond.kv)
-    rows = [Row(b, job.x.to(torch.bfloat16), torch.tensor(0.9), request=job) for b in (job.cond, job.uncond)]
-    flops = row_flops(cfg, 4096, COND_CONTEXT) + row_flops(cfg, 4096, UNCOND_CONTEXT)
-    variants = {"reference (model core)": ReferenceForward(m16),
-                "fast: packed, torch ops, SDPA default": FastForward(m16, "torch"),
-                "+ triton fused element-wise": FastForward(m16, "triton"),
-                "+ chosen attention backend": FastForward(m16, "triton", attention_backends=attn),
-                "+ CUDA graph": FastForward(m16, "triton", attention_backends=attn, cuda_graphs=True)}
+@section("forward ladders (one CFG forward, batch 1: 2 rows) at 1024^2 and 512^2")
+def forward_ladder(cfg, m16, m8, attn):
     out = {}
-    for name, fwd in variants.items():
-        t = cuda_time(lambda: fwd(rows), reps=5, warmup=3)
-        out[name] = {"ms": t * 1e3, "tflops": flops / t / 1e12, "mfu": flops / t / PEAK_BF16}
-        log.info("forward %-40s %8.1f ms  %6.0f TFLOP/s  MFU %.1f%%", name, t * 1e3, flops / t / 1e12,
-                 100 * flops / t / PEAK_BF16)
+    for side in (1024, 512):
+        n = (side // 16) ** 2
+        h = make_handoff(cfg, side, 30, seed=3, dtype=torch.bfloat16)
+        job = DenoiseEngine(m16, "reference").prepare(h, h.cond.kv, h.uncond.kv)
+        rows = [Row(b, job.x.to(torch.bfloat16), torch.tensor(0.9, device="cuda"), request=job)
+                for b in (job.cond, job.uncond)]
+        flops = row_flops(cfg, n, COND_CONTEXT) + row_flops(cfg, n, UNCOND_CONTEXT)
+        variants = {}
+        if side == 1024:
+            variants.update({"reference (model core)": ReferenceForward(m16),
+                             "fast: packed, torch ops, SDPA default": FastForward(m16, "torch"),
+                             "+ triton fused element-wise": FastForward(m16, **fast_forward_options(None, overlap_markers=False)),
+                             "+ chosen attention backend": FastForward(m16, **fast_forward_options(attn, overlap_markers=False))})
+        variants["+ CUDA graph"] = FastForward(m16, **fast_forward_options(attn, cuda_graphs=True, overlap_markers=False))
+        if "overlap_markers" in fast_forward_options(attn, overlap_markers=True):
+            variants["+ und markers on a side stream"] = FastForward(m16, **fast_forward_options(attn, cuda_graphs=True))
+        if m8 is not None:
+            variants["FP8 weights + activations (graph, side stream)"] = FastForward(
+                m8, **fast_forward_options(attn, cuda_graphs=True))
+        res = {}
+        for name, fwd in variants.items():
+            t = cuda_time(lambda: fwd(rows), reps=7, warmup=3)
+            res[name] = {"ms": t * 1e3, "tflops": flops / t / 1e12, "mfu": flops / t / PEAK_BF16}
+            log.info("forward %d^2 %-48s %8.2f ms  %6.0f TFLOP/s  MFU %.1f%%", side, name, t * 1e3, flops / t / 1e12,
+                     100 * flops / t / PEAK_BF16)
+        out[str(side)] = res
+        profiles = RESULTS.setdefault("forward_profile_ms", {})
+        eager = FastForward(m16, **fast_forward_options(attn))
+        for label, fwd in ((f"{side}/bf16", eager),) + (((f"{side}/fp8", FastForward(m8, **fast_forward_options(attn))),)
+                                                         if m8 is not None else ()):
+            try:
+                profiles[label] = profile_forward(fwd, rows, label)
+            except Exception as e:  # the profile is a breakdown, not a result
+                log.warning("profile %s failed: %s", label, e)
     RESULTS["forward_ladder"] = out
-    try:
-        profile_forward(variants["+ chosen attention backend"], rows)
-    except Exception as e:  # the profile is a breakdown, not a result
-        log.warning("profile failed: %s", e)
 
 
-def profile_forward(fwd, rows):
+def profile_forward(fwd, rows, label=""):
+    """Device time by kind of one eager forward (summed over streams: overlapped work counts in full)."""
     from torch.profiler import ProfilerActivity, profile
     fwd(rows)
     torch.cuda.synchronize()
@@ -339,18 +447,18 @@ def profile_forward(fwd, rows):
             cat = "attention"
         elif any(s in name for s in ("gemm", "xmma", "cutlass", "cublas", "nvjet")):
             cat = "gemm"
-        elif any(s in name for s in ("_silu_mul_kernel", "_rms_norm_kernel", "_qk_norm_rope_kernel")):
+        elif name.startswith("_") and "_kernel" in name:
             cat = "triton element-wise"
         elif any(s in name for s in ("memcpy", "cat", "index", "copy")):
             cat = "copies and index ops"
         else:
             cat = "other"
         cats[cat] = cats.get(cat, 0.0) + us / 1e3
-    RESULTS["forward_profile_ms"] = cats
-    log.info("one forward, device time by kind (ms): %s", {k: round(v, 2) for k, v in cats.items()})
-    top = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "device_time_total", 0) or 0))[:12]
+    log.info("one forward %s, device time by kind (ms): %s", label, {k: round(v, 2) for k, v in cats.items()})
+    top = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "device_time_total", 0) or 0))[:14]
     for ev in top:
         log.info("   %9.2f ms  x%-5d %s", (getattr(ev, "device_time_total", 0) or 0) / 1e3, ev.count, ev.key[:110])
+    return cats
 
 
 def timed_engine_run(engine, handoffs):
@@ -363,31 +471,35 @@ def timed_engine_run(engine, handoffs):
 
 
 @section("denoising loops")
-def loops(cfg, m16, attn, batches, ref_batches):
+def loops(cfg, models, attn, batches, ref_batches):
+    """models: path -> model ("fast" and "reference" on the bf16 model, "fp8" on its FP8 copy)."""
     out = RESULTS.setdefault("loops", {})
     for side, steps in SIZES.items():
-        for path in ("fast", "reference"):
-            for b in (batches[side] if path == "fast" else ref_batches):
+        for path, model in models.items():
+            for b in (ref_batches if path == "reference" else batches[path][side]):
                 key = f"{side}/{path}/b{b}"
                 try:
-                    engine = (DenoiseEngine(m16, "fast", kernels="triton", attention_backends=attn, cuda_graphs=True,
-                                            max_batch_size=b, max_tokens_per_forward=1 << 20)
-                              if path == "fast" else DenoiseEngine(m16, "reference", max_batch_size=b))
+                    engine = (DenoiseEngine(model, "reference", max_batch_size=b) if path == "reference" else
+                              DenoiseEngine(model, "fast", **fast_forward_options(attn, cuda_graphs=True), max_batch_size=b,
+                                            max_tokens_per_forward=1 << 20))
                     warm = [make_handoff(cfg, side, 4, seed=90 + i, dtype=torch.bfloat16) for i in range(b)]
                     for h in warm:   # 2 CFG steps + 2 plain steps: both forward shapes, eager then captured
                         h.params = DenoiseParams(num_inference_steps=4, cfg_interval=(0.8, 1.0), seed=h.params.seed)
                     timed_engine_run(engine, warm)
                     handoffs = [make_handoff(cfg, side, steps, seed=i, dtype=torch.bfloat16) for i in range(b)]
+                    torch.cuda.synchronize()
+                    before = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
                     secs, _ = timed_engine_run(engine, handoffs)
                     flops = sum(loop_flops(cfg, h) for h in handoffs)
+                    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+                    # this path's weights + the loop's working memory (other resident models left out)
+                    peak = (weights + torch.cuda.max_memory_allocated() - before) / 2**30
                     out[key] = {"batch": b, "steps": steps, "denoise_s": secs, "denoise_s_per_image": secs / b,
                                 "tflops": flops / secs / 1e12, "mfu": flops / secs / PEAK_BF16,
-                                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-                                "forwards": engine.forwards_run}
+                                "peak_mem_gib": peak, "weights_gib": weights / 2**30, "forwards": engine.forwards_run}
                     log.info("%-22s denoise %.3fs (%.3fs/image)  %5.0f TFLOP/s  MFU %.1f%%  peak %.1f GiB", key, secs,
-                             secs / b, flops / secs / 1e12, 100 * flops / secs / PEAK_BF16,
-                             out[key]["peak_mem_gib"])
+                             secs / b, flops / secs / 1e12, 100 * flops / secs / PEAK_BF16, peak)
                     del engine
                 except torch.cuda.OutOfMemoryError as e:
                     out[key] = {"error": f"OOM: {e}"[:200]}
@@ -401,11 +513,10 @@ WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4
                  patch_size=2, scale_factor_temporal=4, scale_factor_spatial=16)
 
 
-@section("VAE decode (Wan2.2 shape, random weights, decoder only, bf16)")
-def vae_decode(batches):
+def make_vae():
+    """The Wan2.2 decoder's shape with random weights, bf16, as a LanceVAE (decoder only)."""
     from diffusers import AutoencoderKLWan
 
-    from stages.dit.vae_decode import FrameDecoder
     from stages.lance.vae import LATENTS_MEAN, LATENTS_STD, LanceVAE
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -417,7 +528,12 @@ def vae_decode(batches):
                 p.normal_(0, 0.5 / p[0].numel() ** 0.5)
             elif name.endswith("bias"):
                 p.zero_()
-    vae = LanceVAE(model.to(torch.bfloat16), torch.bfloat16).cuda()
+    return LanceVAE(model.to(torch.bfloat16), torch.bfloat16).cuda()
+
+
+@section("VAE decode (Wan2.2 shape, random weights, decoder only, bf16)")
+def vae_decode(vae, batches):
+    from stages.dit.vae_decode import FrameDecoder
     params = sum(p.numel() for p in vae.parameters())
     out = {"decoder_parameters": params}
     # NCHW vs NHWC at 1024^2, then the faster for every size and batch
@@ -445,47 +561,127 @@ def vae_decode(batches):
     RESULTS["vae"] = out
 
 
-def summarize(batches):
-    loops_ = RESULTS.get("loops", {})
-    vae = RESULTS.get("vae", {})
+@section("the DiT stage's serving loop (DiTServingLoop: engine thread, VAE decode, encoding pool), in-process")
+def serving(cfg, model, vae, attn, side: int, steps: int, requests: int, max_batch: int, label: str):
+    """`requests` concurrent requests of one size through the code DiTStage runs (no Ray); the GPU's idle
+    time between engine steps from CUDA events recorded around every step on the engine thread."""
+    import asyncio
+
+    from stages.dit.runner import DiTRunner
+    from stages.dit.serving import DiTServingLoop
+
+    runner = DiTRunner.from_loaded(model, cfg, vae, max_batch_size=max_batch, compile=True)
+    events: list[tuple] = []
+    plain_step = runner.step
+
+    def timed_step():
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        result = plain_step()
+        b.record()
+        events.append((a, b))
+        return result
+    runner.step = timed_step
+
+    async def one(loop, h):
+        final = None
+        async for item in loop.generate_image(h, h.cond.kv, h.uncond.kv):
+            final = item
+        return final
+
+    async def wave(handoffs):
+        loop = DiTServingLoop(runner, batch_wait_timeout_s=0.005)
+        t0 = time.perf_counter()
+        finals = await asyncio.gather(*(one(loop, h) for h in handoffs))
+        return time.perf_counter() - t0, finals
+
+    warm = [make_handoff(cfg, side, 4, seed=500 + i, dtype=torch.bfloat16, request_id=f"w{i}") for i in range(requests)]
+    for h in warm:   # both forward shapes of every batch size the wave will see, eager then captured
+        h.params = DenoiseParams(num_inference_steps=4, cfg_interval=(0.8, 1.0), seed=h.params.seed)
+    asyncio.run(wave(warm))
+    asyncio.run(wave(warm[:max_batch]))
+    handoffs = [make_handoff(cfg, side, steps, seed=600 + i, dtype=torch.bfloat16, request_id=f"r{i}")
+                for i in range(requests)]
+    torch.cuda.synchronize()
+    events.clear()
+    wall, finals = asyncio.run(wave(handoffs))
+    torch.cuda.synchronize()
+    busy = sum(a.elapsed_time(b) for a, b in events) / 1e3
+    gaps = [events[i][1].elapsed_time(events[i + 1][0]) / 1e3 for i in range(len(events) - 1)]
+    span = events[0][0].elapsed_time(events[-1][1]) / 1e3
+    res = {"requests": requests, "max_batch": max_batch, "wall_s": wall, "images_per_s": requests / wall,
+           "engine_steps": len(events), "gpu_span_s": span, "step_time_s": busy,
+           "idle_between_steps_s": sum(max(g, 0.0) for g in gaps),
+           "idle_between_steps_max_ms": 1e3 * max(gaps, default=0.0),
+           "before_first_step_and_after_last_s": wall - span,
+           "png_bytes_mean": statistics.mean(len(f["image"]) for f in finals)}
+    RESULTS.setdefault("serving", {})[label] = res
+    log.info("serving %s: %s", label, res)
+
+
+@section("encoding one finished image (CPU of the GPU machine; random-weight VAE output, noise-like)")
+def encoding_costs(vae):
+    from stages.dit.encode import encode_pixels
+    from stages.dit.vae_decode import FrameDecoder
+    from stages.lance.requests import ImageEncoding
+    from stages.lance.vae import decode_to_uint8
+    out = {}
+    for side in SIZES:
+        z = torch.randn(1, 48, 1, side // 16, side // 16, device="cuda", dtype=torch.bfloat16)
+        pixels = decode_to_uint8(FrameDecoder(vae)(z).transpose(0, 1))[0].cpu()
+        for enc in (ImageEncoding("png"), ImageEncoding("png", png_compress_level=1), ImageEncoding("webp", 90),
+                    ImageEncoding("jpeg", 90)):
+            times, size = [], 0
+            for _ in range(3):
+                t0 = time.perf_counter()
+                size = len(encode_pixels(pixels, enc))
+                times.append(time.perf_counter() - t0)
+            key = f"{side}/{enc.format}" + (f"-level{enc.png_compress_level}" if enc.format == "png" else f"-q{enc.quality}")
+            out[key] = {"ms": 1e3 * statistics.median(times), "bytes": size}
+    RESULTS["encoding"] = out
+    log.info("encoding: %s", out)
+
+
+def summarize(loops_: dict, vae: dict, label: str = "") -> list[dict]:
+    """Per size and path: batch-1 seconds (denoise + VAE), images/s at batch 1 and at the best batch, MFU, peak."""
     table = []
     for side in SIZES:
-        for path in ("fast", "reference"):
+        for path in ("fast", "fp8", "reference"):
             rows = {k: v for k, v in loops_.items() if k.startswith(f"{side}/{path}/") and "denoise_s" in v}
             if not rows:
                 continue
 
             def vae_s(b):
-                return vae.get(f"{side}/b{b}", {}).get("frame_decoder_s" if path == "fast" else "diffusers_decode_s",
+                return vae.get(f"{side}/b{b}", {}).get("frame_decoder_s" if path != "reference" else "diffusers_decode_s",
                                                        vae.get(f"{side}/b{b}", {}).get("frame_decoder_s", 0.0))
             per = {}
             for k, v in rows.items():
                 b = v["batch"]
-                vs = vae_s(b) if path == "fast" else b * vae_s(1)
+                vs = vae_s(b) if path != "reference" else b * vae_s(1)
                 per[b] = dict(v, vae_s=vs, images_per_s=b / (v["denoise_s"] + vs))
             b1 = per.get(1)
             best_b = max(per, key=lambda b: per[b]["images_per_s"])
-            table.append({"size": side, "path": path, "denoise_s_b1": b1 and b1["denoise_s"],
+            table.append({"size": side, "path": label + path, "denoise_s_b1": b1 and b1["denoise_s"],
                           "vae_s_b1": b1 and b1["vae_s"], "s_per_image_b1": b1 and b1["denoise_s"] + b1["vae_s"],
                           "img_s_b1": b1 and b1["images_per_s"], "best_batch": best_b,
                           "img_s_best": per[best_b]["images_per_s"], "mfu_b1": b1 and b1["mfu"],
                           "mfu_best": per[best_b]["mfu"], "peak_gib": max(v["peak_mem_gib"] for v in per.values())})
-    RESULTS["table"] = table
     return table
 
 
-def print_table(table):
+def print_table(table, old_table=None):
     acc = RESULTS.get("accuracy", {})
     print("\n== DiT benchmark:", RESULTS.get("device", {}).get("gpu"), "| matmul ceiling",
           f"{RESULTS.get('device', {}).get('matmul_8192_bf16_tflops', 0):.0f} TFLOP/s | attention:",
-          RESULTS.get("attention_choice"))
-    hdr = f"{'size':>5} {'path':>9} {'denoise b1':>10} {'vae b1':>7} {'s/img b1':>8} {'img/s b1':>8} " \
+          RESULTS.get("attention_choice"), "| code:", RESULTS.get("label"))
+    hdr = f"{'size':>5} {'path':>13} {'denoise b1':>10} {'vae b1':>7} {'s/img b1':>8} {'img/s b1':>8} " \
           f"{'best b':>6} {'img/s best':>10} {'MFU b1':>7} {'MFU best':>8} {'peak GiB':>8}"
     print(hdr)
-    by = {(r["size"], r["path"]): r for r in table}
-    for r in table:
+    rows = sorted((old_table or []) + table, key=lambda r: (r["size"], r["path"].replace("old ", "")))
+    by = {(r["size"], r["path"]): r for r in rows}
+    for r in rows:
         f = lambda x, fmt: (fmt % x) if x is not None else "-"   # noqa: E731
-        print(f"{r['size']:>5} {r['path']:>9} {f(r['denoise_s_b1'], '%.3f'):>10} {f(r['vae_s_b1'], '%.3f'):>7} "
+        print(f"{r['size']:>5} {r['path']:>13} {f(r['denoise_s_b1'], '%.3f'):>10} {f(r['vae_s_b1'], '%.3f'):>7} "
               f"{f(r['s_per_image_b1'], '%.3f'):>8} {f(r['img_s_b1'], '%.2f'):>8} {r['best_batch']:>6} "
               f"{r['img_s_best']:>10.2f} {f(r['mfu_b1'] and 100 * r['mfu_b1'], '%.1f%%'):>7} "
               f"{100 * r['mfu_best']:>7.1f}% {r['peak_gib']:>8.1f}")
@@ -496,9 +692,21 @@ def print_table(table):
                   f" best batch {fast['img_s_best'] / ref['img_s_best']:.2f}x")
     for side, v in acc.items():
         if isinstance(v, dict):
-            print(f"bf16 vs fp32 final latent rel err {side}^2: fast {v['fast_bf16_vs_ref_fp32']:.2e}, reference "
-                  f"{v['ref_bf16_vs_ref_fp32']:.2e} (fast fp32 vs ref fp32 {v['fast_fp32_vs_ref_fp32']:.1e})")
-    print("targets: MFU >= 55% at 1024^2; 1024^2/30 steps <= 3.0 s incl. VAE; 512^2/25 steps >= 1.7 img/s")
+            line = (f"vs fp32 final latent rel err {side}^2: fast bf16 {v['fast_bf16_vs_ref_fp32']:.2e}, reference bf16 "
+                    f"{v['ref_bf16_vs_ref_fp32']:.2e}, fast fp32 {v['fast_fp32_vs_ref_fp32']:.1e}")
+            if "fast_fp8_vs_ref_fp32" in v:
+                line += f", fast FP8 {v['fast_fp8_vs_ref_fp32']:.2e}"
+            if "psnr_bf16_vs_fp32_db" in v:
+                line += f" | PSNR bf16 vs fp32 {v['psnr_bf16_vs_fp32_db']:.1f} dB"
+            if "psnr_fp8_vs_bf16_db" in v:
+                line += f", FP8 vs bf16 {v['psnr_fp8_vs_bf16_db']:.1f} dB, FP8 vs fp32 {v['psnr_fp8_vs_fp32_db']:.1f} dB"
+            print(line)
+    for label, v in RESULTS.get("serving", {}).items():
+        print(f"serving loop {label}: {v['images_per_s']:.2f} img/s ({v['requests']} requests, max batch "
+              f"{v['max_batch']}), GPU idle between steps {1e3 * v['idle_between_steps_s']:.1f} ms over "
+              f"{v['engine_steps']} steps (max gap {v['idle_between_steps_max_ms']:.2f} ms)")
+    print("targets: 1024^2/30 b1 bf16 <= 2.5 s incl. VAE (>= 63% MFU), FP8 <= 1.7 s; 512^2/25 bf16 >= 2.0 img/s b1, "
+          ">= 2.4 best batch; serving loop within 5% of the engine's best batch")
     if RESULTS.get("errors"):
         print("errors:", RESULTS["errors"])
 
@@ -508,16 +716,28 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--quick", action="store_true", help="small batches only")
     ap.add_argument("--fp32-1024", action="store_true", help="also the fp32 accuracy run at 1024^2 (~1 min)")
-    ap.add_argument("--skip", default="", help="comma list: accuracy,ladder,loops,vae,micro")
+    ap.add_argument("--skip", default="", help="comma list: accuracy,ladder,loops,vae,micro,serving,encoding,reference")
+    ap.add_argument("--code-root", default=None, help="import stages/ from this checkout (old rows)")
+    ap.add_argument("--label", default="new", help="names the code under test in the JSON")
+    ap.add_argument("--compare", default=None, help="an earlier run's bench_dit.json: print its rows next to these")
+    ap.add_argument("--sizes", default=None, help="comma list of image sides to run (default: 512,1024)")
+    ap.add_argument("--batches", default=None, help="comma list of batch sizes for the fast and FP8 loops")
     args = ap.parse_args()
+    if args.sizes:
+        for side in [s for s in SIZES if str(s) not in args.sizes.split(",")]:
+            del SIZES[side]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         handlers=[logging.FileHandler(out / "bench_dit.log"), logging.StreamHandler(sys.stdout)])
     skip = set(filter(None, args.skip.split(",")))
-    batches = {512: [1, 2, 4] if args.quick else [1, 2, 4, 8, 16], 1024: [1, 2] if args.quick else [1, 2, 4]}
-    RESULTS["command"] = " ".join(sys.argv)
-    RESULTS["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    fast = {512: [1, 2, 4] if args.quick else [1, 2, 4, 8, 16], 1024: [1, 2] if args.quick else [1, 2, 4]}
+    batches = {"fast": fast, "fp8": {512: [1, 8, 16] if not args.quick else [1, 4], 1024: [1, 2]}}
+    if args.batches:
+        chosen = [int(b) for b in args.batches.split(",")]
+        batches = {path: {side: chosen for side in SIZES} for path in batches}
+    RESULTS.update(command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d %H:%M:%S %Z"), label=args.label,
+                   code_root=_code_root(), out=str(out))
     cfg = lance_3b()
     ceilings()
     self_check()
@@ -530,17 +750,41 @@ def main():
     RESULTS["dit_parameters"] = sum(p.numel() for p in m16.parameters())
     RESULTS["dit_weight_gib"] = sum(p.numel() * p.element_size() for p in m16.parameters()) / 2**30
     log.info("DiT model: %.3f B parameters, %.2f GiB bf16", RESULTS["dit_parameters"] / 1e9, RESULTS["dit_weight_gib"])
+    vae = make_vae() if not {"vae", "accuracy", "serving"} <= skip else None
+    m8 = None
     if "accuracy" not in skip:
-        accuracy(cfg, m16, SIZES[512], args.fp32_1024, attn)
+        m8 = accuracy(cfg, m16, vae, SIZES[512], args.fp32_1024, attn)
+    elif has("stages.dit.quantize"):
+        m8 = fp8_model(cfg, m16)
+    if m8 is not None:
+        RESULTS["dit_weight_gib_fp8"] = sum(p.numel() * p.element_size() for p in m8.parameters()) / 2**30
     if "ladder" not in skip:
-        forward_ladder(cfg, m16, attn)
+        forward_ladder(cfg, m16, m8, attn)
     if "loops" not in skip:
-        loops(cfg, m16, attn, batches, ref_batches=[1])
+        models = {"fast": m16, **({"fp8": m8} if m8 is not None else {}),
+                  **({} if "reference" in skip else {"reference": m16})}
+        loops(cfg, models, attn, batches, ref_batches=[1])
     if "vae" not in skip:
-        vae_decode(batches)
-    table = summarize(batches)
+        vae_decode(vae, {side: sorted({b for p in batches.values() for b in p[side]}) for side in SIZES})
+    if "serving" not in skip and has("stages.dit.serving"):
+        best = {row["path"]: row["best_batch"] for row in summarize(RESULTS.get("loops", {}), RESULTS.get("vae", {}))
+                if row["size"] == 512}
+        serving(cfg, m16, vae, attn, 512, 25, 16, min(best.get("fast", 8), 16), "512/bf16")
+        if m8 is not None:
+            serving(cfg, m8, vae, attn, 512, 25, 16, min(best.get("fp8", 8), 16), "512/fp8")
+    if "encoding" not in skip and has("stages.dit.encode") and vae is not None:
+        encoding_costs(vae)
+    table = summarize(RESULTS.get("loops", {}), RESULTS.get("vae", {}))
+    RESULTS["table"] = table
+    old_table = None
+    if args.compare:
+        old = json.loads(Path(args.compare).read_text())
+        # the old run times the denoising loops; the VAE decode code is the same, so both use this run's VAE times
+        old_table = summarize(old.get("loops", {}), RESULTS.get("vae", {}), label="old ")
+        RESULTS["old_table"] = old_table
+        RESULTS["old_forward_ladder"] = old.get("forward_ladder")
     (out / "bench_dit.json").write_text(json.dumps(RESULTS, indent=1, default=str))
-    print_table(table)
+    print_table(table, old_table)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from stages.lance.requests import ImageRequest
 
 from . import openai_protocol as oai
 from .errors import OpenAIError, bad_request, install_error_handlers, stage_error
-from .media import decode_image_bytes, png_base64, png_data_url
+from .media import decode_image_bytes, image_base64, image_data_url
 from .metrics import StageMetrics
 from .pipeline import StagePipeline
 from .knobs import RequestLimits
@@ -125,7 +125,7 @@ class LanceService:
                 return self._sse(self._image_events(req, handoff, model, parsed.include_usage, lance),
                                  headers)
             results = await self._generate_images(parsed.requests)
-            choices = [oai.chat_choice(i, oai.image_content(png_data_url(image["png"])), "stop")
+            choices = [oai.chat_choice(i, oai.image_content(image_data_url(image)), "stop")
                        for i, (image, _) in enumerate(results)]
             body = oai.chat_completion(req.request_id, model, choices,
                                        self._image_usage([h for _, h in results]), lance)
@@ -179,9 +179,9 @@ class LanceService:
         yield oai.chat_chunk(rid, model, {"role": "assistant", "content": ""}, lance=lance)
         async with aclosing(self.pipeline.denoise(handoff)) as items:
             async for item in items:
-                if "png" in item:
+                if "image" in item:
                     yield oai.chat_chunk(rid, model, {"content": oai.image_content(
-                        png_data_url(item["png"]))})
+                        image_data_url(item))})
                 else:
                     yield oai.chat_chunk(rid, model, {}, lance_progress={
                         "step": item.get("step"), "total": item.get("total")})
@@ -273,8 +273,8 @@ class LanceService:
         images = [img for img, _ in results]
         size = f"{images[0]['width']}x{images[0]['height']}"
         lance, headers = _lance_notes(parsed.task, parsed.ignored_params)
-        body = oai.images_response([png_base64(img["png"]) for img in images], size,
-                                   self._image_usage([h for _, h in results]), lance)
+        body = oai.images_response([image_base64(img["image"]) for img in images], size,
+                                   self._image_usage([h for _, h in results]), lance, images[0]["format"])
         return JSONResponse(body, headers=headers)
 
     # -- /v1/models, /health ------------------------------------------------------------------------

@@ -83,9 +83,10 @@ async def fetch_remote_image(url: str, param: str, max_bytes: int, timeout_s: fl
     return decode_image_bytes(b"".join(chunks), param)
 
 
-def png_base64(png: bytes) -> str:
-    return base64.b64encode(png).decode("ascii")
+def image_base64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
-def png_data_url(png: bytes) -> str:
-    return "data:image/png;base64," + png_base64(png)
+def image_data_url(item: dict) -> str:
+    """A finished DiT image ({"image": bytes, "media_type", ...}) as a data URL."""
+    return f"data:{item['media_type']};base64," + image_base64(item["image"])

@@ -91,6 +91,7 @@ class ImageGenerationRequest(BaseModel):
     size: Optional[str] = None
     response_format: Optional[str] = None
     output_format: Optional[str] = None
+    output_compression: Optional[int] = None   # webp/jpeg quality 0..100 (png: ignored)
     stream: bool = False
     extra_body: Optional[dict[str, Any]] = None
     extra_args: Optional[dict[str, Any]] = None
@@ -147,9 +148,10 @@ def image_content(data_url: str) -> list[dict]:
     return [{"type": "image_url", "image_url": {"url": data_url}}]
 
 
-def images_response(b64_pngs: list[str], size: str, usage_: dict, lance: dict) -> dict:
-    return {"created": int(time.time()), "data": [{"b64_json": b} for b in b64_pngs],
-            "output_format": "png", "size": size, "usage": usage_, "lance": lance}
+def images_response(b64_images: list[str], size: str, usage_: dict, lance: dict,
+                    output_format: str = "png") -> dict:
+    return {"created": int(time.time()), "data": [{"b64_json": b} for b in b64_images],
+            "output_format": output_format, "size": size, "usage": usage_, "lance": lance}
 
 
 def sse(obj: Any) -> str:

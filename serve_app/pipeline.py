@@ -7,7 +7,7 @@ from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional
 
 from stages.lance.handoff import ContextHandoff
-from stages.lance.requests import ImageRequest, TextRequest
+from stages.lance.requests import ImageEncoding, ImageRequest, TextRequest
 
 from .errors import OpenAIError, stage_error
 from .metrics import StageMetrics
@@ -42,17 +42,17 @@ class StagePipeline:
         self.metrics.kv_bytes.inc(max(int(handoff.kv_bytes), 0))
         return handoff
 
-    async def denoise(self, handoff: ContextHandoff) -> AsyncIterator[dict]:
-        """Progress dicts {"step", "total"}, then the final {"png", "width", "height"}."""
+    async def denoise(self, handoff: ContextHandoff, encoding: ImageEncoding | None = None) -> AsyncIterator[dict]:
+        """Progress dicts {"step", "total"}, then the final {"image", "format", "media_type", "width", "height"}."""
         if self.dit is None:
             raise _not_connected()
         with self.metrics.stage_call("dit"), \
                 self.metrics.timed(self.metrics.denoise_latency, handoff.task):
-            stream = self.dit.options(stream=True).generate_image.remote(handoff)
+            stream = self.dit.options(stream=True).generate_image.remote(handoff, encoding)
             finished = False
             try:
                 async for item in stream:
-                    finished = "png" in item
+                    finished = "image" in item
                     yield item
                     if finished:
                         return
@@ -67,9 +67,9 @@ class StagePipeline:
 
     async def generate_image(self, req: ImageRequest) -> tuple[dict, ContextHandoff]:
         handoff = await self.prefill(req)
-        async with aclosing(self.denoise(handoff)) as items:
+        async with aclosing(self.denoise(handoff, req.encoding)) as items:
             async for item in items:
-                if "png" in item:
+                if "image" in item:
                     return item, handoff
         raise AssertionError("unreachable: denoise() raises when no image arrives")
 

@@ -21,7 +21,7 @@ from typing import Optional, Union
 
 from pydantic import ValidationError
 
-from stages.lance.requests import DenoiseParams, ImageRequest, TextRequest
+from stages.lance.requests import IMAGE_FORMATS, DenoiseParams, ImageEncoding, ImageRequest, TextRequest
 
 from .chat_messages import (Conversation, collect_messages, load_image, no_special_tokens,
                             one_system_prompt, unwrap_prompt)
@@ -263,9 +263,12 @@ def _check_images_fields(req: ImageGenerationRequest, knobs: GenerationKnobs) ->
     if req.response_format not in (None, "b64_json"):
         raise bad_request("only response_format 'b64_json' is served (no image hosting)",
                           param="response_format", code="invalid_value")
-    if req.output_format not in (None, "png"):
-        raise bad_request("only output_format 'png' is served", param="output_format",
-                          code="invalid_value")
+    if req.output_format not in (None, *IMAGE_FORMATS):
+        raise bad_request(f"output_format {req.output_format!r} is not served; use one of "
+                          f"{', '.join(IMAGE_FORMATS)}", param="output_format", code="invalid_value")
+    if req.output_compression is not None and not 0 <= req.output_compression <= 100:
+        raise bad_request(f"output_compression {req.output_compression} is outside [0, 100]",
+                          param="output_compression", code="invalid_value")
     if req.stream:
         raise bad_request("streaming is served on /v1/chat/completions (stream: true)",
                           param="stream", code="unsupported_parameter")
@@ -273,6 +276,13 @@ def _check_images_fields(req: ImageGenerationRequest, knobs: GenerationKnobs) ->
         raise bad_request("the images API answers with images: leave modalities out (text answers "
                           "are served on /v1/chat/completions)", param="modalities",
                           code="unsupported_modality")
+
+
+def _image_encoding(req: ImageGenerationRequest) -> ImageEncoding:
+    # output_compression is the OpenAI API's webp/jpeg quality; a PNG is lossless and ignores it
+    fmt = req.output_format or "png"
+    quality = req.output_compression if req.output_compression is not None and fmt != "png" else 100
+    return ImageEncoding(fmt, quality)
 
 
 def parse_images_request(req: ImageGenerationRequest, image, limits: RequestLimits,
@@ -289,6 +299,7 @@ def parse_images_request(req: ImageGenerationRequest, image, limits: RequestLimi
     task = "image_edit" if image is not None else "t2i"
     first = _image_request(task, prompt, "prompt", image, knobs, ImageKnobs.of(knobs, limits),
                            system_prompt, f"img-{uuid.uuid4().hex}")
+    first = replace(first, encoding=_image_encoding(req))
     requests = n_requests(first, image_count(knobs, limits, stream=False))
     ignored |= ignored_knobs(knobs, task)
     return ParsedImages(requests=requests, model=req.model, task=task,

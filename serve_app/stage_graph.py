@@ -152,6 +152,8 @@ class ThinkerSpec(DeploymentSpec):
 class DiTEngineArgs(StrictModel):
     dtype: Dtype = "auto"
     compile: bool = True           # GPU only: fused Triton kernels, CUDA graphs, cuDNN attention
+    quantization: Optional[Literal["none", "fp8"]] = None   # fp8: layer weights in FP8 E4M3 (GPU, bf16)
+    png_compress_level: int = Field(6, ge=0, le=9)          # zlib level of PNG responses (same pixels)
 
 
 class DiTBatching(StrictModel):
@@ -191,6 +193,16 @@ class DiTSpec(DeploymentSpec):
                              f"max_ongoing_requests {self.max_ongoing_requests}: a batch could "
                              "never fill; raise max_ongoing_requests or lower max_batch_size")
         gpus = self.resources.num_gpus
+        if self.engine.quantization == "fp8":
+            if gpus == 0:
+                raise ValueError("engine.quantization fp8 runs on FP8 tensor cores: it needs a GPU "
+                                 "(resources.num_gpus > 0); remove it for a CPU graph")
+            if self.engine.dtype not in ("auto", "bfloat16"):
+                raise ValueError(f"engine.quantization fp8 computes in bfloat16; set engine.dtype to "
+                                 f"bfloat16 (or auto), not {self.engine.dtype}")
+            if self.cfg_parallel == 2:
+                raise ValueError(f"engine.quantization fp8 is not supported by {CFG_PARALLEL_DIT_CLASS}; use "
+                                 f"deployment_class: {DIT_CLASS} or remove the quantization")
         if self.cfg_parallel == 2 and gpus not in (0, 2):
             raise ValueError(f"{CFG_PARALLEL_DIT_CLASS} needs 2 GPUs per DiT replica (one per CFG branch), "
                              f"resources.num_gpus is {gpus}; set num_gpus: 2 or deployment_class: {DIT_CLASS}")

@@ -206,10 +206,10 @@ def test_ray_group_serves_requests_like_the_single_device_dit(tiny_ckpt_dir, gol
     from stages.dit.runner import DiTRunner
 
     g = golden("t2i")
-    runner = DiTRunner(str(tiny_ckpt_dir), dtype="float32", device="cpu")
+    runner = DiTRunner(str(tiny_ckpt_dir), dtype="float32", device="cpu", debug_outputs=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        group = CfgParallelGroup(str(tiny_ckpt_dir), dtype="float32", num_gpus_per_worker=0)
+        group = CfgParallelGroup(str(tiny_ckpt_dir), dtype="float32", debug_outputs=True, num_gpus_per_worker=0)
         assert group.backend == "gloo" and [r["rank"] for r in group.ranks] == [0, 1]
         handoff = golden_t2i_handoff(g)
         expected = single_gpu_runner_result(runner, handoff)
@@ -275,7 +275,7 @@ def assert_serve_replica_places_its_workers_in_its_own_bundles(ray, ckpt_dir, ha
 
     class Replica:
         def __init__(self, ckpt):
-            self.group = CfgParallelGroup(ckpt, dtype="float32")
+            self.group = CfgParallelGroup(ckpt, dtype="float32", debug_outputs=True)
 
         def denoise(self, h):
             return self.group.denoise(h).latents

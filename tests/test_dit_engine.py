@@ -150,6 +150,48 @@ def test_fast_forward_matches_reference_on_another_geometry(tmp_path):
         assert_same(a, b, f"row {i}")
 
 
+# --- FP8 weights (opt-in) ------------------------------------------------------------------------
+
+def test_fp8_weights_halve_the_layers_and_stay_close_to_full_precision(tiny_ckpt_dir, dit_model, golden):
+    from stages.dit.quantize import quantize_dit_model, quantize_weight, quantized_linears
+
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(2)) * torch.logspace(-3, 1, 64)[:, None]
+    q, scale = quantize_weight(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64,)
+    assert ((q.float() * scale[:, None] - w).abs().amax(1) <= w.abs().amax(1) / 16 + 1e-12).all()  # < 1 step per row
+
+    model, _ = load_dit_model(resolve_checkpoint(tiny_ckpt_dir, need_vit=False, need_vae=False))
+    before = memory_report(model).parameter_bytes
+    layer_bytes = sum(lin.weight.numel() * 4 for lin in quantized_linears(model))
+    assert quantize_dit_model(model, "fp8") == "fp8"
+    assert memory_report(model).parameter_bytes == before - layer_bytes * 3 // 4   # fp32 -> 1 byte a weight
+    with pytest.raises(ValueError, match="unquantized"):
+        ReferenceForward(model)
+    h = golden_handoff(golden("t2i"), "t2i")
+    x8, x32 = run_alone(model, h), run_alone(dit_model, h, "reference")
+    rel = ((x8 - x32).norm() / x32.norm()).item()
+    assert 1e-4 < rel < 0.1, rel    # quantized (not a silent full-precision run), and close
+    with pytest.raises(ValueError, match="unknown quantization"):
+        quantize_dit_model(model, "int4")
+
+
+def test_runner_loads_fp8_weights_and_decodes(tiny_ckpt_dir, golden):
+    from stages.dit.runner import DiTRunner
+
+    runner = DiTRunner(str(tiny_ckpt_dir), dtype="float32", device="cpu", compile=False, quantization="fp8")
+    assert runner.quantization == "fp8"
+    mem = runner.memory()
+    assert mem["dit_parameter_bytes"] < 0.5 * 4 * mem["dit_parameters"]   # most weights 1 byte, not 4
+    h = golden_handoff(golden("t2i"), "t2i", DenoiseParams(num_inference_steps=3, seed=1))
+    runner.submit(runner.prepare(h, h.cond.kv, h.uncond.kv))
+    done = []
+    while runner.has_work:
+        done += runner.step()
+    (job, image), = done
+    assert image.pixels.dtype == torch.uint8 and (image.height, image.width) == (128, 128)
+    assert image.latents is None and image.encode().startswith(b"\x89PNG")
+
+
 # --- bad hand-offs -------------------------------------------------------------------------------
 
 def test_bad_handoffs_are_request_errors(dit_model, golden):

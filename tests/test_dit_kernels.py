@@ -48,6 +48,21 @@ INTERPRETED = textwrap.dedent("""
                       K.qk_norm_rope_triton(qkv, qw, kw, 1e-6, cos, sin, 4, 2)),
                  (K.silu_mul_torch(gu), K.silu_mul_triton(gu))]
         out[name] = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in pairs)
+        # FP8 outputs: the same E4M3 codes and per-row scales as the torch reference in fp32; in bf16 the
+        # inputs to the quantizer already differ by a bf16 rounding (as above), so a code may move one step
+        fp8 = [(K.rms_norm_fp8_torch(x, w, 1e-6), K.rms_norm_fp8_triton(x, w, 1e-6)),
+               (K.silu_mul_fp8_torch(gu), K.silu_mul_fp8_triton(gu)),
+               (K.quantize_rows_torch(gu), K.quantize_rows_triton(gu))]
+        codes, scales, steps = 0.0, 0.0, 0.0
+        for (qa, sa), (qb, sb) in fp8:
+            assert qb.dtype == torch.float8_e4m3fn and sb.shape == sa.shape
+            codes = max(codes, ((qa.float() - qb.float()).abs() > 0).float().mean().item())
+            scales = max(scales, ((sa - sb).abs() / sa).max().item())
+            # largest difference in units of the top binade's code step (32 of 448)
+            steps = max(steps, ((qa.float() * sa - qb.float() * sb).abs() / (sa * 32)).max().item())
+        out[name + "_fp8_codes_differing"] = codes
+        out[name + "_fp8_scale_rel"] = scales
+        out[name + "_fp8_max_steps"] = steps
     model, _ = load_dit_model(resolve_checkpoint(sys.argv[1], need_vit=False, need_vae=False))
     g = load_file(sys.argv[2])
     h = golden_handoff(g, "t2i")
@@ -55,6 +70,10 @@ INTERPRETED = textwrap.dedent("""
     rows = job.rows(torch.float32)
     fast, ref = FastForward(model, kernels="triton")(rows), ReferenceForward(model)(rows)
     out["forward"] = max(((a - b).norm() / b.norm()).item() for a, b in zip(fast, ref))
+    from stages.dit.quantize import quantize_dit_model
+    quantize_dit_model(model, "fp8")
+    fp8_triton, fp8_torch = FastForward(model, kernels="triton")(rows), FastForward(model, kernels="torch")(rows)
+    out["forward_fp8_triton_vs_torch"] = max(((a - b).norm() / b.norm()).item() for a, b in zip(fp8_triton, fp8_torch))
     print(json.dumps(out))
 """)
 
@@ -69,6 +88,10 @@ def test_triton_kernels_and_fused_forward_match_plain_ops(tiny_ckpt_dir, golden_
     assert errs["float32"] < 1e-6, errs
     assert errs["bfloat16"] < 2e-2, errs      # one bf16 rounding apart at most
     assert errs["forward"] < 1e-5, errs
+    assert errs["float32_fp8_codes_differing"] == 0 and errs["float32_fp8_scale_rel"] < 1e-6, errs
+    assert errs["bfloat16_fp8_codes_differing"] < 0.1 and errs["bfloat16_fp8_scale_rel"] < 2e-2, errs
+    assert errs["bfloat16_fp8_max_steps"] <= 1.01, errs
+    assert errs["forward_fp8_triton_vs_torch"] < 1e-3, errs
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """The DiT stage end to end on CPU fp32: golden hand-offs in, upstream's latents, images and PNGs out.
 
 `DiTRunner` is the stage without Ray; `DiTStage` is exercised as the deployment's own class on an
-asyncio loop (the code a replica runs), including concurrent requests, progress, cancellation and
-K/V fetched from Ray's object store.
+asyncio loop (the code a replica runs: `DiTServingLoop`), including concurrent requests, progress,
+cancellation, the requested image encodings and K/V fetched from Ray's object store.
 """
 from __future__ import annotations
 
@@ -20,13 +20,13 @@ from stages.dit.runner import DiTRunner
 from stages.dit.stage import DiTStage
 from stages.dit.vae_decode import FrameDecoder
 from stages.lance.handoff import BranchKV
-from stages.lance.requests import DenoiseParams
+from stages.lance.requests import DenoiseParams, ImageEncoding
 from stages.lance.vae import LanceVAE
 
 
 @pytest.fixture(scope="module")
 def runner(tiny_ckpt_dir) -> DiTRunner:
-    return DiTRunner(str(tiny_ckpt_dir), dtype="float32", device="cpu")
+    return DiTRunner(str(tiny_ckpt_dir), dtype="float32", device="cpu", debug_outputs=True)
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +88,9 @@ def test_frame_decoder_rejects_videos(tiny_ckpt_dir):
 
 # --- the deployment class -------------------------------------------------------------------------
 
-async def collect(stage, handoff, stop_after: int | None = None):
+async def collect(stage, handoff, stop_after: int | None = None, encoding=None):
     events = []
-    gen = stage.generate_image(handoff)
+    gen = stage.generate_image(handoff, encoding)
     try:
         async for ev in gen:
             events.append(ev)
@@ -106,8 +106,35 @@ def test_stage_streams_progress_then_the_golden_png(stage, golden, assert_golden
     events = asyncio.run(collect(stage, golden_handoff(g, "t2i")))
     assert events[:-1] == [{"step": i, "total": 30} for i in range(1, 31)]
     final = events[-1]
-    assert final["latents"] is None and (final["width"], final["height"]) == (128, 128)
-    assert_golden(png_pixels(final["png"]), g["image_uint8"], "png")
+    assert (final["format"], final["media_type"]) == ("png", "image/png")
+    assert (final["width"], final["height"]) == (128, 128)
+    assert_golden(png_pixels(final["image"]), g["image_uint8"], "png")
+
+
+def test_runner_copies_only_pixels_unless_debug_outputs(tiny_ckpt_dir, runner, golden):
+    lean = DiTRunner.from_loaded(runner.model, runner.config, runner.vae, compile=False)
+    (img,) = run_runner(lean, [golden_handoff(golden("t2i"), "t2i")])
+    assert img.latents is None and img.image is None
+    assert img.pixels.dtype == torch.uint8 and tuple(img.pixels.shape) == (128, 128, 3)
+
+
+@pytest.mark.parametrize("encoding", [ImageEncoding("webp", 90), ImageEncoding("jpeg", 75), ImageEncoding("png")])
+def test_requested_encoding_comes_back(stage, golden, encoding):
+    g = golden("t2i")
+    params = DenoiseParams(num_inference_steps=4, seed=3)
+    final = asyncio.run(collect(stage, golden_handoff(g, "t2i", params, request_id=encoding.format),
+                                encoding=encoding))[-1]
+    assert (final["format"], final["media_type"]) == (encoding.format, encoding.media_type)
+    image = Image.open(io.BytesIO(final["image"]))
+    assert image.format == {"png": "PNG", "webp": "WEBP", "jpeg": "JPEG"}[encoding.format]
+    assert image.size == (final["width"], final["height"]) == (128, 128)
+
+
+def test_png_compression_level_changes_bytes_not_pixels(runner, golden):
+    (img,) = run_runner(runner, [golden_handoff(golden("t2i"), "t2i", DenoiseParams(num_inference_steps=2))])
+    fast, small = img.encode(ImageEncoding(png_compress_level=0)), img.encode(ImageEncoding(png_compress_level=9))
+    assert len(fast) > len(small)
+    assert torch.equal(png_pixels(fast), png_pixels(small)) and torch.equal(png_pixels(fast), img.pixels)
 
 
 def test_concurrent_requests_share_steps_and_keep_their_images(stage, golden, assert_golden):
@@ -121,8 +148,8 @@ def test_concurrent_requests_share_steps_and_keep_their_images(stage, golden, as
         return results, stage.runner.engine.forwards_run - before
 
     (ex, ey, ez), forwards = asyncio.run(main())
-    assert_golden(png_pixels(ex[-1]["png"]), t2i["image_uint8"], "t2i png")
-    assert_golden(png_pixels(ey[-1]["png"]), edit["image_uint8"], "edit png")
+    assert_golden(png_pixels(ex[-1]["image"]), t2i["image_uint8"], "t2i png")
+    assert_golden(png_pixels(ey[-1]["image"]), edit["image_uint8"], "edit png")
     assert [e["step"] for e in ez[:-1]] == list(range(1, 11))
     assert forwards < 30 + 30 + 10   # steps were shared
 
@@ -166,6 +193,10 @@ def test_both_dit_deployments_take_engine_args_only_as_the_stage_graph_gives_the
         CfgParallelDiTStage.func_or_class(str(tiny_ckpt_dir), max_batch_size=4)
     with pytest.raises(ValueError, match="engine_args.device"):
         CfgParallelDiTStage.func_or_class(str(tiny_ckpt_dir), engine_args={"device": "cpu"})
+    with pytest.raises(ValueError, match="quantization"):   # checked before any weights are read
+        DiTStage.func_or_class(str(tiny_ckpt_dir), engine_args={"device": "cpu", "quantization": "int3"})
+    with pytest.raises(ValueError, match="quantized"):
+        CfgParallelDiTStage.func_or_class(str(tiny_ckpt_dir), engine_args={"quantization": "fp8"})
 
 
 def test_engine_imports_without_ray_and_the_package_exports_the_deployment():
@@ -190,4 +221,4 @@ def test_kv_from_the_object_store(stage, golden, assert_golden):
         events = asyncio.run(collect(stage, h))
     finally:
         ray.shutdown()
-    assert_golden(png_pixels(events[-1]["png"]), g["image_uint8"], "png")
+    assert_golden(png_pixels(events[-1]["image"]), g["image_uint8"], "png")

@@ -25,7 +25,7 @@ from serve_app.ingress import IngressSettings, LanceService, build_fastapi_app
 from serve_app.knobs import RequestLimits
 from serve_app.request_parsing import (form_fields, parse_chat_request, parse_edit_form,
                                        parse_generation_json)
-from stages.lance.requests import DenoiseParams, ImageRequest, TextRequest
+from stages.lance.requests import DenoiseParams, ImageEncoding, ImageRequest, TextRequest
 
 LIMITS = RequestLimits()
 
@@ -415,6 +415,19 @@ def test_images_generations_sdk(sdk):
     assert {(r.height, r.width, r.params.num_inference_steps, r.task) for r in parsed.requests} == {
         (512, 512, 8, "t2i")}
     assert len({r.request_id for r in parsed.requests}) == 3
+    assert {r.encoding for r in parsed.requests} == {ImageEncoding()}   # PNG unless asked
+
+
+@pytest.mark.parametrize("fmt, compression, want", [
+    ("webp", 80, ImageEncoding("webp", 80)), ("jpeg", None, ImageEncoding("jpeg", 100)),
+    ("png", 50, ImageEncoding("png")),   # a PNG is lossless: output_compression does not apply
+])
+def test_images_output_format_reaches_every_image(sdk, fmt, compression, want):
+    extra = {} if compression is None else {"output_compression": compression}
+    with pytest.raises(openai.APIStatusError):
+        sdk.images.generate(model="lance-test", prompt="A red cube", n=2, output_format=fmt, **extra)
+    parsed = parse_generation_json(sdk.sent[-1].content, LIMITS)
+    assert [r.encoding for r in parsed.requests] == [want, want]
 
 
 def _form_of(request: httpx.Request):
@@ -616,7 +629,9 @@ BAD_IMAGES = [
     ("n 0", {"prompt": "a", "n": 0}, "n", "invalid_value"),
     ("n too many", {"prompt": "a", "n": 50}, "n", "invalid_value"),
     ("url format", {"prompt": "a", "response_format": "url"}, "response_format", "invalid_value"),
-    ("jpeg", {"prompt": "a", "output_format": "jpeg"}, "output_format", "invalid_value"),
+    ("gif", {"prompt": "a", "output_format": "gif"}, "output_format", "invalid_value"),
+    ("compression 101", {"prompt": "a", "output_format": "webp", "output_compression": 101}, "output_compression",
+     "invalid_value"),
     ("stream", {"prompt": "a", "stream": True}, "stream", "unsupported_parameter"),
     ("empty prompt", {"prompt": "  "}, "prompt", "invalid_prompt"),
     ("missing prompt", {"n": 1}, "prompt", "missing_required_parameter"),

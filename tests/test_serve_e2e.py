@@ -476,6 +476,25 @@ def test_images_generate_with_the_openai_sdk(client, offline):
                         "images.generate num_inference_steps")
 
 
+@pytest.mark.parametrize("fmt, pil", [("webp", "WEBP"), ("jpeg", "JPEG")])
+def test_images_generate_in_the_requested_format(client, offline, fmt, pil):
+    result = client.images.generate(model="lance-tiny-random", prompt=PROMPT, size="64x64", output_format=fmt,
+                                    output_compression=95, extra_body={"num_inference_steps": 3, "seed": 30})
+    assert result.output_format == fmt
+    served = Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json)))
+    assert served.format == pil and served.size == (64, 64)
+    reference = offline.text_to_image(PROMPT, height=64, width=64, num_inference_steps=3, seed=30).image
+
+    def error(img):
+        return np.abs(np.asarray(img.convert("RGB"), dtype=np.float32) - np.asarray(reference, dtype=np.float32)).mean()
+    # a lossy format moves pixels (a random model's noise-like image is its worst case): the served image must
+    # be as far from the offline one as the offline one encoded the same way, not an unrelated image (~80)
+    buf = io.BytesIO()
+    reference.save(buf, format=pil, quality=95)
+    own = error(Image.open(io.BytesIO(buf.getvalue())))
+    assert error(served) <= 1.2 * own + 1, f"{fmt}: mean abs error {error(served):.1f}, the format's own {own:.1f}"
+
+
 def test_images_edit_with_the_openai_sdk(client, offline):
     image = input_image(90, 120)
     result = client.images.edit(model="lance-tiny-random", image=("in.png", png_bytes(image), "image/png"),

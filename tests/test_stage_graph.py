@@ -87,6 +87,13 @@ def _set(path_keys, value):
     return edit
 
 
+def _chain(*edits):
+    def edit(raw):
+        for e in edits:
+            e(raw)
+    return edit
+
+
 @pytest.mark.parametrize("base, edit, needle", [
     ("multi_gpu", _set(["stages", "dit", "resources", "num_gpus"], 1.5), "whole number"),
     ("single_gpu", _set(["stages", "thinker", "engine", "gpu_memory_utilization"], 0.9),
@@ -108,6 +115,11 @@ def _set(path_keys, value):
     ("multi_gpu", _set(["stages", "dit", "num_replicas"], 2), "either num_replicas or autoscaling"),
     ("cpu", _set(["stages", "thinker", "engine", "dtype"], "fp8"), "dtype"),
     ("cpu", _set(["stages", "thinker", "engine", "max_model_len"], 0), "max_model_len"),
+    ("cpu", _set(["stages", "dit", "engine", "quantization"], "fp8"), "quantization fp8 runs on FP8 tensor cores"),
+    ("single_gpu", _set(["stages", "dit", "engine", "quantization"], "int4"), "quantization"),
+    ("single_gpu", _chain(_set(["stages", "dit", "engine", "dtype"], "float32"),
+                          _set(["stages", "dit", "engine", "quantization"], "fp8")), "set engine.dtype to bfloat16"),
+    ("multi_gpu", _set(["stages", "dit", "engine", "png_compress_level"], 10), "png_compress_level"),
 ])
 def test_impossible_resources_and_values_fail_naming_the_file(tmp_path, base, edit, needle):
     path = _write_variant(tmp_path, base, edit)

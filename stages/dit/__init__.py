@@ -3,9 +3,12 @@
     model.py       the DiT's part of Lance (no lm_head, two marker rows), loaded lazily and strictly
     engine.py      DenoiseEngine - many requests' steps in shared forwards (plain Python)
     forward.py     ReferenceForward (the model core) and FastForward (packed, fused) velocity forwards
-    kernels.py     fused element-wise ops (Triton) and their plain torch references
+    kernels.py     fused element-wise ops (Triton, incl. FP8-output variants) and their plain torch references
+    quantize.py    opt-in FP8 weights (per output channel) and the projections on them
     vae_decode.py  FrameDecoder - single-frame Wan2.2 decode as a 2-D network
-    runner.py      DiTRunner - load, engine, VAE decode to PNG (no Ray)
+    runner.py      DiTRunner - load, engine, VAE decode to uint8 pixels (no Ray)
+    encode.py      PNG / WebP / JPEG encoding on a small thread pool (off the engine thread)
+    serving.py     DiTServingLoop - the stage's request loop without Ray: engine thread, decode, encoding
     cfg_parallel.py  CFG-parallel denoising: a request's two CFG branches on two devices
     stage.py       the Ray Serve deployments, imported lazily: `stages.dit:DiTStage` (one device, batched),
                    `stages.dit:CfgParallelDiTStage` (two devices per request)

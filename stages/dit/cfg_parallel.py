@@ -229,7 +229,7 @@ def cfg_parallel_deployment_options(options: dict, worker_cpus: float = 1) -> di
 class CfgParallelWorker:
     """One rank of a CFG-parallel DiT replica (a Ray actor on one GPU): the DiT engine's own checks
     and forward (`DenoiseEngine`), run on one branch per request. Rank 0 also draws the noise and
-    decodes to PNG (`DiTRunner`); rank 1 holds only the model and its forward."""
+    decodes the image (`DiTRunner`); rank 1 holds only the model and its forward."""
 
     def __init__(self, rank: int, device: str | torch.device | None = None):
         self.rank = rank
@@ -252,14 +252,15 @@ class CfgParallelWorker:
         return backend
 
     def load(self, model: str, variant: str | None = None, dtype: str = "auto", forward: str = "fast",
-             compile: bool = False) -> dict:
+             compile: bool = False, debug_outputs: bool = False) -> dict:
+        """`debug_outputs`: rank 0's images also carry their final latents and float image (tests)."""
         from .engine import DenoiseEngine
         from .model import load_dit_model
         from .runner import DiTRunner, resolve_dtype
 
         if self.rank == COND_RANK:
             runner = DiTRunner(model, variant, dtype, str(self.device), max_batch_size=1, compile=compile,
-                               forward=forward)
+                               forward=forward, debug_outputs=debug_outputs)
             self.attach(runner.engine, runner.decode)
         else:
             from stages.lance.checkpoint import resolve_checkpoint
@@ -312,7 +313,7 @@ class CfgParallelWorker:
 
     @torch.no_grad()
     def denoise(self, job: BranchJob):
-        """Rank 0: the request's `DecodedImage` (PNG, pixels, latents); rank 1: None."""
+        """Rank 0: the request's `DecodedImage` (pixels; latents with debug_outputs); rank 1: None."""
         x = None
         for _, x, _, _ in self.steps(job):
             pass
@@ -339,7 +340,7 @@ class CfgParallelGroup:
     Requests run one at a time, each on both GPUs (latency mode); for throughput, run more replicas."""
 
     def __init__(self, model: str, variant: str | None = None, dtype: str = "auto", forward: str = "fast",
-                 compile: bool = False, *, num_gpus_per_worker: float | None = None,
+                 compile: bool = False, *, debug_outputs: bool = False, num_gpus_per_worker: float | None = None,
                  num_cpus_per_worker: float | None = None, placement_group=None,
                  bundle_indexes: tuple[int, int] | None = None, timeout_s: float = 600.0):
         """Resources per worker default to its bundle's (inside a placement group), else to one CPU
@@ -372,7 +373,8 @@ class CfgParallelGroup:
             for rank, b in enumerate(bundle_indexes)]
         address, port = ray.get(self.workers[COND_RANK].rendezvous_address.remote(), timeout=timeout_s)
         self.backend = ray.get([w.init_distributed.remote(address, port, timeout_s) for w in self.workers])[0]
-        self.ranks = ray.get([w.load.remote(model, variant, dtype, forward, compile) for w in self.workers])
+        self.ranks = ray.get([w.load.remote(model, variant, dtype, forward, compile, debug_outputs)
+                              for w in self.workers])
         self._submit_lock = threading.Lock()
         self._sequence = 0
 

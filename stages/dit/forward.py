@@ -14,6 +14,7 @@ Two implementations of one function, checked against each other:
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from stages.lance.transformer import KVCache, mrope_cos_sin
 
 from .kernels import ElementwiseOps
 from .model import MARKER_IDS
+from .quantize import DenseLinears, Fp8Linears, is_quantized
 
 _uids = itertools.count()
 
@@ -78,6 +80,9 @@ class ReferenceForward:
     """The model core's forward, one request at a time (its rows batched with a padding mask)."""
 
     def __init__(self, model: LanceModel):
+        if is_quantized(model):
+            raise ValueError("the reference forward runs the model core's unquantized weights; "
+                             "a quantized model runs the fast forward")
         self.model = model
         self.markers = MARKER_IDS.to(model.vae2llm.weight.device)
         self._batched: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
@@ -170,18 +175,66 @@ class _Graph:
     loaded: int
 
 
+class _StreamFork:
+    """A second CUDA stream for the und chain of `FastForward.run_layers` (no-op without a device).
+
+    `side()` runs its block on the side stream after everything queued so far on the main stream;
+    `join_main()` makes the main stream wait for everything queued so far on the side stream. Tensors
+    that cross between the streams are kept alive until the final join, so the caching allocator never
+    hands their memory to one stream while the other may still read it (also inside graph capture).
+    """
+
+    def __init__(self, device: torch.device | None):
+        self.main = self.stream = None
+        if device is not None and device.type == "cuda":
+            self.main = torch.cuda.current_stream(device)
+            self.stream = _side_stream(device)
+        self._kept: list[torch.Tensor] = []
+
+    def side(self):
+        if self.stream is None:
+            return contextlib.nullcontext()
+        self.stream.wait_stream(self.main)
+        return torch.cuda.stream(self.stream)
+
+    def join_main(self) -> None:
+        if self.stream is not None:
+            self.main.wait_stream(self.stream)
+
+    def keep(self, *tensors) -> None:
+        if self.stream is not None:
+            self._kept.extend(tensors)
+
+    def release(self) -> None:
+        self._kept.clear()
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[key]
+
+
 class FastForward:
     """All rows in one packed forward (see the module docstring). Same function as ReferenceForward."""
 
     def __init__(self, model: LanceModel, kernels: str = "torch", attention_backends=None, cuda_graphs: bool = False,
-                 max_plans: int = 8, max_graphs: int = 16):
+                 max_plans: int = 8, max_graphs: int = 16, overlap_markers: bool = True):
+        """`overlap_markers` (GPU): the und expert's marker rows on a second stream (see run_layers)."""
         self.model = model
+        self.overlap_markers = overlap_markers
         self.cfg = model.config.llm
         self.ops = ElementwiseOps(kernels)
-        self.attention_backends = attention_backends   # e.g. [SDPBackend.CUDNN_ATTENTION]; None = SDPA's choice
-        self.expand_kv: bool | None = None             # decided on first use: does the backend take GQA?
         self.device = model.vae2llm.weight.device
         self.dtype = model.vae2llm.weight.dtype
+        # projections: weights in the model dtype, or FP8 with per-token activation scales (quantize.py)
+        self.linears = Fp8Linears(self.ops, self.device, self.dtype) if is_quantized(model) else DenseLinears(self.ops)
+        self.attention_backends = attention_backends   # e.g. [SDPBackend.CUDNN_ATTENTION]; None = SDPA's choice
+        self.expand_kv: bool | None = None             # decided on first use: does the backend take GQA?
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
         self.max_plans = max_plans
         # CUDA graphs, one per plan signature, captured the second time a signature is seen (the
@@ -272,7 +325,9 @@ class FastForward:
             self.run_layers(static, static_x)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local: other threads (the encoder pool waiting on finished images' copies) may keep making
+        # CUDA calls while this thread captures; "global" would make those calls fail the capture
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = self.run_layers(static, static_x)
         return _Graph(graph, static, static_x, out, plan.uid)
 
@@ -291,44 +346,58 @@ class FastForward:
         return x
 
     def run_layers(self, plan: _Plan, x: torch.Tensor) -> torch.Tensor:
-        """Packed embeddings [T, hidden] -> velocities of the latent tokens [T_lat, channels]."""
+        """Packed embeddings [T, hidden] -> velocities of the latent tokens [T_lat, channels].
+
+        Two chains: the gen expert on every token (marker rows included, as wasted work), and the und
+        expert on the markers' own residual stream `x_u` (2 rows per packed row). They meet once per
+        layer: the markers' q/k/v are patched into the attention input, and the und chain takes the
+        markers' attention output. The gen chain's marker rows are never read by anything that matters
+        (per-token ops only; the final norm reads latent rows), so they are never patched back. On a
+        GPU the und chain runs on a second stream (a parallel branch of the CUDA graph), free to use the
+        gaps between the gen chain's kernels for its ~5.5 GB of weight reads on a handful of tokens
+        (cuBLAS's persistent GEMMs hold every SM, so the overlap is partial: benchmarks/dit_notes.md).
+        """
         lm = self.model.language_model
-        for i, layer in enumerate(lm.layers):
-            x = self.layer(i, layer, x, plan)
+        layers, mk = lm.layers, plan.marker_index
+        fork = _StreamFork(self.device) if self.overlap_markers else _StreamFork(None)
+        x_u = x.index_select(0, mk)
+        cos_u, sin_u = plan.cos.index_select(0, mk), plan.sin.index_select(0, mk)
+        with fork.side():
+            qkv_u = self._qkv(layers[0].und, x_u, cos_u, sin_u)
+            fork.keep(x_u, cos_u, sin_u, *qkv_u)
+        for i, layer in enumerate(layers):
+            gen, und = layer.gen, layer.und
+            q, k, v = self._qkv(gen, x, plan.cos, plan.sin)
+            fork.join_main()                 # the markers' q/k/v of this layer are ready
+            q.index_copy_(0, mk, qkv_u[0])
+            k.index_copy_(0, mk, qkv_u[1])
+            v.index_copy_(0, mk, qkv_u[2])   # v is a view into the gen qkv output, patched in place
+            o = self.attention(q, k, v, plan, i)
+            o_u = o.index_select(0, mk)
+            fork.keep(o_u)
+            with fork.side():                # waits for o_u
+                x_u = self.linears.linear_add_(x_u, o_u, und.attn.o_proj)
+                x_u = self._mlp(und, x_u)
+                if i + 1 < len(layers):
+                    qkv_u = self._qkv(layers[i + 1].und, x_u, cos_u, sin_u)
+                    fork.keep(*qkv_u)
+            x = self.linears.linear_add_(x, o, gen.attn.o_proj)   # in place
+            x = self._mlp(gen, x)
+        fork.join_main()
+        fork.release()
         h = self.ops.rms_norm(x.index_select(0, plan.latent_index), lm.norm_gen.weight, lm.norm_gen.eps)
         return self.model.llm2vae(h)
 
-    def layer(self, index: int, layer, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        gen, und, ops, mk = layer.gen, layer.und, self.ops, plan.marker_index
-        # attention block: gen expert on every token, und expert re-run on the markers and patched in
-        q, k, v = self._qkv(gen, x, plan.cos, plan.sin)
-        q_u, k_u, v_u = self._qkv(und, x.index_select(0, mk), plan.cos.index_select(0, mk), plan.sin.index_select(0, mk))
-        q.index_copy_(0, mk, q_u)
-        k.index_copy_(0, mk, k_u)
-        v.index_copy_(0, mk, v_u)   # v is a view into the gen qkv output, patched in place
-        o = self.attention(q, k, v, plan, index)
-        x_u, o_u = x.index_select(0, mk), o.index_select(0, mk)
-        x = x.addmm_(o, gen.attn.o_proj.weight.t())   # in place: cuBLAS reads the residual as C, no copy
-        x.index_copy_(0, mk, torch.addmm(x_u, o_u, und.attn.o_proj.weight.t()))
-        # MLP block, same split
-        x_u = x.index_select(0, mk)
-        y = self._mlp(gen, x)
-        y.index_copy_(0, mk, self._mlp(und, x_u))
-        return y
-
     def _qkv(self, expert, x, cos, sin):
         attn = expert.attn
-        h = self.ops.rms_norm(x, expert.input_layernorm.weight, expert.input_layernorm.eps)
-        qkv = F.linear(h, attn.qkv_proj.weight, attn.qkv_proj.bias)
+        qkv = self.linears.norm_linear(x, expert.input_layernorm, attn.qkv_proj)
         return self.ops.qk_norm_rope(qkv, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin,
                                      self.cfg.num_attention_heads, self.cfg.num_key_value_heads)
 
     def _mlp(self, expert, x):
         """x + mlp(post_attention_layernorm(x)), accumulated into x."""
-        ln = expert.post_attention_layernorm
-        h = self.ops.rms_norm(x, ln.weight, ln.eps)
-        act = self.ops.silu_mul(F.linear(h, expert.mlp.gate_up_proj.weight))
-        return x.addmm_(act, expert.mlp.down_proj.weight.t())
+        gate_up = self.linears.norm_linear(x, expert.post_attention_layernorm, expert.mlp.gate_up_proj)
+        return self.linears.swiglu_linear_add_(x, gate_up, expert.mlp.down_proj)
 
     def attention(self, q, k, v, plan: _Plan, layer: int) -> torch.Tensor:
         """Per group: [context K/V ; the group's own K/V] against its queries, no mask. -> [T, Hq*d]."""

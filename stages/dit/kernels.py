@@ -7,6 +7,8 @@ layer, fused ~100 KB (see benchmarks/dit_notes.md).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -49,6 +51,29 @@ def qk_norm_rope_torch(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torc
 def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"   # Triton's CPU interpreter (the CPU tests)
+
+# FP8 (E4M3) activations, one scale per token (row): q = x / s, s = max|x| / 448, so x ~ q * s.
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+FP8_MIN_SCALE = 1e-12 / FP8_MAX   # an all-zero row gets a tiny scale, not a division by zero
+
+
+def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (E4M3 [M, K], fp32 scales [M, 1])."""
+    xf = x.float()
+    scale = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=FP8_MIN_SCALE)
+    return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
+def rms_norm_fp8_torch(x, weight, eps):
+    return quantize_rows_torch(rms_norm_torch(x, weight, eps))
+
+
+def silu_mul_fp8_torch(gate_up):
+    return quantize_rows_torch(silu_mul_torch(gate_up))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,6 +136,101 @@ if triton is not None:
         tl.store(out_ptr + row * stride_out + cols, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+    @triton.jit
+    def _fp8_round(v):
+        """v (fp32, |v| <= 448) rounded to the E4M3 grid in fp32 (half away from zero), so the cast that
+        follows is exact. Written out because Triton's interpreter rounds fp32 -> fp8 casts wrongly."""
+        a = tl.minimum(tl.abs(v), 448.0)
+        step = tl.exp2(tl.floor(tl.log2(tl.maximum(a, 0.015625))) - 3.0)   # 3 mantissa bits; subnormal step 2^-9
+        r = tl.floor(a / step + 0.5) * step
+        return tl.where(v < 0, -r, r)
+
+    @triton.jit
+    def _store_fp8_row(y, mask, q_row_ptr, scale_ptr, row, ROUND_IN_FP32: tl.constexpr):
+        """One row of fp32 values (already rounded as the model dtype would) -> E4M3 + its scale."""
+        scale = tl.maximum(tl.max(tl.where(mask, tl.abs(y), 0.0), axis=0) / 448.0, 1e-12 / 448.0)
+        q = y / scale
+        if ROUND_IN_FP32:   # the interpreter; a GPU's cast rounds to nearest even and saturates by itself
+            q = _fp8_round(q)
+        tl.store(q_row_ptr, q.to(tl.float8e4nv), mask=mask)
+        tl.store(scale_ptr + row, scale)
+
+    @triton.jit
+    def _rms_norm_fp8_kernel(x_ptr, w_ptr, q_ptr, scale_ptr, stride_x, n_cols, eps, BLOCK: tl.constexpr,
+                             ROUND_IN_FP32: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        dt = x_ptr.dtype.element_ty
+        normed = (x * rstd).to(dt).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        y = (normed * w).to(dt).to(tl.float32)
+        _store_fp8_row(y, mask, q_ptr + row * n_cols + cols, scale_ptr, row, ROUND_IN_FP32)
+
+    @triton.jit
+    def _silu_mul_fp8_kernel(gu_ptr, q_ptr, scale_ptr, stride_gu, n_cols, BLOCK: tl.constexpr,
+                             ROUND_IN_FP32: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(gu_ptr + row * stride_gu + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        dt = gu_ptr.dtype.element_ty
+        act = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+        y = (act * u).to(dt).to(tl.float32)
+        _store_fp8_row(y, mask, q_ptr + row * n_cols + cols, scale_ptr, row, ROUND_IN_FP32)
+
+    if not _INTERPRETED:   # a whole 11008-wide row per program: let the first call pick the warps
+        _silu_mul_fp8_kernel = triton.autotune(configs=[triton.Config({}, num_warps=w) for w in (4, 8, 16, 32)],
+                                               key=["n_cols"])(_silu_mul_fp8_kernel)
+
+    @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, stride_x, n_cols, BLOCK: tl.constexpr,
+                              ROUND_IN_FP32: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        y = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        _store_fp8_row(y, mask, q_ptr + row * n_cols + cols, scale_ptr, row, ROUND_IN_FP32)
+
+
+def rms_norm_fp8_triton(x: torch.Tensor, weight: torch.Tensor, eps: float):
+    assert x.dim() == 2 and x.stride(1) == 1
+    rows, n = x.shape
+    q = torch.empty(rows, n, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows:
+        _rms_norm_fp8_kernel[(rows,)](x, weight, q, scale, x.stride(0), n, eps, BLOCK=triton.next_power_of_2(n),
+                                      ROUND_IN_FP32=_INTERPRETED, num_warps=8)
+    return q, scale
+
+
+def silu_mul_fp8_triton(gate_up: torch.Tensor):
+    assert gate_up.dim() == 2 and gate_up.stride(1) == 1
+    rows, n = gate_up.shape[0], gate_up.shape[1] // 2
+    q = torch.empty(rows, n, dtype=FP8_DTYPE, device=gate_up.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=gate_up.device)
+    if rows:
+        block = triton.next_power_of_2(n)
+        _silu_mul_fp8_kernel[(rows,)](gate_up, q, scale, gate_up.stride(0), n, BLOCK=block,
+                                      ROUND_IN_FP32=_INTERPRETED)
+    return q, scale
+
+
+def quantize_rows_triton(x: torch.Tensor):
+    assert x.dim() == 2 and x.stride(1) == 1
+    rows, n = x.shape
+    q = torch.empty(rows, n, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows:
+        block = triton.next_power_of_2(n)
+        _quantize_rows_kernel[(rows,)](x, q, scale, x.stride(0), n, BLOCK=block, ROUND_IN_FP32=_INTERPRETED,
+                                       num_warps=max(4, min(16, block // 1024)))
+    return q, scale
+
+
 def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     assert x.dim() == 2 and x.stride(1) == 1
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
@@ -148,7 +268,7 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 class ElementwiseOps:
-    """The three fused element-wise ops of a layer, in torch or Triton."""
+    """The fused element-wise ops of a layer (and their FP8-output variants), in torch or Triton."""
 
     def __init__(self, impl: str = "torch"):
         if impl == "triton" and triton is None:
@@ -160,3 +280,6 @@ class ElementwiseOps:
         self.rms_norm = rms_norm_triton if fused else rms_norm_torch
         self.qk_norm_rope = qk_norm_rope_triton if fused else qk_norm_rope_torch
         self.silu_mul = silu_mul_triton if fused else silu_mul_torch
+        self.rms_norm_fp8 = rms_norm_fp8_triton if fused else rms_norm_fp8_torch
+        self.silu_mul_fp8 = silu_mul_fp8_triton if fused else silu_mul_fp8_torch
+        self.quantize_rows = quantize_rows_triton if fused else quantize_rows_torch

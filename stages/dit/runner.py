@@ -1,26 +1,31 @@
-"""`DiTRunner`: the DiT stage without Ray - load, denoise hand-offs in shared steps, decode to PNG.
+"""`DiTRunner`: the DiT stage without Ray - load, denoise hand-offs in shared steps, decode to images.
 
 Synchronous and single-threaded by design (the deployment calls it from one worker thread): `prepare`
 validates a hand-off, `submit` queues it, `step` advances every active request by one denoising step
-and returns the finished ones decoded.
+and returns the finished ones decoded (`DecodedImage`: pixels; encoding to PNG/WebP/JPEG is
+the caller's, off this thread: encode.py).
 """
 from __future__ import annotations
 
-import io
+import functools
 import logging
 import time
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 from stages.lance.checkpoint import resolve_checkpoint
+from stages.lance.config import LanceConfig
 from stages.lance.handoff import ContextHandoff
 from stages.lance.limits import torch_dtype
+from stages.lance.model import LanceModel
+from stages.lance.requests import ImageEncoding
 from stages.lance.vae import LanceVAE, decode_to_uint8
 
+from .encode import encode_pixels
 from .engine import DenoiseEngine, DenoiseJob, DiTRequestError
 from .model import load_dit_model, memory_report
+from .quantize import quantize_dit_model
 from .vae_decode import FrameDecoder
 
 log = logging.getLogger(__name__)
@@ -58,30 +63,74 @@ def require_image_grid(latent_grid) -> None:
                               param="latent_grid")
 
 
-@dataclass
+@dataclass(eq=False)
 class DecodedImage:
-    png: bytes
+    """A finished image: uint8 pixels on the host, and (only when asked for) the debug tensors.
+
+    On a GPU the pixels' device-to-host copy may still be in flight when the engine hands the image
+    over: `wait()` (called by `encode`, on an encoder thread) blocks until `ready` has completed.
+    """
+
+    pixels: torch.Tensor                  # [H, W, 3] uint8 on the CPU (pinned on a GPU host)
     width: int
     height: int
-    latents: torch.Tensor    # [t, h, w, channels] fp32 on the CPU (tests, offline use)
-    image: torch.Tensor      # [3, H, W] decoded, in [-1, 1], fp32 on the CPU
-    pixels: torch.Tensor     # [H, W, 3] uint8
+    ready: object = None                  # torch.cuda.Event recorded after the copy; None: already there
+    latents: torch.Tensor | None = None   # [t, h, w, channels] fp32 on the CPU (debug_outputs only)
+    image: torch.Tensor | None = None     # [3, H, W] decoded, in [-1, 1], fp32 on the CPU (debug_outputs only)
+
+    def wait(self) -> torch.Tensor:
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        return self.pixels
+
+    def encode(self, encoding: ImageEncoding = ImageEncoding()) -> bytes:
+        return encode_pixels(self.wait(), encoding)
+
+    def __getstate__(self):   # crosses processes (CFG-parallel ranks) as plain host tensors
+        self.wait()
+        return dict(self.__dict__)
+
+    @functools.cached_property
+    def png(self) -> bytes:
+        """The default encoding (PNG, zlib level 6)."""
+        return self.encode()
 
 
 class DiTRunner:
     def __init__(self, model: str, variant: str | None = None, dtype: str | torch.dtype = "auto",
-                 device: str = "auto", max_batch_size: int = 8, compile: bool = True, forward: str = "fast"):
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+                 device: str = "auto", max_batch_size: int = 8, compile: bool = True, forward: str = "fast",
+                 quantization: str | None = None, debug_outputs: bool = False):
+        """`quantization`: None or "fp8" (GPU: DiT linear weights held in FP8 E4M3, see quantize.py).
+        `debug_outputs`: also copy each image's final latents and float image to the host (tests)."""
+        device_ = resolve_device(device)
+        dtype_ = resolve_dtype(dtype, device_)
         t0 = time.perf_counter()
         files = resolve_checkpoint(model, variant, need_vit=False, need_vae=True)
-        self.model, self.config = load_dit_model(files, self.device, self.dtype)
-        self.vae = LanceVAE.from_wan22_pth(files.vae_path, dtype=self.dtype, device=self.device, encoder=False)
-        self.decoder = FrameDecoder(self.vae)
-        self.engine = DenoiseEngine(self.model, forward, max_batch_size=max_batch_size,
-                                    **fast_path_options(compile, self.device))
+        dit, config = load_dit_model(files, device_, dtype_)
+        vae = LanceVAE.from_wan22_pth(files.vae_path, dtype=dtype_, device=device_, encoder=False)
+        self._assemble(dit, config, vae, max_batch_size, compile, forward, quantization, debug_outputs)
         log.info("DiT stage ready in %.1fs on %s (%s): %s", time.perf_counter() - t0, self.device, self.dtype,
                  self.memory())
+
+    @classmethod
+    def from_loaded(cls, model: LanceModel, config: LanceConfig, vae: LanceVAE, max_batch_size: int = 8,
+                    compile: bool = True, forward: str = "fast", quantization: str | None = None,
+                    debug_outputs: bool = False) -> "DiTRunner":
+        """A runner on an already built DiT model and VAE decoder (benchmarks: random weights of the real shapes)."""
+        runner = cls.__new__(cls)
+        runner._assemble(model, config, vae, max_batch_size, compile, forward, quantization, debug_outputs)
+        return runner
+
+    def _assemble(self, model, config, vae, max_batch_size, compile, forward, quantization, debug_outputs):
+        self.model, self.config, self.vae = model, config, vae
+        self.device = model.vae2llm.weight.device
+        self.dtype = model.vae2llm.weight.dtype
+        self.debug_outputs = debug_outputs
+        self.quantization = quantize_dit_model(model, quantization)
+        self.decoder = FrameDecoder(vae)
+        self.engine = DenoiseEngine(model, forward, max_batch_size=max_batch_size,
+                                    **fast_path_options(compile, self.device))
 
     def memory(self) -> dict:
         """Bytes held by this stage: DiT weights, VAE decoder weights, and (GPU) allocator figures."""
@@ -124,14 +173,24 @@ class DiTRunner:
         return results
 
     def decode(self, grid, latents: list[torch.Tensor]) -> list[DecodedImage]:
+        """Final latents of one grid -> images, in one VAE call. Only the uint8 pixels go to the host
+        (plus latents and float image with `debug_outputs`); on a GPU that copy is asynchronous."""
         t, h, w = grid
         z = torch.stack([x.view(t, h, w, -1) for x in latents])        # [B, t, h, w, C]
         images = self.decoder(z.permute(0, 4, 1, 2, 3).to(self.dtype))  # [B, 3, H, W]
+        pixels = decode_to_uint8(images.transpose(0, 1))                # [B, H, W, 3] on the device (B as frames)
+        ready = None
+        if pixels.device.type == "cuda":
+            host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+            host.copy_(pixels, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            pixels = host
         out = []
-        for x, img in zip(latents, images):
-            pixels = decode_to_uint8(img[:, None]).squeeze(0).cpu()      # [H, W, 3]
-            buf = io.BytesIO()
-            Image.fromarray(pixels.numpy()).save(buf, format="PNG")
-            out.append(DecodedImage(buf.getvalue(), pixels.shape[1], pixels.shape[0],
-                                    x.view(t, h, w, -1).cpu(), img.float().cpu(), pixels))
+        for i, x in enumerate(latents):
+            debug = {}
+            if self.debug_outputs:
+                debug = {"latents": x.view(t, h, w, -1).cpu(), "image": images[i].float().cpu()}
+            out.append(DecodedImage(pixels[i], pixels.shape[2], pixels.shape[1], ready, **debug))
         return out
+

@@ -1,27 +1,30 @@
-"""The Ray Serve deployments of the DiT (hand-off in, progress and a PNG out); the stage graph's
+"""The Ray Serve deployments of the DiT (hand-off in, progress and an encoded image out); the stage graph's
 `deployment_class` picks one, and both take the graph's `dit.engine` as `engine_args`.
 
-`DiTStage`: one replica owns one `DiTRunner` (model, engine, VAE decoder). Requests are async generators
-on the replica's event loop; a single background task drives the engine from one worker thread, one step
-at a time, so requests join and leave between steps and the event loop stays free.
+`DiTStage`: one replica owns one `DiTRunner` (model, engine, VAE decoder) driven by a `DiTServingLoop`
+(serving.py: the engine on one worker thread, one step at a time, so requests join and leave between
+steps; finished images encoded on a small pool, off the engine thread).
 `CfgParallelDiTStage`: one replica spreads each request's two CFG branches over two devices.
 
-Each request gets {"step": i, "total": n} after every step, then {"png", "width", "height", "latents": None}.
+Each request gets {"step": i, "total": n} after every step, then {"image": bytes, "format", "media_type",
+"width", "height"}, encoded as the request's `ImageEncoding` asks (PNG unless it asks otherwise).
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Any, AsyncIterator
 
 from ray import serve
 
 from stages.lance.handoff import BranchKV, ContextHandoff
+from stages.lance.requests import ImageEncoding
 
-from .engine import DenoiseJob
+from .encode import with_png_level
+from .quantize import QUANTIZATIONS
 from .runner import DiTRunner
+from .serving import DiTServingLoop
 
 log = logging.getLogger("ray.serve")
 
@@ -43,6 +46,15 @@ class DiTEngineOptions:
     dtype: str = "auto"       # auto: bfloat16 on a GPU, float32 on the CPU
     device: str = "auto"      # auto: cuda when there is one (DiTStage only: CFG-parallel ranks use their bundles')
     compile: bool = True      # GPU only: fused Triton kernels, CUDA graphs, cuDNN attention
+    quantization: str | None = None   # None/"none" or "fp8": layer weights in FP8 E4M3 (quantize.py)
+    png_compress_level: int = 6       # zlib level of PNG responses (the pixels are the same at any level)
+
+    def __post_init__(self):
+        if self.quantization in ("none", ""):
+            object.__setattr__(self, "quantization", None)
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"unknown quantization {self.quantization!r} (none | fp8)")
+        ImageEncoding(png_compress_level=self.png_compress_level)   # validates the level
 
     @classmethod
     def from_dict(cls, args: dict[str, Any] | None) -> "DiTEngineOptions":
@@ -54,11 +66,6 @@ class DiTEngineOptions:
         return cls(**args)
 
 
-def image_item(image) -> dict:
-    """The last item of a generate_image stream: the PNG of a `DecodedImage`."""
-    return {"png": image.png, "width": image.width, "height": image.height, "latents": None}
-
-
 @serve.deployment(max_ongoing_requests=16)
 class DiTStage:
     """One device; requests that arrive together are denoised together, one step at a time."""
@@ -67,80 +74,21 @@ class DiTStage:
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01):
         args = DiTEngineOptions.from_dict(engine_args)
         self.runner = DiTRunner(model, variant, dtype=args.dtype, device=args.device, max_batch_size=max_batch_size,
-                                compile=args.compile)
-        self.batch_wait_timeout_s = batch_wait_timeout_s
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit-engine")
-        self._waiters: dict[DenoiseJob, asyncio.Queue] = {}
-        self._wake: asyncio.Event | None = None
-        self._driver: asyncio.Task | None = None
+                                compile=args.compile, quantization=args.quantization)
+        self.loop = DiTServingLoop(self.runner, batch_wait_timeout_s, png_compress_level=args.png_compress_level)
 
-    async def generate_image(self, handoff: ContextHandoff) -> AsyncIterator[dict]:
+    async def generate_image(self, handoff: ContextHandoff, encoding: ImageEncoding | None = None
+                             ) -> AsyncIterator[dict]:
         cond_kv, uncond_kv = await asyncio.gather(fetch_kv(handoff.cond), fetch_kv(handoff.uncond))
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-
-        def on_step(done: int, total: int) -> None:   # called on the engine thread
-            if not loop.is_closed():
-                loop.call_soon_threadsafe(queue.put_nowait, {"step": done, "total": total})
-
-        # on the engine thread: device copies never race a running step
-        job = await loop.run_in_executor(self._executor, self.runner.prepare, handoff, cond_kv, uncond_kv, on_step)
-        self._waiters[job] = queue
-        self.runner.submit(job)
-        self._ensure_driver()
-        self._wake.set()
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if "png" in item:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                job.cancelled = True   # the client left: the engine drops the job before its next step
-            self._waiters.pop(job, None)
+        async for item in self.loop.generate_image(handoff, cond_kv, uncond_kv, encoding):
+            yield item
 
     async def check_health(self) -> None:
-        if self._driver is not None and self._driver.done():
-            raise RuntimeError(f"the DiT engine loop stopped: {self._driver.exception()!r}")
+        self.loop.check_health()
 
     async def stats(self) -> dict:
         """Memory (weights, allocator) and load, for logs and metrics."""
-        return {"memory": self.runner.memory(), "active": len(self.runner.engine.active), "waiting": len(self._waiters)}
-
-    # --- the engine loop ---------------------------------------------------------------------------
-
-    def _ensure_driver(self) -> None:
-        if self._driver is None or self._driver.done():  # (re)start on the running loop
-            self._wake = asyncio.Event()
-            self._driver = asyncio.get_running_loop().create_task(self._drive())
-
-    async def _drive(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            if not self.runner.has_work:
-                self._wake.clear()
-                await self._wake.wait()
-                if self.batch_wait_timeout_s > 0:  # let requests arriving together share the first step
-                    await asyncio.sleep(self.batch_wait_timeout_s)
-            try:
-                results = await loop.run_in_executor(self._executor, self.runner.step)
-            except Exception as e:  # a bug outside any one job: fail the active jobs, keep serving
-                log.exception("DiT engine step failed")
-                results = [(job, e) for job in self.runner.engine.active]
-                self.runner.engine.active.clear()
-            for job, result in results:
-                queue = self._waiters.get(job)
-                if queue is None:
-                    continue
-                if isinstance(result, BaseException):
-                    queue.put_nowait(result)
-                else:
-                    queue.put_nowait(image_item(result))
+        return self.loop.stats()
 
 
 @serve.deployment(max_ongoing_requests=16)
@@ -155,17 +103,28 @@ class CfgParallelDiTStage:
         if args.device != "auto":
             raise ValueError("the CFG-parallel DiT puts its two ranks on its placement group's devices; "
                              "remove engine_args.device")
+        if args.quantization is not None:
+            raise ValueError("the CFG-parallel DiT does not run quantized weights; remove engine_args.quantization "
+                             "or use stages.dit:DiTStage")
         if max_batch_size != 1:
             raise ValueError(f"the CFG-parallel DiT denoises one request at a time on both devices, "
                              f"max_batch_size must be 1 (got {max_batch_size}); scale with replicas")
         from .cfg_parallel import CfgParallelGroup
 
         self.group = CfgParallelGroup(model, variant, dtype=args.dtype, compile=args.compile)
+        self.png_compress_level = args.png_compress_level
 
-    async def generate_image(self, handoff: ContextHandoff) -> AsyncIterator[dict]:
+    async def generate_image(self, handoff: ContextHandoff, encoding: ImageEncoding | None = None
+                             ) -> AsyncIterator[dict]:
+        encoding = with_png_level(encoding, self.png_compress_level)
         async for item in self.group.denoise_stream(handoff):
             image = item.get("image")
-            yield item if image is None else image_item(image)
+            if image is None:
+                yield item
+                continue
+            data = await asyncio.get_running_loop().run_in_executor(None, image.encode, encoding)
+            yield {"image": data, "format": encoding.format, "media_type": encoding.media_type,
+                   "width": image.width, "height": image.height}
 
     async def check_health(self) -> None:
         self.group.check_health()

@@ -33,6 +33,31 @@ class DenoiseParams:
         return self.cfg_text_scale != 1.0
 
 
+IMAGE_FORMATS = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}   # format -> media type
+
+
+@dataclass(frozen=True)
+class ImageEncoding:
+    """How a finished image is encoded for the response. PNG (lossless) is the default; the OpenAI
+    images API's `output_format` / `output_compression` pick WebP or JPEG (lossy, smaller, faster)."""
+
+    format: Literal["png", "webp", "jpeg"] = "png"
+    quality: int = 100                 # webp/jpeg: 0..100 (OpenAI's output_compression); png ignores it
+    png_compress_level: int = 6        # zlib level 0..9 (PIL's default 6); the pixels are the same at any level
+
+    def __post_init__(self):
+        if self.format not in IMAGE_FORMATS:
+            raise ValueError(f"unknown image format {self.format!r} ({', '.join(IMAGE_FORMATS)})")
+        if not 0 <= self.quality <= 100:
+            raise ValueError(f"quality must be in [0, 100], got {self.quality}")
+        if not 0 <= self.png_compress_level <= 9:
+            raise ValueError(f"png_compress_level must be in [0, 9], got {self.png_compress_level}")
+
+    @property
+    def media_type(self) -> str:
+        return IMAGE_FORMATS[self.format]
+
+
 @dataclass
 class ImageRequest:
     """t2i (no image) or image_edit (one input image)."""
@@ -47,6 +72,7 @@ class ImageRequest:
     system_prompt: str | None = None    # None: upstream's system prompt for the task
     params: DenoiseParams = field(default_factory=DenoiseParams)
     request_id: str = ""
+    encoding: ImageEncoding = ImageEncoding()   # of the finished image (the DiT stage encodes)
 
 
 @dataclass

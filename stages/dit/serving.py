@@ -1,0 +1,148 @@
+"""`DiTServingLoop`: the DiT stage's request loop, without Ray (the deployment wraps it; the benchmark
+drives it in-process on a GPU machine).
+
+Requests are async generators on one event loop. One background task drives the engine from a single
+worker thread, one step at a time, so requests join and leave between steps and the event loop stays
+free. Finished images leave the engine thread as uint8 pixels still being copied to the host; an
+`EncoderPool` waits for the copy and encodes them (PNG by default, WebP/JPEG on request) while the
+engine thread already runs the next step. Each request gets {"step": i, "total": n} after every step,
+then {"image": bytes, "format", "media_type", "width", "height"}.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from stages.lance.handoff import ContextHandoff
+from stages.lance.requests import ImageEncoding
+
+from .encode import EncoderPool, with_png_level
+from .engine import DenoiseJob
+from .runner import DecodedImage, DiTRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    queue: asyncio.Queue
+    encoding: ImageEncoding
+
+
+class DiTServingLoop:
+    def __init__(self, runner: DiTRunner, batch_wait_timeout_s: float = 0.0, encode_workers: int | None = None,
+                 png_compress_level: int = 6):
+        """`png_compress_level` (zlib 0..9) applies to PNG responses; the pixels are the same at any level."""
+        self.runner = runner
+        self.batch_wait_timeout_s = batch_wait_timeout_s
+        self.png_compress_level = ImageEncoding(png_compress_level=png_compress_level).png_compress_level
+        self.encoder = EncoderPool(encode_workers)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit-engine")
+        self._waiters: dict[DenoiseJob, _Waiter] = {}
+        self._wake: asyncio.Event | None = None
+        self._driver: asyncio.Task | None = None
+        self.steps_run = 0
+
+    async def generate_image(self, handoff: ContextHandoff, cond_kv, uncond_kv,
+                             encoding: ImageEncoding | None = None) -> AsyncIterator[dict]:
+        """Progress after every step, then the encoded image (see the module docstring)."""
+        encoding = with_png_level(encoding, self.png_compress_level)
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def on_step(done: int, total: int) -> None:   # called on the engine thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(queue.put_nowait, {"step": done, "total": total})
+
+        waiter = _Waiter(queue, encoding)
+
+        def prepare_and_submit() -> DenoiseJob:
+            # On the engine thread: device copies never race a running step, and a job prepared before a
+            # step that is already queued behind it joins that step (submitting from the event loop
+            # afterwards would let the queued step start without it).
+            job = self.runner.prepare(handoff, cond_kv, uncond_kv, on_step)
+            self._waiters[job] = waiter
+            self.runner.submit(job)
+            return job
+
+        prepared = self._executor.submit(prepare_and_submit)
+        try:
+            job = await asyncio.wrap_future(prepared)
+        except asyncio.CancelledError:   # the client left while its job was being prepared: drop the job
+            prepared.add_done_callback(self._drop_prepared)
+            raise
+        self._ensure_driver()
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if "image" in item:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                job.cancelled = True   # the client left: the engine drops the job before its next step
+            self._waiters.pop(job, None)
+
+    def _drop_prepared(self, prepared) -> None:
+        if not prepared.cancelled() and prepared.exception() is None:
+            job = prepared.result()
+            job.cancelled = True
+            self._waiters.pop(job, None)
+
+    def check_health(self) -> None:
+        if self._driver is not None and self._driver.done():
+            raise RuntimeError(f"the DiT engine loop stopped: {self._driver.exception()!r}")
+
+    def stats(self) -> dict:
+        return {"memory": self.runner.memory(), "active": len(self.runner.engine.active),
+                "waiting": len(self._waiters), "encode_workers": self.encoder.workers}
+
+    # --- the engine loop ---------------------------------------------------------------------------
+
+    def _ensure_driver(self) -> None:
+        if self._driver is None or self._driver.done():  # (re)start on the running loop
+            self._wake = asyncio.Event()
+            self._driver = asyncio.get_running_loop().create_task(self._drive())
+
+    async def _drive(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.runner.has_work:
+                self._wake.clear()
+                await self._wake.wait()
+                if self.batch_wait_timeout_s > 0:  # let requests arriving together share the first step
+                    await asyncio.sleep(self.batch_wait_timeout_s)
+            try:
+                results = await loop.run_in_executor(self._executor, self.runner.step)
+                self.steps_run += 1
+            except Exception as e:  # a bug outside any one job: fail the active jobs, keep serving
+                log.exception("DiT engine step failed")
+                results = [(job, e) for job in self.runner.engine.active]
+                self.runner.engine.active.clear()
+            for job, result in results:
+                waiter = self._waiters.get(job)
+                if waiter is None:
+                    continue
+                if isinstance(result, BaseException):
+                    waiter.queue.put_nowait(result)
+                else:
+                    loop.create_task(self._deliver(waiter, result))
+
+    async def _deliver(self, waiter: _Waiter, image: DecodedImage) -> None:
+        try:
+            data = await self.encoder.encode(image, waiter.encoding)
+        except Exception as e:
+            log.exception("encoding a finished image failed")
+            waiter.queue.put_nowait(e)
+            return
+        waiter.queue.put_nowait({"image": data, "format": waiter.encoding.format,
+                                 "media_type": waiter.encoding.media_type,
+                                 "width": image.width, "height": image.height})
