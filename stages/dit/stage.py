@@ -48,6 +48,7 @@ class DiTStage:
         if cfg_parallel not in (1, 2):
             raise ValueError(f"cfg_parallel={cfg_parallel}: use 1 (one device) or 2 (a device per CFG branch)")
         self.group = None
+        self._group_jobs = 0   # cfg_parallel: requests inside group.denoise_stream
         if cfg_parallel == 2:
             # The two branches on the replica's two GPU bundles; one request at a time (a latency option).
             from .cfg_parallel import CfgParallelGroup
@@ -63,10 +64,14 @@ class DiTStage:
 
     async def generate_image(self, handoff: ContextHandoff) -> AsyncIterator[dict]:
         if self.group is not None:
-            async for item in self.group.denoise_stream(handoff):
-                img = item.get("image")
-                yield item if img is None else {"png": img.png, "width": img.width, "height": img.height,
-                                                "latents": None}
+            self._group_jobs += 1
+            try:
+                async for item in self.group.denoise_stream(handoff):
+                    img = item.get("image")
+                    yield item if img is None else {"png": img.png, "width": img.width, "height": img.height,
+                                                    "latents": None}
+            finally:
+                self._group_jobs -= 1
             return
         cond_kv, uncond_kv = await asyncio.gather(fetch_kv(handoff.cond), fetch_kv(handoff.uncond))
         loop = asyncio.get_running_loop()
@@ -103,6 +108,13 @@ class DiTStage:
             return
         if self._driver is not None and self._driver.done():
             raise RuntimeError(f"the DiT engine loop stopped: {self._driver.exception()!r}")
+
+    async def num_jobs(self) -> int:
+        """Denoising jobs this replica holds: queued, stepping, or cancelled and not yet dropped by the
+        engine, plus requests still waiting for their result (0 when idle; `/health` reports it)."""
+        if self.group is not None:
+            return self._group_jobs
+        return len({*self.runner.engine.jobs, *self._waiters})
 
     async def stats(self) -> dict:
         """Memory (weights, allocator) and load, for logs and metrics."""

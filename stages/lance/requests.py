@@ -12,6 +12,7 @@ from PIL import Image
 
 ImageTask = Literal["t2i", "image_edit"]
 TextTask = Literal["x2t_image", "chat"]
+DEFAULT_T2I_SIZE = 768  # upstream's t2i height and width (inference_lance.sh)
 
 
 @dataclass(frozen=True)
