@@ -520,7 +520,10 @@ async function buildRequest(ctl) {
   const content = [];
   const messages = [];
   if (def.chat) {
-    for (const turn of ctl.conversation) messages.push(turn);
+    for (const turn of ctl.conversation) {
+      params[`messages[${messages.length}]`] = "conversation";   // not a field: the earlier turns
+      messages.push(turn);
+    }
   }
   if (media) {
     const part = fileName === "video" ? {type: "video_url", video_url: {url: media.url}}
@@ -548,23 +551,29 @@ function clearErrors(ctl) {
 
 // The field an error `param` names: the request's own map (message parts), else the knob whose
 // request names include the param ("height" -> size), else none (shown under the form).
-function fieldForParam(ctl, param, paramMap) {
-  if (!param) return null;
+function paramTarget(ctl, param, paramMap) {
+  if (!param) return {box: null, name: null};
   const keys = Object.keys(paramMap).sort((a, b) => b.length - a.length);
-  let name = keys.find((k) => param === k || param.startsWith(`${k}.`) || param.startsWith(`${k}[`));
-  name = name ? paramMap[name] : null;
+  const key = keys.find((k) => param === k || param.startsWith(`${k}.`) || param.startsWith(`${k}[`));
+  const name = key ? paramMap[key] : null;
   const base = param.split(/[.[]/)[0];
   for (const box of ctl.form.querySelectorAll("[data-params]")) {
     const names = box.dataset.params.split(" ");
-    if ((name && box.dataset.field === name) || (!name && (names.includes(param) || names.includes(base)))) return box;
+    if ((name && box.dataset.field === name) || (!name && (names.includes(param) || names.includes(base)))) {
+      return {box, name};
+    }
   }
-  return null;
+  return {box: null, name};
 }
 
 function showError(ctl, error, paramMap = {}) {
-  const box = error instanceof FieldError ? $(`[data-field="${error.field}"]`, ctl.form)
-    : fieldForParam(ctl, error.param, paramMap);
-  const message = error.message || String(error);
+  const target = error instanceof FieldError ? {box: $(`[data-field="${error.field}"]`, ctl.form), name: error.field}
+    : paramTarget(ctl, error.param, paramMap);
+  const box = target.box;
+  let message = error.message || String(error);
+  if (target.name === "conversation") {
+    message = `An earlier turn of this conversation was refused: ${message} (start a new conversation to drop it).`;
+  }
   if (box) {
     const p = $(".field-error", box);
     p.textContent = message;
@@ -580,7 +589,7 @@ function showError(ctl, error, paramMap = {}) {
     p.textContent = message;
     p.hidden = false;
   }
-  $(".status", ctl.output).textContent = box ? "The server refused the request (see the field marked above)." : "Failed.";
+  $(".status", ctl.output).textContent = box ? "The server refused the request (see the marked field)." : "Failed.";
 }
 
 // -- running a task --------------------------------------------------------------------------------
@@ -709,6 +718,8 @@ async function runTask(ctl) {
       showError(ctl, error, req.params);
     }
   } finally {
+    const bar = $("progress", ctl.output);
+    if (!bar.hasAttribute("value")) $(".progress", ctl.output).hidden = true;   // no step ever came
     ctl.controller = null;
     setRunning(ctl, false);
   }
