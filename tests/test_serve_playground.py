@@ -479,3 +479,57 @@ def test_an_image_dropped_on_the_drop_zone_is_taken(page, tmp_path):
     caption = wait_js(page, """const p = document.querySelector('#panel-image_edit .preview .hint');
                                return p && p.textContent.includes('×') && p.textContent""", "the preview")
     assert "64×48" in caption
+
+
+# -- what the page offers follows /v1/models ---------------------------------------------------------------
+
+VIDEO_TASKS = ["t2v", "i2v", "video_edit", "x2t_video"]
+
+
+@pytest.fixture(scope="module")
+def video_ingress():
+    """The ingress app (no stages behind it) of a server that lists the video tasks: only its
+    /v1/models and the page answer, which is all the page needs to build its tabs."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from serve_app.ingress import ROUTED_TASKS, IngressSettings, LanceService, build_fastapi_app
+
+    settings = IngressSettings(served_model_name="lance-video", model_path="/models/Lance",
+                               tasks=(*ROUTED_TASKS, *VIDEO_TASKS))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_fastapi_app(LanceService(settings)), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the ingress app did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_video_tabs_appear_when_the_server_lists_video_tasks(video_ingress, driver, shots):
+    from selenium.webdriver.common.by import By
+
+    driver.get(f"{video_ingress}/playground")
+    wait_js(driver, "return document.querySelectorAll('[role=tab]').length > 0", "the tabs")
+    tabs = driver.execute_script("return [...document.querySelectorAll('[role=tab]')].map(t => t.dataset.task)")
+    assert tabs == IMAGE_TASKS + VIDEO_TASKS
+    assert not driver.find_element(By.ID, "tiny-banner").is_displayed()   # real weights: no warning
+    expected = {"t2v": ["prompt", "size", "num_frames", "num_inference_steps", "seed"],
+                "i2v": ["image", "prompt", "num_frames"], "video_edit": ["video", "prompt"],
+                "x2t_video": ["video", "prompt", "max_tokens", "temperature"]}
+    for task, fields in expected.items():
+        p = panel(driver, task)
+        shown = [box.get_attribute("data-field") for box in p.find_elements(By.CSS_SELECTOR, "[data-field]")]
+        assert all(f in shown for f in fields), (task, shown)
+        if "video" in fields:
+            assert driver.find_element(By.ID, f"{task}-video").get_attribute("accept") == "video/*"
+        screenshot(driver, shots, f"tab_{task}")
