@@ -187,9 +187,9 @@ new MutationObserver(() => {
   if (bar.hasAttribute('value')) window.__seen.progress.push([bar.value, bar.max]);
 }).observe(bar, {attributes: true});
 new MutationObserver(() => {
-  const t = panel.querySelector('.result .answer');
-  if (t) window.__seen.text.push(t.textContent.length);
-}).observe(panel.querySelector('.result'), {subtree: true, childList: true, characterData: true});
+  const answers = panel.querySelectorAll('.output .answer');
+  if (answers.length) window.__seen.text.push(answers[answers.length - 1].textContent.length);
+}).observe(panel.querySelector('.output'), {subtree: true, childList: true, characterData: true});
 """
 
 

@@ -374,13 +374,10 @@ function fileField(task, name, spec) {
 function buildPanel(task, specs) {
   const def = TASKS[task];
   const form = el("form", {class: "task-form", novalidate: true, "aria-label": def.label});
-  if (def.chat) {
-    form.append(el("div", {class: "conversation", role: "log", "aria-label": "Conversation", "aria-live": "polite"}));
-  }
   for (const name of def.fields) form.append(buildField(task, name, specs));
   if (def.advanced.length) {
     form.append(el("details", {class: "advanced"}, el("summary", {text: "More knobs"}),
-                   def.advanced.map((name) => buildField(task, name, specs))));
+                   el("div", {class: "advanced-body"}, def.advanced.map((name) => buildField(task, name, specs)))));
   }
   const run = el("button", {type: "submit", class: "run"}, def.action);
   const stop = el("button", {type: "button", class: "stop", disabled: true}, "Stop");
@@ -396,6 +393,7 @@ function buildPanel(task, specs) {
                        el("progress", {id: `${task}-progress`, max: 100}),
                        el("span", {class: "progress-text", "aria-hidden": "true"})),
                     el("p", {class: "status", role: "status"}),
+                    def.chat ? el("div", {class: "conversation", role: "log", "aria-label": "Conversation"}) : null,
                     el("div", {class: "result"}));
   const panel = el("section", {id: `panel-${task}`, class: "panel", role: "tabpanel", "aria-labelledby": `tab-${task}`,
                                "data-task": task, tabindex: "0", hidden: true},
@@ -414,7 +412,7 @@ function buildPanel(task, specs) {
     $(".new-chat", form).addEventListener("click", () => {
       if (ctl.controller) ctl.controller.abort();
       ctl.conversation = [];
-      $(".conversation", form).replaceChildren();
+      $(".conversation", output).replaceChildren();
       $(".result", output).replaceChildren();
       $(".status", output).textContent = "";
     });
@@ -648,6 +646,11 @@ function showMedia(ctl, items, meta) {
 }
 
 function showText(ctl, text) {
+  ctl.partial = text;
+  if (ctl.turn) {                 // chat: the answer streams into its turn of the conversation
+    ctl.turn.answer.textContent = text;
+    return ctl.turn.answer;
+  }
   const result = $(".result", ctl.output);
   let answer = $(".answer", result);
   if (!answer) {
@@ -681,9 +684,11 @@ async function runTask(ctl) {
   ctl.controller = controller;
   setRunning(ctl, true);
   const started = performance.now();
-  let bubble = null;
+  ctl.partial = "";
   if (def.chat) {
-    bubble = addChatTurn(ctl, "user", req.prompt);
+    ctl.turn = {user: addChatTurn(ctl, "user", req.prompt), assistant: addChatTurn(ctl, "assistant", "")};
+    ctl.turn.answer = $("p", ctl.turn.assistant);
+    ctl.turn.answer.classList.add("answer");
     ctl.form.elements.namedItem("prompt").value = "";
   }
   $(".result", ctl.output).replaceChildren();
@@ -698,16 +703,16 @@ async function runTask(ctl) {
       : await readStream(ctl, response, req, started);
     const took = performance.now() - started;
     status.textContent = `Done in ${seconds(took)}${outcome.usage ? ` · ${usageText(outcome.usage, def)}` : ""}.`;
-    if (def.chat) {
-      ctl.conversation.push({role: "user", content: req.prompt}, {role: "assistant", content: outcome.text});
-      addChatTurn(ctl, "assistant", outcome.text);
-      $(".result", ctl.output).replaceChildren();
-    }
+    if (def.chat) ctl.conversation.push({role: "user", content: req.prompt}, {role: "assistant", content: outcome.text});
     if (outcome.text !== undefined) textDownload(ctl, outcome.text);
     await addHistory({task: ctl.task, summary: req.summary, took, text: outcome.text, media: outcome.media});
   } catch (error) {
-    if (def.chat && bubble) {   // the turn did not happen: give the message back to edit
-      bubble.remove();
+    const stoppedMidAnswer = error.name === "AbortError" && ctl.partial;
+    if (def.chat && stoppedMidAnswer) {   // keep what arrived, as the turn's answer
+      ctl.conversation.push({role: "user", content: req.prompt}, {role: "assistant", content: ctl.partial});
+    } else if (def.chat) {                // the turn did not happen: give the message back to edit
+      ctl.turn.user.remove();
+      ctl.turn.assistant.remove();
       ctl.form.elements.namedItem("prompt").value = req.prompt;
     }
     if (error.name === "AbortError") {
@@ -721,6 +726,7 @@ async function runTask(ctl) {
     const bar = $("progress", ctl.output);
     if (!bar.hasAttribute("value")) $(".progress", ctl.output).hidden = true;   // no step ever came
     ctl.controller = null;
+    ctl.turn = null;
     setRunning(ctl, false);
   }
 }
@@ -780,7 +786,7 @@ async function readImages(ctl, response, req) {
 // -- chat ------------------------------------------------------------------------------------------
 
 function addChatTurn(ctl, role, text) {
-  const log = $(".conversation", ctl.form);
+  const log = $(".conversation", ctl.output);
   const turn = el("div", {class: `turn turn-${role}`},
                   el("span", {class: "who", text: role === "user" ? "You" : "Lance"}), el("p", {text}));
   log.append(turn);
