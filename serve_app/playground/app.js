@@ -208,8 +208,8 @@ function describeModel(model) {
   const tiny = $("#tiny-banner");
   if (lance.tiny_random_weights) {
     tiny.textContent = "This server runs the tiny random-weights test checkpoint: images are noise and " +
-      "answers are gibberish. Everything else (the API, the knobs, progress, errors) is real. Serve a real " +
-      "checkpoint (LANCE_MODEL=… make serve) for real pictures.";
+      "answers are gibberish. The API, knobs, progress and errors are real; serve a real checkpoint " +
+      "(LANCE_MODEL=… make serve) for real results.";
     tiny.hidden = false;
   } else {
     tiny.hidden = true;
