@@ -9,6 +9,7 @@ phone-width layout) are written to $LANCE_PLAYGROUND_SCREENSHOTS, default out/pl
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -486,33 +487,45 @@ def test_an_image_dropped_on_the_drop_zone_is_taken(page, tmp_path):
 VIDEO_TASKS = ["t2v", "i2v", "video_edit", "x2t_video"]
 
 
-@pytest.fixture(scope="module")
-def video_ingress():
-    """The ingress app (no stages behind it) of a server that lists the video tasks: only its
-    /v1/models and the page answer, which is all the page needs to build its tabs."""
+@contextlib.contextmanager
+def ingress_app(app):
+    """Serve an ingress FastAPI app (no stages behind it: only /v1/models and the page answer) on
+    a free local port, in a thread."""
     import socket
     import threading
 
     import uvicorn
 
-    from serve_app.ingress import ROUTED_TASKS, IngressSettings, LanceService, build_fastapi_app
-
-    settings = IngressSettings(served_model_name="lance-video", model_path="/models/Lance",
-                               tasks=(*ROUTED_TASKS, *VIDEO_TASKS))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(build_fastapi_app(LanceService(settings)), host="127.0.0.1",
-                                           port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the ingress app did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def settings(**kw):
+    from serve_app.ingress import IngressSettings
+
+    return IngressSettings(served_model_name="lance", model_path="/models/Lance", **kw)
+
+
+@pytest.fixture(scope="module")
+def video_ingress():
+    """A server that lists the video tasks."""
+    from serve_app.ingress import ROUTED_TASKS, LanceService, build_fastapi_app
+
+    with ingress_app(build_fastapi_app(LanceService(settings(tasks=(*ROUTED_TASKS, *VIDEO_TASKS))))) as url:
+        yield url
 
 
 def test_video_tabs_appear_when_the_server_lists_video_tasks(video_ingress, driver, shots):
@@ -522,6 +535,7 @@ def test_video_tabs_appear_when_the_server_lists_video_tasks(video_ingress, driv
     wait_js(driver, "return document.querySelectorAll('[role=tab]').length > 0", "the tabs")
     tabs = driver.execute_script("return [...document.querySelectorAll('[role=tab]')].map(t => t.dataset.task)")
     assert tabs == IMAGE_TASKS + VIDEO_TASKS
+    assert driver.find_element(By.ID, "model-line").text.startswith("Model lance")
     assert not driver.find_element(By.ID, "tiny-banner").is_displayed()   # real weights: no warning
     expected = {"t2v": ["prompt", "size", "num_frames", "num_inference_steps", "seed"],
                 "i2v": ["image", "prompt", "num_frames"], "video_edit": ["video", "prompt"],
@@ -533,3 +547,43 @@ def test_video_tabs_appear_when_the_server_lists_video_tasks(video_ingress, driv
         if "video" in fields:
             assert driver.find_element(By.ID, f"{task}-video").get_attribute("accept") == "video/*"
         screenshot(driver, shots, f"tab_{task}")
+
+
+def test_a_401_asks_for_the_api_key_and_sends_it_as_a_bearer_token(driver, shots):
+    """The key flow against the ingress app behind a bearer check with the contract of issue 13
+    (401, an OpenAI error body, `WWW-Authenticate: Bearer`): the page asks for the key, keeps it in
+    sessionStorage only, and sends it on every API call."""
+    from selenium.webdriver.common.by import By
+    from starlette.responses import JSONResponse
+
+    from serve_app.ingress import LanceService, build_fastapi_app
+
+    app = build_fastapi_app(LanceService(settings()))
+    seen = []
+
+    @app.middleware("http")
+    async def require_key(request, call_next):
+        if request.url.path.startswith("/v1/"):
+            seen.append((request.url.path, request.headers.get("authorization")))
+            if request.headers.get("authorization") != "Bearer sk-test-123":
+                return JSONResponse({"error": {"message": "a valid API key is required", "type": "invalid_request_error",
+                                               "param": None, "code": "invalid_api_key"}},
+                                    status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
+    with ingress_app(app) as url:
+        driver.get(f"{url}/")
+        driver.execute_script("sessionStorage.clear(); localStorage.clear();")
+        driver.get(f"{url}/")
+        wait_js(driver, "return !document.getElementById('api-key-panel').hidden", "the API key question")
+        reason = driver.find_element(By.ID, "api-key-reason").text
+        assert "a valid API key is required" in reason
+        assert driver.switch_to.active_element.get_attribute("id") == "api-key-input"   # focus is there
+        screenshot(driver, shots, "api_key_asked")
+        assert not driver.find_elements(By.CSS_SELECTOR, "[role=tab]")
+        driver.switch_to.active_element.send_keys("sk-test-123\n")                    # Enter saves
+        wait_js(driver, "return document.querySelectorAll('[role=tab]').length > 0", "the tabs after the key")
+        assert driver.find_element(By.ID, "api-key-panel").get_attribute("hidden") is not None
+        assert driver.execute_script("return sessionStorage.getItem('lance-playground.api-key')") == "sk-test-123"
+        assert driver.execute_script("return localStorage.length") == 0
+    assert seen[0] == ("/v1/models", None) and seen[-1] == ("/v1/models", "Bearer sk-test-123")
