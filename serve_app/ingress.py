@@ -144,6 +144,8 @@ class LanceService:
                                    token_ids if parsed.return_token_ids else None)
 
     def _sse(self, events) -> StreamingResponse:
+        # A client that goes away (the playground's Stop) makes Serve cancel this request: closing
+        # `events` cancels the stage call under it, and the DiT drops the job before its next step.
         timeout = self.settings.request_timeout_s
 
         async def body():
