@@ -391,6 +391,7 @@ def test_bad_size_shows_the_servers_message_beside_the_size_field(http, page, sh
     size_error = page.find_element(By.ID, "t2i-size-error")
     assert size_error.is_displayed() and size_error.text == error["message"], (size_error.text, status)
     assert page.find_element(By.ID, "t2i-size-width").get_attribute("aria-invalid") == "true"
+    assert page.find_element(By.ID, "t2i-size-height").get_attribute("aria-invalid") is None   # 64 was fine
     described = page.find_element(By.ID, "t2i-size-width").get_attribute("aria-describedby").split()
     assert "t2i-size-error" in described   # a screen reader reads it with the field
     others = page.execute_script("""return [...document.querySelectorAll('#panel-t2i .field-error, #panel-t2i .form-error')]

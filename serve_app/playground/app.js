@@ -578,9 +578,12 @@ function showError(ctl, error, paramMap = {}) {
     p.hidden = false;
     const details = box.closest("details");
     if (details) details.open = true;
-    const input = box.querySelector("input, textarea, select");
-    for (const i of box.querySelectorAll("input, textarea, select")) i.setAttribute("aria-invalid", "true");
-    if (input) input.focus({preventScroll: true});
+    // the control the param names (size: "width" or "height"), else every control of the field
+    const controls = [...box.querySelectorAll("input, textarea, select")];
+    const named = controls.filter((c) => c.name === error.param);
+    const marked = named.length ? named : controls;
+    for (const c of marked) c.setAttribute("aria-invalid", "true");
+    if (marked.length) marked[0].focus({preventScroll: true});
     box.scrollIntoView({block: "nearest"});
   } else {
     const p = $(".form-error", ctl.form);
