@@ -3,8 +3,10 @@
   POST /v1/chat/completions   t2i / image_edit / x2t_image / chat (request_parsing.py routes)
   POST /v1/images/generations OpenAI images API (JSON), b64_json
   POST /v1/images/edits       OpenAI images API (multipart: image + prompt), b64_json
-  GET  /v1/models             the served model, and whether it is the tiny random checkpoint
-  GET  /health                200 only when both stages answer check_health
+  GET  /v1/models             the served model, its tasks, limits and defaults, and whether it is the
+                              tiny random checkpoint
+  GET  /health                200 only when both stages answer check_health; the DiT's job count
+  GET  /, /playground         the browser playground (serve_app/playground/), a client of the routes above
 
 Streaming (`stream: true`) is SSE in OpenAI's chunk format ending with `data: [DONE]`: text deltas,
 or for images chunks with an empty delta and `lance_progress: {step, total}`, then one chunk whose
@@ -24,12 +26,15 @@ import logging
 import time
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
+from importlib import resources
+from typing import get_args
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from stages.lance.requests import ImageRequest
+from stages.lance.requests import (DEFAULT_T2I_SIZE, DenoiseParams, ImageRequest, ImageTask, TextRequest,
+                                   TextTask)
 
 from . import openai_protocol as oai
 from .errors import OpenAIError, bad_request, install_error_handlers, stage_error
@@ -41,6 +46,10 @@ from .request_parsing import form_fields, parse_chat_request, parse_edit_form, p
 
 logger = logging.getLogger("ray.serve")
 
+# The tasks request_parsing routes (`/v1/models` lists them as lance.tasks; clients such as the
+# playground offer exactly these).
+ROUTED_TASKS = (*get_args(ImageTask), *get_args(TextTask))
+
 
 @dataclass(frozen=True)
 class IngressSettings:
@@ -50,6 +59,7 @@ class IngressSettings:
     stage_graph: str = ""
     request_timeout_s: float = 600.0
     limits: RequestLimits = field(default_factory=RequestLimits)
+    tasks: tuple[str, ...] = ROUTED_TASKS
 
     @property
     def max_body_bytes(self) -> int:
@@ -150,6 +160,8 @@ class LanceService:
         return JSONResponse(body, headers=headers)
 
     def _sse(self, events, headers: dict) -> StreamingResponse:
+        # A client that goes away (the playground's Stop) makes Serve cancel this request: closing
+        # `events` cancels the stage call under it, and the DiT drops the job before its next step.
         timeout = self.settings.request_timeout_s
 
         async def body():
@@ -279,22 +291,70 @@ class LanceService:
 
     # -- /v1/models, /health ------------------------------------------------------------------------
     async def models(self):
-        s = self.settings
+        s, limits = self.settings, self.settings.limits
+        denoise, text = DenoiseParams(), TextRequest(task="chat", turns=[])
         return {"object": "list", "data": [{
             "id": s.served_model_name, "object": "model", "created": 0, "owned_by": "lance-serve",
             "root": s.model_path,
             "lance": {"tiny_random_weights": s.tiny_random_weights, "stage_graph": s.stage_graph,
-                      "max_image_side": s.limits.max_image_side,
-                      "max_model_len": s.limits.max_new_tokens}}]}
+                      "max_image_side": limits.max_image_side,
+                      "max_model_len": limits.max_new_tokens,
+                      "tasks": list(s.tasks),
+                      "limits": {"min_image_side": limits.min_image_side,
+                                 "size_multiple": limits.size_multiple,
+                                 "max_inference_steps": limits.max_inference_steps,
+                                 "max_images_per_request": limits.max_n,
+                                 "max_image_bytes": limits.max_image_bytes},
+                      "defaults": {"size": f"{DEFAULT_T2I_SIZE}x{DEFAULT_T2I_SIZE}",
+                                   "num_inference_steps": denoise.num_inference_steps,
+                                   "seed": denoise.seed, "cfg_text_scale": denoise.cfg_text_scale,
+                                   "timestep_shift": denoise.timestep_shift,
+                                   "cfg_interval": list(denoise.cfg_interval),
+                                   "resolution": ImageRequest.resolution,
+                                   "max_tokens": text.max_tokens, "temperature": text.temperature}}}]}
 
     async def health(self):
-        stages = await self.pipeline.check_health()
+        stages, dit_jobs = await asyncio.gather(self.pipeline.check_health(),
+                                                self.pipeline.dit_jobs())
         if all(v == "ok" for v in stages.values()):
-            return {"status": "ok", "stages": stages}
+            return {"status": "ok", "stages": stages, "dit_jobs": dit_jobs}
         bad = ", ".join(f"{k}: {v}" for k, v in stages.items() if v != "ok")
         err = OpenAIError(f"not ready ({bad})", status=503, type="service_unavailable",
                           code="not_ready")
-        return JSONResponse(dict(err.body(), stages=stages), status_code=503)
+        return JSONResponse(dict(err.body(), stages=stages, dit_jobs=dit_jobs), status_code=503)
+
+
+# The playground's files (package data): name -> media type. Read once; served with a policy that
+# lets the page talk only to this server (no CDN, nothing fetched from elsewhere).
+PLAYGROUND_FILES = {"index.html": "text/html; charset=utf-8",
+                    "app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
+PLAYGROUND_HEADERS = {
+    "Cache-Control": "no-cache",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                               "media-src 'self' data: blob:; object-src 'none'; base-uri 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff"}
+
+
+def add_playground_routes(app: FastAPI) -> None:
+    folder = resources.files("serve_app") / "playground"
+    files = {name: folder.joinpath(name).read_bytes() for name in PLAYGROUND_FILES}
+
+    def serve_file(name: str) -> Response:
+        return Response(files[name], media_type=PLAYGROUND_FILES[name], headers=PLAYGROUND_HEADERS)
+
+    async def page():
+        return serve_file("index.html")
+
+    async def asset(name: str):
+        if name not in files:
+            raise OpenAIError(f"no playground file {name!r}", status=404, type="not_found_error",
+                              code="not_found")
+        return serve_file(name)
+
+    app.get("/", include_in_schema=False)(page)
+    app.get("/playground", include_in_schema=False)(page)
+    app.get("/playground/{name}", include_in_schema=False)(asset)
 
 
 def build_fastapi_app(service: LanceService) -> FastAPI:
@@ -313,6 +373,7 @@ def build_fastapi_app(service: LanceService) -> FastAPI:
     app.post("/v1/images/edits")(service.images_edits)
     app.get("/v1/models")(service.models)
     app.get("/health")(service.health)
+    add_playground_routes(app)
     return app
 
 

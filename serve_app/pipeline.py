@@ -112,3 +112,12 @@ class StagePipeline:
 
         results = await asyncio.gather(one("thinker", self.thinker), one("dit", self.dit))
         return dict(results)
+
+    async def dit_jobs(self) -> int | None:
+        """The denoising jobs held by the DiT replica that answers; None if it does not answer."""
+        if self.dit is None:
+            return None
+        try:
+            return await asyncio.wait_for(self.dit.num_jobs.remote(), HEALTH_TIMEOUT_S)
+        except Exception:
+            return None

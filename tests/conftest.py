@@ -56,3 +56,7 @@ def assert_golden(golden_dir: Path):
         assert status == "PASS", f"{name}: {message}"
 
     return check
+
+
+# One `serve run` for the session, shared by the end-to-end and browser tests (tests/serve_server.py).
+pytest_plugins = ["serve_server"]

@@ -1,9 +1,10 @@
 """End to end: the README's serve command, real Ray Serve + the vLLM thinker + the DiT, over HTTP.
 
-One deployment for the whole module: `serve run configs/lance_2stage.yaml` exactly as the README
-says, as a subprocess on a fresh local Ray cluster, with LANCE_MODEL unset and HOME a temp dir, so
-that on this CPU machine the app creates the tiny random-weights checkpoint in HOME's cache and
-serves it. Every test talks to it over real HTTP (httpx, curl, the OpenAI SDK) on the config's port.
+One deployment (the `server` fixture of tests/serve_server.py, shared with the browser tests):
+`serve run configs/lance_2stage.yaml` exactly as the README says, as a subprocess on a fresh local
+Ray cluster, with LANCE_MODEL unset and HOME a temp dir, so that on this CPU machine the app creates
+the tiny random-weights checkpoint in HOME's cache and serves it. Every test talks to it over real
+HTTP (httpx, curl, the OpenAI SDK) on the config's port.
 
 The split must change nothing: for the same seed and knobs, served images equal the offline
 `LancePipeline`'s (+-1 per pixel; an edit's reference posterior noise is drawn from the seed on
@@ -19,118 +20,25 @@ import io
 import json
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import numpy as np
 import openai
 import pytest
-import yaml
 from PIL import Image
 
+from serve_server import SERVE_CONFIG, VENV_BIN, Server
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SERVE_CONFIG = "configs/lance_2stage.yaml"
-VENV_BIN = Path(sys.executable).parent
-STARTUP_TIMEOUT_S = 600
 REQUEST_TIMEOUT_S = 300
 PROMPT = "A red cube on a blue table"
 
 
-# -- the deployment -----------------------------------------------------------------------------------
-
-@dataclass
-class Server:
-    base_url: str
-    proc: subprocess.Popen
-    log_path: Path
-    home: Path
-    startup_s: float
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def _config_port() -> int:
-    return int(yaml.safe_load((REPO_ROOT / SERVE_CONFIG).read_text())["http_options"]["port"])
-
-
-def _port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Ctrl-C, as a user stops `serve run` (it shuts Serve down, and its local Ray cluster with it);
-    then the process group it leads, if anything is left."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            pass
-    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return   # nothing left of the group
-        os.killpg(proc.pid, sig)
-        deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.5)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Server:
-    port = _config_port()
-    if _port_in_use(port):
-        pytest.fail(f"port {port} ({SERVE_CONFIG} http_options.port) is already in use; "
-                    "stop whatever listens there")
-    home = tmp_path_factory.mktemp("home")
-    log_path = home / "serve_run.log"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LANCE_MODEL", "LANCE_SERVE_CACHE_DIR", "XDG_CACHE_HOME", "RAY_ADDRESS")}
-    env.update(HOME=str(home), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-               RAY_ADDRESS="local",                              # a fresh cluster, never another's
-               RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION="0.05")  # small object store
-    start = time.monotonic()
-    with open(log_path, "wb") as log:
-        # exactly the README's command (`make serve` runs it too)
-        proc = subprocess.Popen(["serve", "run", SERVE_CONFIG], cwd=REPO_ROOT, env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"`serve run {SERVE_CONFIG}` exited ({proc.returncode}):\n"
-                            + log_path.read_text(errors="replace")[-6000:])
-            if time.monotonic() - start > STARTUP_TIMEOUT_S:
-                pytest.fail(f"not healthy after {STARTUP_TIMEOUT_S}s:\n"
-                            + log_path.read_text(errors="replace")[-6000:])
-            try:
-                if httpx.get(f"{base_url}/health", timeout=15).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        yield Server(base_url, proc, log_path, home, time.monotonic() - start)
-    finally:
-        _stop(proc)
-        deadline = time.monotonic() + 30
-        while _port_in_use(port) and time.monotonic() < deadline:
-            time.sleep(1)
-        assert not _port_in_use(port), f"port {port} still open after `serve run` was stopped"
-
+# -- the deployment: the session's one `serve run` (tests/serve_server.py) ----------------------------
 
 @pytest.fixture(scope="module")
 def http(server: Server):
@@ -263,7 +171,7 @@ def test_readme_serve_command_serves_the_tiny_checkpoint(server, http, model_inf
     assert "TINY RANDOM-WEIGHTS" in server.log()
     health = http.get("/health")
     assert health.status_code == 200 and health.json() == {
-        "status": "ok", "stages": {"thinker": "ok", "dit": "ok"}}
+        "status": "ok", "stages": {"thinker": "ok", "dit": "ok"}, "dit_jobs": 0}
     print(f"\n`serve run {SERVE_CONFIG}` healthy after {server.startup_s:.1f}s")
 
 

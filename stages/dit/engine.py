@@ -210,6 +210,12 @@ class DenoiseEngine:
     def has_work(self) -> bool:
         return bool(self.active or self._pending)
 
+    @property
+    def jobs(self) -> list[DenoiseJob]:
+        """The active and queued jobs (a snapshot; safe to read from another thread)."""
+        with self._lock:
+            return [*self.active, *self._pending]
+
     def step(self) -> list[DenoiseJob]:
         """Advance every active job by one step; returns the jobs that finished (or were cancelled)."""
         with self._lock:

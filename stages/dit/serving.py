@@ -97,6 +97,10 @@ class DiTServingLoop:
             job.cancelled = True
             self._waiters.pop(job, None)
 
+    def num_jobs(self) -> int:
+        """Jobs held: queued, stepping, or cancelled and not yet dropped, plus requests awaiting delivery."""
+        return len({*self.runner.engine.jobs, *self._waiters})
+
     def check_health(self) -> None:
         if self._driver is not None and self._driver.done():
             raise RuntimeError(f"the DiT engine loop stopped: {self._driver.exception()!r}")

@@ -86,6 +86,11 @@ class DiTStage:
     async def check_health(self) -> None:
         self.loop.check_health()
 
+    async def num_jobs(self) -> int:
+        """Denoising jobs this replica holds: queued, stepping, or cancelled and not yet dropped by the
+        engine, plus requests still waiting for their result (0 when idle; `/health` reports it)."""
+        return self.loop.num_jobs()
+
     async def stats(self) -> dict:
         """Memory (weights, allocator) and load, for logs and metrics."""
         return self.loop.stats()
@@ -113,21 +118,30 @@ class CfgParallelDiTStage:
 
         self.group = CfgParallelGroup(model, variant, dtype=args.dtype, compile=args.compile)
         self.png_compress_level = args.png_compress_level
+        self._jobs = 0   # requests inside group.denoise_stream
 
     async def generate_image(self, handoff: ContextHandoff, encoding: ImageEncoding | None = None
                              ) -> AsyncIterator[dict]:
         encoding = with_png_level(encoding, self.png_compress_level)
-        async for item in self.group.denoise_stream(handoff):
-            image = item.get("image")
-            if image is None:
-                yield item
-                continue
-            data = await asyncio.get_running_loop().run_in_executor(None, image.encode, encoding)
-            yield {"image": data, "format": encoding.format, "media_type": encoding.media_type,
-                   "width": image.width, "height": image.height}
+        self._jobs += 1
+        try:
+            async for item in self.group.denoise_stream(handoff):
+                image = item.get("image")
+                if image is None:
+                    yield item
+                    continue
+                data = await asyncio.get_running_loop().run_in_executor(None, image.encode, encoding)
+                yield {"image": data, "format": encoding.format, "media_type": encoding.media_type,
+                       "width": image.width, "height": image.height}
+        finally:
+            self._jobs -= 1
 
     async def check_health(self) -> None:
         self.group.check_health()
+
+    async def num_jobs(self) -> int:
+        """Requests inside the group's denoising stream (0 when idle; `/health` reports it)."""
+        return self._jobs
 
     async def stats(self) -> dict:
         return {"cfg_parallel": 2}

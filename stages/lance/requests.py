@@ -14,6 +14,7 @@ from .limits import CFG_RENORM_TYPES
 
 ImageTask = Literal["t2i", "image_edit"]
 TextTask = Literal["x2t_image", "chat"]
+DEFAULT_T2I_SIZE = 768  # upstream's t2i height and width (inference_lance.sh)
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from stages.lance.config import SpecialTokens
 from stages.lance.handoff import BranchKV, ContextHandoff
 from stages.lance.limits import DTYPE_NAMES, LimitError, check_image_size
 from stages.lance.prompts import Visual, default_system_prompt
-from stages.lance.requests import ImageRequest, TextRequest
+from stages.lance.requests import DEFAULT_T2I_SIZE, ImageRequest, TextRequest
 from stages.lance.sequence import (BranchPlan, LanceSequence, build_understanding_sequence, mrope_positions,
                                    plan_generation_request)
 from stages.lance.vae import latent_tokens, reference_latent
@@ -39,7 +39,6 @@ from .inputs import VisualInputs, vllm_prompt
 
 log = logging.getLogger(__name__)
 
-DEFAULT_T2I_SIZE = 768  # upstream's t2i default (inference_lance.sh)
 
 
 @dataclass
