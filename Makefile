@@ -29,7 +29,7 @@ $(VENV_STAMP): pyproject.toml
 ifneq (,$(findstring cpu,$(EXTRAS)))
 	$(VENV_PY) -m pip uninstall -y torchvision torchaudio torchcodec
 endif
-	$(VENV_PY) -c "import torch, transformers, stages.lance.cli"
+	$(VENV_PY) -c "import torch, transformers, deploy.cli"
 	rm -f $(VENV)/.lance-serve-installed-*
 	touch $@
 

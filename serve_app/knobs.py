@@ -20,6 +20,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 from stages.lance.requests import DenoiseParams
 
 from .errors import bad_request, validation_error
+from .stage_graph import DEFAULT_MAX_MODEL_LEN
 from .strict_model import StrictModel
 
 
@@ -32,7 +33,7 @@ class RequestLimits:
     size_multiple: int = 16         # one latent token per 16x16 pixels
     max_inference_steps: int = 200
     max_input_images: int = 1       # Lance_3B edits and understands one image per request
-    max_new_tokens: int = 8192      # the thinker's max_model_len
+    max_new_tokens: int = DEFAULT_MAX_MODEL_LEN   # the thinker's max_model_len
     max_n: int = 4                  # images per /v1/images request
     max_image_bytes: int = 20 * 2**20
     allow_remote_images: bool = False

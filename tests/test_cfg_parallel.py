@@ -13,9 +13,9 @@ import asyncio
 import pytest
 import torch
 
+from serve_app.stage_graph import cfg_parallel_deployment_options
 from stages.dit.cfg_parallel import (COND_RANK, UNCOND_RANK, BranchJob, CfgParallelGroup, branch_state,
-                                     cfg_parallel_deployment_options, cfg_step_indexes, denoise_cfg_parallel,
-                                     spawn_local_group, split_handoff)
+                                     cfg_step_indexes, denoise_cfg_parallel, spawn_local_group, split_handoff)
 from stages.dit.model import MARKER_IDS, load_dit_model
 from stages.lance.checkpoint import resolve_checkpoint
 from stages.lance.context import prefill_context
@@ -176,16 +176,6 @@ def test_bf16_split_stays_within_bf16_error_of_fp32(wide, tmp_path):
 
 
 # --- the serving form: two Ray actors in one placement group ---------------------------------------------
-
-def test_deployment_options_move_the_gpus_into_two_worker_bundles():
-    opts = cfg_parallel_deployment_options({"max_ongoing_requests": 8,
-                                            "ray_actor_options": {"num_cpus": 4, "num_gpus": 2}})
-    assert opts["ray_actor_options"] == {"num_cpus": 4}
-    assert opts["placement_group_bundles"] == [{"CPU": 4}, {"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}]
-    assert opts["placement_group_strategy"] == "STRICT_PACK" and opts["max_ongoing_requests"] == 8
-    with pytest.raises(ValueError, match="num_gpus 2"):
-        cfg_parallel_deployment_options({"ray_actor_options": {"num_cpus": 1, "num_gpus": 1}})
-
 
 def single_gpu_runner_result(runner, handoff: ContextHandoff):
     """The DiT stage's own single-device path (DiTRunner: both branches in one packed forward)."""

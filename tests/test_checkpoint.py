@@ -17,7 +17,7 @@ from stages.lance.checkpoint import (
     expected_llm_tensor_shapes, expected_model_file_tensor_shapes, expected_vit_tensor_shapes,
     hub_allow_patterns, load_lance_config, load_tokenizer, resolve_checkpoint,
 )
-from stages.lance.cli import main as cli_main
+from deploy.cli import COMMANDS, main as cli_main
 from stages.lance.config import LanceConfig
 from stages.lance.tiny import TinyCheckpointSpec, make_tiny_checkpoint
 
@@ -350,11 +350,12 @@ def test_make_tiny_rejects_bad_geometry_with_a_message(tmp_path, capsys, args, m
     assert not (tmp_path / "x").exists()
 
 
-def test_cli_subcommands_come_from_the_registry():
-    from stages.lance.cli import SUBCOMMANDS, subcommand
-
-    assert "make-tiny-checkpoint" in SUBCOMMANDS
-    with pytest.raises(ValueError, match="registered twice"):
-        subcommand("make-tiny-checkpoint", help="again")(lambda parser: None)
+def test_cli_lists_every_command_and_refuses_unknown_ones(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    listed = capsys.readouterr().out
+    assert {"make-tiny-checkpoint", "check-checkpoint", "k8s"} <= {c.name for c in COMMANDS}
+    assert all(c.name in listed for c in COMMANDS)
     with pytest.raises(SystemExit):
         cli_main(["no-such-command"])
+    assert "invalid choice: 'no-such-command'" in capsys.readouterr().err
