@@ -22,6 +22,17 @@ def golden_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def crd() -> Path:
+    """The KubeRay RayService CRD: $LANCE_KUBERAY_CRD, default <repo>/../shared/kuberay/ray.io_rayservices.yaml;
+    missing fails."""
+    path = Path(os.environ.get("LANCE_KUBERAY_CRD",
+                               REPO_ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.yaml"))
+    if not path.is_file():
+        pytest.fail(f"RayService CRD not found at {path} (set LANCE_KUBERAY_CRD)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_ckpt_dir(golden_dir: Path) -> Path:
     return golden_dir / "tiny_ckpt"
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib
-import os
 import re
 import shlex
 import shutil
@@ -29,16 +28,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO_ROOT / "k8s"
 SHIPPED_MANIFESTS = ("single_gpu", "multi_gpu")
 IMAGE = "lance-serve:0.1.0"
-
-
-@pytest.fixture(scope="session")
-def crd() -> Path:
-    """$LANCE_KUBERAY_CRD, default <repo>/../shared/kuberay/ray.io_rayservices.yaml; missing fails."""
-    path = Path(os.environ.get("LANCE_KUBERAY_CRD",
-                               REPO_ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.yaml"))
-    if not path.is_file():
-        pytest.fail(f"RayService CRD not found at {path} (set LANCE_KUBERAY_CRD)")
-    return path
 
 
 def committed(name: str) -> tuple[Path, dict]:
