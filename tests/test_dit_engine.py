@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dit_helpers import golden_handoff, grid_positions, synthetic_handoff
+from helpers import golden_handoff, grid_positions, synthetic_handoff
 from stages.dit.engine import DenoiseEngine, DiTRequestError
 from stages.dit.forward import BranchContext, FastForward, ReferenceForward, Row
 from stages.dit.model import load_dit_model, memory_report

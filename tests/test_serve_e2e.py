@@ -35,6 +35,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from helpers import data_url, png_bytes
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = "configs/lance_2stage.yaml"
 VENV_BIN = Path(sys.executable).parent
@@ -158,16 +160,6 @@ def offline(model_info):
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-
-def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def data_url(raw: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
-
 
 def input_image(width: int = 120, height: int = 90) -> Image.Image:
     """A deterministic image with structure (gradients and a square), so edits see real content."""
