@@ -26,6 +26,8 @@ from stages.lance.requests import DenoiseParams
 from stages.lance.scheduler import FlowMatchEulerScheduler
 from stages.lance.tiny import TinyCheckpointSpec, make_tiny_checkpoint
 
+pytestmark = pytest.mark.slow   # two torch.distributed processes per test
+
 WIDE = dict(layers=3, hidden=256, heads=4, kv_heads=2, intermediate=320)
 
 
@@ -181,6 +183,7 @@ def single_gpu_runner_result(runner, handoff: ContextHandoff):
     return image
 
 
+@pytest.mark.heavy
 def test_ray_group_serves_requests_like_the_single_device_dit(tiny_ckpt_dir, golden, assert_golden):
     import ray
 

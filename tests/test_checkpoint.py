@@ -329,6 +329,7 @@ def test_make_tiny_video_variant_has_vit_copy_and_3d_table(tmp_path):
         assert not torch.equal(v.get(name), i.get(name))  # separate fine-tunes
 
 
+@pytest.mark.slow
 def test_make_tiny_is_deterministic_per_seed(tmp_path):
     spec = TinyCheckpointSpec(layers=1, vit_depth=1)
     a = make_tiny_checkpoint(tmp_path / "a", spec)

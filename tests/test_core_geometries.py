@@ -87,6 +87,7 @@ def test_batched_cfg_branches_equal_separate_forwards(pipe):
     torch.testing.assert_close(both[1], alone[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("height,width,steps,cfg,interval", [(48, 80, 5, 2.5, (0.0, 1.0)), (64, 32, 7, 1.0, (0.4, 1.0))])
 def test_text_to_image_on_other_sizes_and_knobs(pipe, height, width, steps, cfg, interval):
     seen = []

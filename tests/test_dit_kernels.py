@@ -59,6 +59,7 @@ INTERPRETED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_triton_kernels_and_fused_forward_match_plain_ops(tiny_ckpt_dir, golden_dir):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", INTERPRETED, str(tiny_ckpt_dir),

@@ -39,6 +39,7 @@ def png_pixels(png: bytes) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(io.BytesIO(png)).convert("RGB")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["t2i", "image_edit"])
 def test_runner_reproduces_upstream_latent_and_image(runner, golden, assert_golden, case):
     g = golden(case)
@@ -146,6 +147,7 @@ def test_stage_accepts_the_stage_graph_engine_args(tiny_ckpt_dir):
         DiTStage.func_or_class(str(tiny_ckpt_dir), device="cpu", cfg_parallel=3)
 
 
+@pytest.mark.slow
 def test_engine_imports_without_ray_and_the_package_exports_the_deployment():
     import subprocess
     import sys
@@ -155,6 +157,7 @@ def test_engine_imports_without_ray_and_the_package_exports_the_deployment():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.heavy
 def test_kv_from_the_object_store(stage, golden, assert_golden):
     import ray
 

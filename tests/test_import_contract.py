@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from textwrap import dedent
 
+import pytest
+
 from import_contract import modules_loaded_by, violations
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -26,6 +28,7 @@ def test_rendering_a_manifest_imports_no_torch_vllm_or_ray_serve(tmp_path):
     assert out.read_text().startswith("# Rendered by: lance-serve k8s render --stage-graph multi_gpu")
 
 
+@pytest.mark.slow
 def test_checking_a_manifest_imports_no_torch_or_vllm(crd):
     # Ray Serve's config schema is loaded here (import_contract.ALLOWED says why); the Serve app is not.
     code = dedent(f"""
@@ -73,6 +76,7 @@ def test_the_checker_reports_every_kind_of_violation(tmp_path):
     assert "commands.py" not in found and len(found.splitlines()) == len(expected)
 
 
+@pytest.mark.slow
 def test_the_runtime_probe_sees_a_heavy_import_the_source_hides(tmp_path):
     root = _tree(tmp_path, {"deploy/render.py": "import importlib\nimportlib.import_module('to' + 'rch')\n"})
     assert violations(root) == []                     # invisible to a static reading ...

@@ -37,6 +37,8 @@ from PIL import Image
 
 from helpers import data_url, png_bytes
 
+pytestmark = pytest.mark.heavy   # `serve run` of the whole app
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SERVE_CONFIG = "configs/lance_2stage.yaml"
 VENV_BIN = Path(sys.executable).parent

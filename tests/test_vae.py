@@ -65,6 +65,7 @@ def test_decode_two_latent_frames_to_five_frames(vae, golden, assert_golden):
 
 # --- golden case `image_edit` ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_reference_latent_posterior_sample_with_injected_eps(vae, golden, assert_golden):
     g = golden("image_edit")
     mean, logvar = vae.encode(g["vae_input_ref"][None])
