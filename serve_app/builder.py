@@ -11,9 +11,10 @@
       request_timeout_s: 600    a request still running after this gets a 504
       max_image_bytes: 20971520 largest accepted input image
 
-The stage graph sets each deployment's Serve options; the stage classes get the engine arguments:
-    ThinkerStage(model, variant, engine_args)
-    DiTStage(model, variant, engine_args, max_batch_size, batch_wait_timeout_s, cfg_parallel)
+The stage graph sets each deployment's Serve options and picks each stage's class (`deployment_class`);
+the stage classes get the engine arguments:
+    ThinkerStage(model, engine_args, variant)
+    DiTStage | CfgParallelDiTStage(model, engine_args, variant, max_batch_size, batch_wait_timeout_s)
     LanceIngress(thinker_handle, dit_handle, settings)
 """
 from __future__ import annotations
@@ -72,8 +73,7 @@ def plan_app(args: dict | None, num_gpus: int | None = None) -> AppPlan:
         dit_init={"model": served.path, "variant": graph.variant,
                   "engine_args": dit.engine.model_dump(),
                   "max_batch_size": dit.batching.max_batch_size,
-                  "batch_wait_timeout_s": dit.batching.batch_wait_timeout_s,
-                  "cfg_parallel": dit.cfg_parallel})
+                  "batch_wait_timeout_s": dit.batching.batch_wait_timeout_s})
 
 
 def _stage_deployment(import_path: str, name: str, options: dict) -> Deployment:

@@ -17,6 +17,9 @@ from typing import Literal, Optional
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator
 
+from stages.lance.limits import (CFG_RENORM_TYPES, IMAGE_SIDE_MULTIPLE, MAX_CFG_RENORM_MIN, MAX_CFG_TEXT_SCALE,
+                                 MAX_IMAGE_SIDE, MAX_INFERENCE_STEPS, MAX_INPUT_IMAGES, MAX_TIMESTEP_SHIFT,
+                                 MIN_IMAGE_SIDE)
 from stages.lance.requests import DenoiseParams
 
 from .errors import bad_request, validation_error
@@ -28,11 +31,11 @@ from .strict_model import StrictModel
 class RequestLimits:
     """What the served model and the operator allow; the builder fills it from the stage graph."""
 
-    max_image_side: int = 1024      # latent max_latent_size (64) * VAE downsample (16)
-    min_image_side: int = 64        # 4x4 latents; smaller sizes are not meaningful images
-    size_multiple: int = 16         # one latent token per 16x16 pixels
-    max_inference_steps: int = 200
-    max_input_images: int = 1       # Lance_3B edits and understands one image per request
+    max_image_side: int = MAX_IMAGE_SIDE
+    min_image_side: int = MIN_IMAGE_SIDE
+    size_multiple: int = IMAGE_SIDE_MULTIPLE
+    max_inference_steps: int = MAX_INFERENCE_STEPS
+    max_input_images: int = MAX_INPUT_IMAGES
     max_new_tokens: int = DEFAULT_MAX_MODEL_LEN   # the thinker's max_model_len
     max_n: int = 4                  # images per /v1/images request
     max_image_bytes: int = 20 * 2**20
@@ -51,11 +54,11 @@ class GenerationKnobs(StrictModel):
     num_inference_steps: Optional[int] = Field(None, ge=1)
     seed: Optional[int] = Field(None, ge=0, lt=2**63)
     negative_prompt: Optional[str] = None
-    cfg_text_scale: Optional[float] = Field(None, ge=0, le=100)
-    timestep_shift: Optional[float] = Field(None, gt=0, le=100)
+    cfg_text_scale: Optional[float] = Field(None, ge=0, le=MAX_CFG_TEXT_SCALE)
+    timestep_shift: Optional[float] = Field(None, gt=0, le=MAX_TIMESTEP_SHIFT)
     cfg_interval: Optional[list[float]] = Field(None, min_length=2, max_length=2)  # [low, high]
-    cfg_renorm_type: Optional[Literal["global", "channel", "none", ""]] = None
-    cfg_renorm_min: Optional[float] = Field(None, ge=0, le=1)
+    cfg_renorm_type: Optional[Literal[CFG_RENORM_TYPES + ("",)]] = None   # "": vLLM-Omni's spelling of none
+    cfg_renorm_min: Optional[float] = Field(None, ge=0, le=MAX_CFG_RENORM_MIN)
     cfg_img_scale: Optional[float] = None            # Lance's image CFG is off: only 1.0
     system_prompt: Optional[str] = None
     resolution: Optional[Literal["image_768res", "image_512res", "image_256res"]] = None

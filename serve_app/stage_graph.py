@@ -6,7 +6,8 @@ combinations that cannot work are errors that name the file and the key. A value
 is what runs: nothing later overrides it. Each spec also turns itself into its deployment's Serve
 options (`deployment_options`), which the builder binds and the KubeRay renderer sizes pods from.
 
-Pure on purpose (pydantic and PyYAML only): the deploy tooling imports it without torch or Ray Serve.
+Pure on purpose (pydantic, PyYAML and the import-light stages.lance.limits): the deploy tooling
+imports it without torch or Ray Serve.
 """
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ import yaml
 from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
                       ValidationError, model_validator)
 
+from stages.lance.limits import DTYPE_NAMES
+
 from .strict_model import StrictModel, error_lines
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_GRAPHS_DIR = REPO_ROOT / "configs" / "stage_graphs"
 DEFAULT_MAX_MODEL_LEN = 8192        # the thinker's longest context, and the largest max_tokens
 STAGES = ("ingress", "thinker", "dit")
-CFG_BRANCHES = 2                    # cfg_parallel 2: the cond and uncond branches, one GPU each
+CFG_BRANCHES = 2                    # the CFG-parallel DiT: the cond and uncond branches, one GPU each
 
 
 class StageGraphError(ValueError):
@@ -133,7 +136,7 @@ class DeploymentSpec(StrictModel):
         return opts
 
 
-Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+Dtype = Literal[("auto",) + DTYPE_NAMES]
 
 
 class ThinkerEngineArgs(StrictModel):
@@ -209,11 +212,28 @@ class DiTBatching(StrictModel):
     batch_wait_timeout_s: NonNegativeFloat = 0.0
 
 
+DIT_CLASS = "stages.dit:DiTStage"
+CFG_PARALLEL_DIT_CLASS = "stages.dit:CfgParallelDiTStage"   # a request's two CFG branches on two GPUs
+
+
 class DiTSpec(DeploymentSpec):
-    deployment_class: str = "stages.dit:DiTStage"
+    deployment_class: str = DIT_CLASS
     engine: DiTEngineArgs = Field(default_factory=DiTEngineArgs)
     batching: DiTBatching = Field(default_factory=DiTBatching)
-    cfg_parallel: Literal[1, 2] = 1   # 2: cond and uncond branches on two devices of one replica
+
+    @model_validator(mode="before")
+    @classmethod
+    def _cfg_parallel_is_a_class(cls, data):
+        if isinstance(data, dict) and "cfg_parallel" in data:
+            raise ValueError(f"cfg_parallel is no longer a key: the CFG-parallel DiT is its own class, set "
+                             f"deployment_class: {CFG_PARALLEL_DIT_CLASS} (with resources.num_gpus: 2) "
+                             "instead of cfg_parallel: 2, and remove cfg_parallel: 1")
+        return data
+
+    @property
+    def cfg_parallel(self) -> int:
+        """Devices one request's CFG branches are spread over: 2 for the CFG-parallel class, else 1."""
+        return CFG_BRANCHES if self.deployment_class == CFG_PARALLEL_DIT_CLASS else 1
 
     @model_validator(mode="after")
     def _feasible(self):
@@ -223,8 +243,12 @@ class DiTSpec(DeploymentSpec):
                              "never fill; raise max_ongoing_requests or lower max_batch_size")
         gpus = self.resources.num_gpus
         if self.cfg_parallel == CFG_BRANCHES and gpus not in (0, CFG_BRANCHES):
-            raise ValueError(f"cfg_parallel 2 needs 2 GPUs per DiT replica (one per branch), "
-                             f"resources.num_gpus is {gpus}; set num_gpus: 2 or cfg_parallel: 1")
+            raise ValueError(f"{CFG_PARALLEL_DIT_CLASS} needs 2 GPUs per DiT replica (one per CFG branch), "
+                             f"resources.num_gpus is {gpus}; set num_gpus: 2 or deployment_class: {DIT_CLASS}")
+        if self.cfg_parallel == CFG_BRANCHES and self.batching.max_batch_size != 1:
+            raise ValueError(f"{CFG_PARALLEL_DIT_CLASS} denoises one request at a time on both GPUs: "
+                             f"batching.max_batch_size must be 1 (got {self.batching.max_batch_size}); "
+                             "scale with replicas instead")
         return self
 
     def deployment_options(self) -> dict:
@@ -233,7 +257,7 @@ class DiTSpec(DeploymentSpec):
 
 
 def cfg_parallel_deployment_options(options: dict, worker_cpus: float = 1) -> dict:
-    """Serve options of a DiT deployment with `cfg_parallel: 2`: the replica actor keeps its CPUs and
+    """Serve options of the CFG-parallel DiT (`CfgParallelDiTStage`): the replica actor keeps its CPUs and
     memory and gives its GPUs to two worker bundles, all in one STRICT_PACK placement group per replica
     (Serve places the replica in bundle 0 and reserves the workers' GPUs with it, atomically). The
     replica's `CfgParallelGroup` (stages/dit/cfg_parallel.py) puts its two workers in the last two bundles."""
@@ -241,7 +265,7 @@ def cfg_parallel_deployment_options(options: dict, worker_cpus: float = 1) -> di
     actor = opts["ray_actor_options"]
     gpus = actor.pop("num_gpus", 0) or 0
     if gpus and gpus != CFG_BRANCHES:
-        raise ValueError(f"cfg_parallel 2 needs num_gpus 2 per DiT replica (one per branch), got {gpus}")
+        raise ValueError(f"the CFG-parallel DiT needs num_gpus 2 per replica (one per branch), got {gpus}")
     replica_bundle = {"CPU": actor.get("num_cpus", 1)}
     if actor.get("memory"):
         replica_bundle["memory"] = actor["memory"]

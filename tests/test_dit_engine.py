@@ -173,6 +173,8 @@ def test_bad_handoffs_are_request_errors(dit_model, golden):
     fails("latent_grid", latent_grid=(1, 8, 80))
     fails("cond.query_positions", latent_grid=(1, 8, 7))
     fails("num_inference_steps", params=DenoiseParams(num_inference_steps=0))
+    fails("num_inference_steps", params=DenoiseParams(num_inference_steps=201))   # the API's limit, not another
+    fails("timestep_shift", params=DenoiseParams(timestep_shift=101.0))
     fails("cfg_interval", params=DenoiseParams(cfg_interval=(0.8, 0.2)))
     fails("cfg_renorm_type", params=DenoiseParams(cfg_renorm_type="bogus"))
     fails("uncond", uncond=None)

@@ -31,8 +31,8 @@ def runner(tiny_ckpt_dir) -> DiTRunner:
 
 @pytest.fixture(scope="module")
 def stage(tiny_ckpt_dir):
-    return DiTStage.func_or_class(str(tiny_ckpt_dir), dtype="float32", device="cpu", max_batch_size=4,
-                                  batch_wait_timeout_s=0.01)
+    return DiTStage.func_or_class(str(tiny_ckpt_dir), engine_args={"dtype": "float32", "device": "cpu"},
+                                  max_batch_size=4, batch_wait_timeout_s=0.01)
 
 
 def png_pixels(png: bytes) -> torch.Tensor:
@@ -140,11 +140,18 @@ def test_bad_handoff_is_a_400_before_any_step(stage, golden):
         asyncio.run(collect(stage, video))
 
 
-def test_stage_accepts_the_stage_graph_engine_args(tiny_ckpt_dir):
-    with pytest.raises(ValueError, match="unknown DiT engine_args"):
-        DiTStage.func_or_class(str(tiny_ckpt_dir), engine_args={"dtype": "float32", "bogus": 1})
-    with pytest.raises(ValueError, match="cfg_parallel"):
-        DiTStage.func_or_class(str(tiny_ckpt_dir), device="cpu", cfg_parallel=3)
+def test_both_dit_deployments_take_engine_args_only_as_the_stage_graph_gives_them(tiny_ckpt_dir):
+    from stages.dit.stage import CfgParallelDiTStage
+
+    for cls in (DiTStage, CfgParallelDiTStage):
+        with pytest.raises(ValueError, match="unknown DiT engine_args"):
+            cls.func_or_class(str(tiny_ckpt_dir), engine_args={"dtype": "float32", "bogus": 1})
+        with pytest.raises(TypeError):
+            cls.func_or_class(str(tiny_ckpt_dir), dtype="float32")
+    with pytest.raises(ValueError, match="max_batch_size must be 1"):
+        CfgParallelDiTStage.func_or_class(str(tiny_ckpt_dir), max_batch_size=4)
+    with pytest.raises(ValueError, match="engine_args.device"):
+        CfgParallelDiTStage.func_or_class(str(tiny_ckpt_dir), engine_args={"device": "cpu"})
 
 
 @pytest.mark.slow
@@ -152,7 +159,8 @@ def test_engine_imports_without_ray_and_the_package_exports_the_deployment():
     import subprocess
     import sys
     code = ("import sys, stages.dit.engine, stages.dit.forward; assert 'ray' not in sys.modules; "
-            "import stages.dit; from ray.serve import Deployment; assert isinstance(stages.dit.DiTStage, Deployment)")
+            "import stages.dit; from ray.serve import Deployment; assert isinstance(stages.dit.DiTStage, Deployment); "
+            "assert isinstance(stages.dit.CfgParallelDiTStage, Deployment)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 

@@ -372,7 +372,9 @@ def _graph(base: str, **stages) -> dict:
 
 OTHER_GRAPHS = {
     # cond/uncond on two GPUs per DiT replica: 2-GPU DiT pods
-    "dit_cfg_parallel": (_graph("multi_gpu", dit={"cfg_parallel": 2, "resources": {"num_cpus": 8, "num_gpus": 2}}),
+    "dit_cfg_parallel": (_graph("multi_gpu", dit={"deployment_class": "stages.dit:CfgParallelDiTStage",
+                                                  "batching": {"max_batch_size": 1},
+                                                  "resources": {"num_cpus": 8, "num_gpus": 2}}),
                          {"thinker": 1, "dit": 2}),
     # a half-GPU thinker beside whole-GPU DiTs: two thinker replicas share a thinker pod's GPU
     "half_gpu_thinkers": (_graph("multi_gpu", thinker={"num_replicas": 4, "resources": {"num_cpus": 2, "num_gpus": 0.5},

@@ -12,8 +12,8 @@ from ray.serve.schema import ServeDeploySchema
 from serve_app.app_config import BUILDER_IMPORT_PATH, parse_app_args
 from serve_app.builder import build_app, plan_app
 from serve_app.model_choice import TINY_SERVED_NAME, choose_model, ensure_tiny_checkpoint
-from serve_app.stage_graph import (REPO_ROOT, SHIPPED_GRAPHS_DIR, DiTSpec, StageGraphError, load_stage_graph,
-                                   resolve_stage_graph_path)
+from serve_app.stage_graph import (CFG_PARALLEL_DIT_CLASS, REPO_ROOT, SHIPPED_GRAPHS_DIR, DiTSpec, StageGraphError,
+                                   load_stage_graph, resolve_stage_graph_path)
 from stages.lance.checkpoint import HUB_REPO_ID
 
 SHIPPED = sorted(SHIPPED_GRAPHS_DIR.glob("*.yaml"))
@@ -71,7 +71,7 @@ def test_typo_num_gpu_names_file_key_and_fix(tmp_path):
 
 @pytest.mark.parametrize("where, key, fix", [
     (lambda r: r, "stage", "stages"),
-    (lambda r: r["stages"]["dit"], "cfg_paralel", "cfg_parallel"),
+    (lambda r: r["stages"]["dit"], "deployment_clas", "deployment_class"),
     (lambda r: r["stages"]["dit"]["batching"], "max_batch", "max_batch_size"),
     (lambda r: r["stages"]["thinker"]["engine"], "gpu_mem_utilization", "gpu_memory_utilization"),
 ])
@@ -95,8 +95,12 @@ def _set(path_keys, value):
     ("single_gpu", _set(["stages", "thinker", "engine", "gpu_memory_utilization"], 0.9),
      "exceeds the thinker's GPU share"),
     ("single_gpu", _set(["stages", "dit", "resources", "num_gpus"], 0.75), "cannot share one GPU"),
-    ("single_gpu", _set(["stages", "dit", "cfg_parallel"], 2), "cfg_parallel 2 needs 2 GPUs"),
-    ("cpu", _set(["stages", "dit", "cfg_parallel"], 3), "cfg_parallel"),
+    ("single_gpu", _set(["stages", "dit", "deployment_class"], "stages.dit:CfgParallelDiTStage"),
+     "CfgParallelDiTStage needs 2 GPUs"),
+    ("multi_gpu", lambda r: (_set(["stages", "dit", "deployment_class"], "stages.dit:CfgParallelDiTStage")(r),
+                             _set(["stages", "dit", "resources", "num_gpus"], 2)(r)),
+     "batching.max_batch_size must be 1"),
+    ("cpu", _set(["stages", "dit", "cfg_parallel"], 2), "deployment_class: stages.dit:CfgParallelDiTStage"),
     ("cpu", _set(["stages", "dit", "batching", "max_batch_size"], 64), "could never fill"),
     ("cpu", _set(["stages", "thinker", "engine", "gpu_memory_utilization"], 0.5),
      "resources.num_gpus is 0"),
@@ -107,7 +111,8 @@ def _set(path_keys, value):
     ("multi_gpu", _set(["stages", "dit", "num_replicas"], 2), "either num_replicas or autoscaling"),
     ("cpu", _set(["stages", "thinker", "engine", "dtype"], "fp8"), "dtype"),
     ("cpu", _set(["stages", "thinker", "engine", "max_model_len"], 0), "max_model_len"),
-    ("multi_gpu", _set(["stages", "dit", "cfg_parallel"], 2), "cfg_parallel 2 needs 2 GPUs"),
+    ("multi_gpu", _set(["stages", "dit", "deployment_class"], "stages.dit:CfgParallelDiTStage"),
+     "CfgParallelDiTStage needs 2 GPUs"),
     # values the thinker cannot run with are refused here, with the reason, never overridden later
     ("cpu", _set(["stages", "thinker", "engine", "enforce_eager"], False),
      "enforce_eager must be true: the thinker decides its MoT routing"),
@@ -175,7 +180,7 @@ def test_engine_args_the_thinker_gets_are_the_graphs():
 
 
 def test_cfg_parallel_dit_reserves_two_worker_gpus_beside_its_replica():
-    dit = DiTSpec.model_validate({"cfg_parallel": 2, "max_ongoing_requests": 8,
+    dit = DiTSpec.model_validate({"deployment_class": CFG_PARALLEL_DIT_CLASS, "max_ongoing_requests": 8,
                                   "resources": {"num_cpus": 4, "num_gpus": 2, "memory_gib": 1}})
     opts = dit.deployment_options()
     assert opts["placement_group_bundles"] == [{"CPU": 4, "memory": 2**30}, {"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}]
@@ -225,7 +230,7 @@ def test_plan_for_cpu_hands_graph_engine_args_to_the_stages(tmp_path, monkeypatc
     assert plan.thinker_init == {"model": plan.served.path, "variant": "Lance_3B",
                                  "engine_args": graph.stages.thinker.engine.vllm_engine_args()}
     assert plan.thinker_init["engine_args"]["cpu_kv_cache_space_gib"] == 2
-    assert plan.dit_init["cfg_parallel"] == graph.stages.dit.cfg_parallel
+    assert "cfg_parallel" not in plan.dit_init and plan.dit_init["engine_args"] == graph.stages.dit.engine.model_dump()
     assert plan.dit_init["max_batch_size"] == graph.stages.dit.batching.max_batch_size
 
 

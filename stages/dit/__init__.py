@@ -6,13 +6,15 @@
     kernels.py     fused element-wise ops (Triton) and their plain torch references
     vae_decode.py  FrameDecoder - single-frame Wan2.2 decode as a 2-D network
     runner.py      DiTRunner - load, engine, VAE decode to PNG (no Ray)
-    stage.py       DiTStage - the Ray Serve deployment (imported lazily: `stages.dit:DiTStage`)
+    cfg_parallel.py  CFG-parallel denoising: a request's two CFG branches on two devices
+    stage.py       the Ray Serve deployments, imported lazily: `stages.dit:DiTStage` (one device, batched),
+                   `stages.dit:CfgParallelDiTStage` (two devices per request)
 """
 
 
 def __getattr__(name):
-    if name == "DiTStage":  # keeps `import stages.dit.engine` free of Ray
-        from .stage import DiTStage
+    if name in ("DiTStage", "CfgParallelDiTStage"):  # keeps `import stages.dit.engine` free of Ray
+        from . import stage
 
-        return DiTStage
+        return getattr(stage, name)
     raise AttributeError(name)

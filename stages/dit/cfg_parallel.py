@@ -31,7 +31,7 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from stages.lance.denoise import BranchState, initial_noise, predict_velocity
+from stages.lance.denoise import BranchState, predict_velocity
 from stages.lance.handoff import BranchKV, ContextHandoff
 from stages.lance.model import LanceModel
 from stages.lance.requests import DenoiseParams
@@ -262,35 +262,24 @@ class CfgParallelWorker:
     def prepare(self, job: BranchJob):
         """(velocity of this rank's branch, initial x in fp32, scheduler), checked as the DiT engine
         checks a hand-off; when both ranks take the job, they agree on it before any step."""
-        from .engine import DiTRequestError
         from .forward import Row
+        from .runner import require_image_grid
 
         engine, velocity, x, error = self.engine, None, None, None
-        grid = job.latent_grid
         try:
-            grid = engine._check_grid(grid)
-            if grid[0] != 1:
-                raise DiTRequestError(f"the DiT stage makes images (one latent frame); got latent_grid {grid}",
-                                      param="latent_grid")
-            engine._check_params(job.params)
-            if self.rank == COND_RANK and job.params.uses_cfg and not job.with_cfg:
-                raise DiTRequestError(f"cfg_text_scale={job.params.cfg_text_scale} needs the text-uncond branch, "
-                                      "but the hand-off has none", param="uncond")
+            require_image_grid(job.latent_grid)
+            # rank 1 only gets a job that has the uncond branch; rank 0 sees whether the request has one
+            grid = engine.check_request(job.latent_grid, job.params,
+                                        has_uncond=job.with_cfg or self.rank == UNCOND_RANK)
             if job.branch is not None:
                 name = "cond" if self.rank == COND_RANK else "uncond"
-                context = engine._branch(job.branch, job.branch.fetch(), grid, name)
+                context = engine.prepare_branch(job.branch, job.branch.fetch(), grid, name)
                 velocity = lambda x, sigma: engine.forward([Row(context, x.to(engine.dtype), sigma)])[0]
-            n, channels = grid[0] * grid[1] * grid[2], engine.cfg.latent.channels
-            if self.rank == UNCOND_RANK:
-                x = torch.empty(n, channels, device=self.device, dtype=torch.float32)
-            elif job.initial_noise is not None:
-                if tuple(job.initial_noise.shape) != (n, channels):
-                    raise DiTRequestError(f"initial_noise has shape {list(job.initial_noise.shape)}, expected "
-                                          f"[{n}, {channels}]", param="initial_noise")
-                x = job.initial_noise.to(self.device, torch.float32)
-            else:  # the engine's draw: model device and dtype, over all VAE tokens of the sample
-                x = initial_noise(n, job.num_reference_tokens, job.params.seed, channels, self.device,
-                                  engine.dtype).float()
+            if self.rank == COND_RANK:
+                x = engine.initial_latents(grid, job.params.seed, job.initial_noise, job.num_reference_tokens)
+            else:  # overwritten by rank 0's broadcast
+                x = torch.empty(grid[0] * grid[1] * grid[2], engine.cfg.latent.channels, device=self.device,
+                                dtype=torch.float32)
         except Exception as e:
             error = e
         if job.with_peer:

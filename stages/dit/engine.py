@@ -20,16 +20,15 @@ from typing import Callable
 
 import torch
 
-from stages.lance.denoise import initial_noise
-from stages.lance.handoff import ContextHandoff
+from stages.lance.denoise import initial_noise as initial_noise_draw
+from stages.lance.handoff import BranchKV, ContextHandoff
+from stages.lance.limits import LimitError, check_denoise_params
 from stages.lance.model import LanceModel
 from stages.lance.scheduler import FlowMatchEulerScheduler
 
 from .forward import BranchContext, FastForward, ReferenceForward, Row, VelocityForward
 
 log = logging.getLogger(__name__)
-MAX_STEPS = 1000
-RENORM_TYPES = ("global", "channel", "none", "")
 
 
 class DiTRequestError(ValueError):
@@ -130,62 +129,36 @@ class DenoiseEngine:
                 uncond_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
                 on_step: Callable[[int, int], None] | None = None) -> DenoiseJob:
         """Validate a hand-off (with its fetched K/V) and turn it into a job on this engine's device."""
-        grid = self._check_grid(handoff.latent_grid)
-        n = grid[0] * grid[1] * grid[2]
         p = handoff.params
-        self._check_params(p)
-        if p.uses_cfg and handoff.uncond is None:
-            raise DiTRequestError(f"cfg_text_scale={p.cfg_text_scale} needs the text-uncond branch, but the "
-                                  "hand-off has none", param="uncond")
-        cond = self._branch(handoff.cond, cond_kv, grid, "cond")
+        grid = self.check_request(handoff.latent_grid, p, has_uncond=handoff.uncond is not None)
+        cond = self.prepare_branch(handoff.cond, cond_kv, grid, "cond")
         uncond = None
         if handoff.uncond is not None and p.uses_cfg:
             if uncond_kv is None:
                 raise DiTRequestError("the hand-off has an uncond branch but no K/V was given for it", param="uncond")
-            uncond = self._branch(handoff.uncond, uncond_kv, grid, "uncond")
-        channels = self.cfg.latent.channels
-        if handoff.initial_noise is not None:
-            noise = handoff.initial_noise
-            if tuple(noise.shape) != (n, channels):
-                raise DiTRequestError(f"initial_noise has shape {list(noise.shape)}, expected [{n}, {channels}]",
-                                      param="initial_noise")
-        else:
-            if handoff.num_reference_tokens < 0:
-                raise DiTRequestError("num_reference_tokens must be >= 0", param="num_reference_tokens")
-            # upstream's draw: on the model's device, in its dtype, over all VAE tokens of the sample
-            noise = initial_noise(n, handoff.num_reference_tokens, p.seed, channels, self.device, self.dtype)
-        x = noise.to(self.device, torch.float32)
+            uncond = self.prepare_branch(handoff.uncond, uncond_kv, grid, "uncond")
+        x = self.initial_latents(grid, p.seed, handoff.initial_noise, handoff.num_reference_tokens)
         return DenoiseJob(handoff.request_id, grid, FlowMatchEulerScheduler(p), cond, uncond, x, on_step)
 
-    def _check_grid(self, grid) -> tuple[int, int, int]:
+    # The three steps of `prepare`, public for callers that hold only some branches of a request
+    # (the CFG-parallel ranks, stages/dit/cfg_parallel.py).
+
+    def check_request(self, latent_grid, params, has_uncond: bool) -> tuple[int, int, int]:
+        """What every request must satisfy, whichever branches a caller runs: the latent grid (returned as
+        ints), the knobs, and an uncond branch when CFG is on."""
+        grid = self._check_grid(latent_grid)
         try:
-            t, h, w = (int(g) for g in grid)
-        except (TypeError, ValueError):
-            raise DiTRequestError(f"latent_grid must be (t, h, w), got {grid!r}", param="latent_grid") from None
-        lat = self.cfg.latent
-        if min(t, h, w) < 1 or max(h, w) > lat.max_latent_size or t > lat.max_latent_frames:
-            raise DiTRequestError(f"latent_grid {(t, h, w)} out of range: 1 <= h, w <= {lat.max_latent_size}, "
-                                  f"1 <= t <= {lat.max_latent_frames}", param="latent_grid")
-        return t, h, w
+            check_denoise_params(params)
+        except LimitError as e:
+            raise DiTRequestError(e.message, param=e.param, code="invalid_value") from None
+        if params.uses_cfg and not has_uncond:
+            raise DiTRequestError(f"cfg_text_scale={params.cfg_text_scale} needs the text-uncond branch, but the "
+                                  "hand-off has none", param="uncond")
+        return grid
 
-    @staticmethod
-    def _check_params(p) -> None:
-        def bad(msg, param):
-            raise DiTRequestError(msg, param=param, code="invalid_value")
-
-        if not 1 <= p.num_inference_steps <= MAX_STEPS:
-            bad(f"num_inference_steps must be in [1, {MAX_STEPS}], got {p.num_inference_steps}", "num_inference_steps")
-        if not p.timestep_shift > 0:
-            bad(f"timestep_shift must be > 0, got {p.timestep_shift}", "timestep_shift")
-        lo, hi = p.cfg_interval
-        if not 0.0 <= lo <= hi <= 1.0:
-            bad(f"cfg_interval must satisfy 0 <= lo <= hi <= 1, got {p.cfg_interval}", "cfg_interval")
-        if p.cfg_renorm_type not in RENORM_TYPES:
-            bad(f"cfg_renorm_type must be one of global, channel, none; got {p.cfg_renorm_type!r}", "cfg_renorm_type")
-        if not p.cfg_renorm_min >= 0:
-            bad(f"cfg_renorm_min must be >= 0, got {p.cfg_renorm_min}", "cfg_renorm_min")
-
-    def _branch(self, branch, kv, grid, name: str) -> BranchContext:
+    def prepare_branch(self, branch: BranchKV, kv: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int],
+                       name: str) -> BranchContext:
+        """One CFG branch's context on this engine's device; its K/V and query positions must fit the grid."""
         llm = self.cfg.llm
         k, v = kv
         want = (llm.num_hidden_layers, branch.context_len, llm.num_key_value_heads, llm.head_dim)
@@ -200,6 +173,31 @@ class DenoiseEngine:
                                   param=f"{name}.query_positions")
         return BranchContext(k.to(self.device, self.dtype), v.to(self.device, self.dtype),
                              pos.to(self.device, torch.long), grid)
+
+    def initial_latents(self, grid: tuple[int, int, int], seed: int, initial_noise: torch.Tensor | None = None,
+                        num_reference_tokens: int = 0) -> torch.Tensor:
+        """The latents at sigma 1, [n, channels] fp32 on this device: the given noise, or upstream's draw
+        (on the model's device, in its dtype, over all VAE tokens of the sample)."""
+        n, channels = grid[0] * grid[1] * grid[2], self.cfg.latent.channels
+        if initial_noise is not None:
+            if tuple(initial_noise.shape) != (n, channels):
+                raise DiTRequestError(f"initial_noise has shape {list(initial_noise.shape)}, expected [{n}, {channels}]",
+                                      param="initial_noise")
+            return initial_noise.to(self.device, torch.float32)
+        if num_reference_tokens < 0:
+            raise DiTRequestError("num_reference_tokens must be >= 0", param="num_reference_tokens")
+        return initial_noise_draw(n, num_reference_tokens, seed, channels, self.device, self.dtype).float()
+
+    def _check_grid(self, grid) -> tuple[int, int, int]:
+        try:
+            t, h, w = (int(g) for g in grid)
+        except (TypeError, ValueError):
+            raise DiTRequestError(f"latent_grid must be (t, h, w), got {grid!r}", param="latent_grid") from None
+        lat = self.cfg.latent
+        if min(t, h, w) < 1 or max(h, w) > lat.max_latent_size or t > lat.max_latent_frames:
+            raise DiTRequestError(f"latent_grid {(t, h, w)} out of range: 1 <= h, w <= {lat.max_latent_size}, "
+                                  f"1 <= t <= {lat.max_latent_frames}", param="latent_grid")
+        return t, h, w
 
     # --- running -----------------------------------------------------------------------------------
 

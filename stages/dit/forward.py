@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.lance.denoise import batch_caches, predict_velocity
+from stages.lance.embeddings import embed_latent_tokens
 from stages.lance.model import LanceModel
 from stages.lance.transformer import KVCache, mrope_cos_sin
 
@@ -283,7 +284,7 @@ class FastForward:
         sigmas = torch.stack([r.sigma.reshape(()) for r in ordered]).to(self.device, self.dtype)  # as the core does
         temb = m.time_embedder(sigmas).to(self.dtype)
         temb = temb.index_select(0, plan.latent_row)   # no host sync: the step before may still be running
-        lat = m.vae2llm(latents) + temb + plan.pos_embed
+        lat = embed_latent_tokens(m.vae2llm, latents, temb, plan.pos_embed)
         x = lat.new_empty(plan.tokens, lat.shape[1])
         x.index_copy_(0, plan.latent_index, lat)
         x.index_copy_(0, plan.marker_index, m.language_model.embed_tokens.weight.repeat(len(ordered), 1))

@@ -19,13 +19,12 @@ from stages.lance.checkpoint import (
 )
 from stages.lance.config import LanceConfig
 from stages.lance.model import LanceModel
-from stages.lance.weights import RECOMPUTED_TENSORS
+from stages.lance.weights import BUNDLED_VIT_PREFIX, EMBED_TOKENS_NAME, POSITION_TABLE_NAME
 
 log = logging.getLogger(__name__)
 
-EMBED_NAME = "language_model.model.embed_tokens.weight"
-# Checkpoint tensors the DiT never reads (prefixes).
-UNUSED_PREFIXES = ("language_model.lm_head.", "vit_model.")
+# Checkpoint parts the DiT never reads (stages.lance.weights.CHECKPOINT_PARTS).
+SKIPPED_PARTS = ("lm_head", "bundled_vit")
 # Index of each marker in the two-row table; callers pass these as the "token ids" of the markers.
 MARKER_IDS = torch.tensor([0, 1])
 
@@ -91,26 +90,19 @@ def load_dit_model(files: CheckpointFiles, device: torch.device | str = "cpu", d
     path = files.llm_weights_path
     st = SafetensorsFile(path)
     expected = expected_llm_tensor_shapes(cfg)
-    check_keys(st.shapes(), expected, allowed_unexpected=("vit_model.",), source=str(path))
+    check_keys(st.shapes(), expected, allowed_unexpected=(BUNDLED_VIT_PREFIX,), source=str(path))
     model = build_dit_model(cfg, device, dtype)
     markers = list(marker_token_ids(cfg, files))
 
-    def tensors():
-        for name in st.names():
-            if name.startswith(UNUSED_PREFIXES):
-                continue
-            if name == EMBED_NAME:
-                yield name, _read_rows(st, name, markers).to(device=device, dtype=dtype)
-            elif name in RECOMPUTED_TENSORS:  # only checked against the recomputed table, on the CPU
-                yield name, st.get(name, dtype=torch.float32)
-            else:
-                yield name, st.get(name, dtype=dtype, device=device)
+    def reader(name: str):
+        if name == EMBED_TOKENS_NAME:
+            return lambda: _read_rows(st, name, markers).to(device=device, dtype=dtype)
+        if name == POSITION_TABLE_NAME:  # only checked against the recomputed table, on the CPU
+            return lambda: st.get(name, dtype=torch.float32)
+        return lambda: st.get(name, dtype=dtype, device=device)
 
-    loaded, unused = model.load_weights(tensors())
+    model.load_weights(((name, reader(name)) for name in st.names()), skip_parts=SKIPPED_PARTS).check(f"{path} (DiT)")
     st.close()
-    missing = model.missing_parameters()
-    if missing or unused:
-        raise ValueError(f"{path}: DiT weights incomplete (missing {missing[:5]}, no home for {sorted(unused)[:5]})")
     log.info("DiT model loaded from %s: %s", path, memory_report(model))
     return model, cfg
 

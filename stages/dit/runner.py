@@ -16,6 +16,7 @@ from PIL import Image
 
 from stages.lance.checkpoint import resolve_checkpoint
 from stages.lance.handoff import ContextHandoff
+from stages.lance.limits import torch_dtype
 from stages.lance.vae import LanceVAE, decode_to_uint8
 
 from .engine import DenoiseEngine, DenoiseJob, DiTRequestError
@@ -23,8 +24,6 @@ from .model import load_dit_model, memory_report
 from .vae_decode import FrameDecoder
 
 log = logging.getLogger(__name__)
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-          "float32": torch.float32, "fp32": torch.float32}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -38,9 +37,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r} (auto, {', '.join(DTYPES)})")
-    return DTYPES[dtype]
+    return torch_dtype(dtype)
 
 
 def fast_path_options(compile: bool, device: torch.device) -> dict:
@@ -51,6 +48,14 @@ def fast_path_options(compile: bool, device: torch.device) -> dict:
     from torch.nn.attention import SDPBackend
 
     return {"kernels": "triton", "cuda_graphs": True, "attention_backends": [SDPBackend.CUDNN_ATTENTION]}
+
+
+def require_image_grid(latent_grid) -> None:
+    """The DiT stage decodes images: one latent frame."""
+    grid = tuple(latent_grid)
+    if len(grid) == 3 and grid[0] != 1:
+        raise DiTRequestError(f"the DiT stage makes images (one latent frame); got latent_grid {grid}",
+                              param="latent_grid")
 
 
 @dataclass
@@ -89,10 +94,7 @@ class DiTRunner:
         return out
 
     def prepare(self, handoff: ContextHandoff, cond_kv, uncond_kv=None, on_step=None) -> DenoiseJob:
-        grid = tuple(handoff.latent_grid)
-        if len(grid) == 3 and grid[0] != 1:
-            raise DiTRequestError(f"the DiT stage makes images (one latent frame); got latent_grid "
-                                  f"{grid}", param="latent_grid")
+        require_image_grid(handoff.latent_grid)
         return self.engine.prepare(handoff, cond_kv, uncond_kv, on_step)
 
     def submit(self, job: DenoiseJob) -> None:

@@ -1,15 +1,19 @@
-"""`DiTStage`: the Ray Serve deployment of the DiT (hand-off in, progress and a PNG out).
+"""The Ray Serve deployments of the DiT (hand-off in, progress and a PNG out); the stage graph's
+`deployment_class` picks one, and both take the graph's `dit.engine` as `engine_args`.
 
-One replica owns one `DiTRunner` (model, engine, VAE decoder). Requests are async generators on the
-replica's event loop; a single background task drives the engine from one worker thread, one step at
-a time, so requests join and leave between steps and the event loop stays free. Each request gets
-{"step": i, "total": n} after every step, then {"png", "width", "height", "latents": None}.
+`DiTStage`: one replica owns one `DiTRunner` (model, engine, VAE decoder). Requests are async generators
+on the replica's event loop; a single background task drives the engine from one worker thread, one step
+at a time, so requests join and leave between steps and the event loop stays free.
+`CfgParallelDiTStage`: one replica spreads each request's two CFG branches over two devices.
+
+Each request gets {"step": i, "total": n} after every step, then {"png", "width", "height", "latents": None}.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 from typing import Any, AsyncIterator
 
 from ray import serve
@@ -32,29 +36,38 @@ async def fetch_kv(branch: BranchKV | None):
     return tuple(await kv)
 
 
+@dataclass(frozen=True)
+class DiTEngineOptions:
+    """The stage graph's `dit.engine`: the one way engine arguments reach a DiT deployment."""
+
+    dtype: str = "auto"       # auto: bfloat16 on a GPU, float32 on the CPU
+    device: str = "auto"      # auto: cuda when there is one (DiTStage only: CFG-parallel ranks use their bundles')
+    compile: bool = True      # GPU only: fused Triton kernels, CUDA graphs, cuDNN attention
+
+    @classmethod
+    def from_dict(cls, args: dict[str, Any] | None) -> "DiTEngineOptions":
+        args = dict(args or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(args) - known)
+        if unknown:
+            raise ValueError(f"unknown DiT engine_args: {unknown} ({', '.join(sorted(known))})")
+        return cls(**args)
+
+
+def image_item(image) -> dict:
+    """The last item of a generate_image stream: the PNG of a `DecodedImage`."""
+    return {"png": image.png, "width": image.width, "height": image.height, "latents": None}
+
+
 @serve.deployment(max_ongoing_requests=16)
 class DiTStage:
-    def __init__(self, model: str, dtype: str = "auto", device: str = "auto", max_batch_size: int = 8,
-                 batch_wait_timeout_s: float = 0.01, cfg_parallel: int = 1, compile: bool = True, *,
-                 variant: str | None = None, engine_args: dict[str, Any] | None = None):
-        """`compile` (GPU only): fused Triton kernels + CUDA graphs + cuDNN attention (runner.fast_path_options).
-        `engine_args` (the stage graph's `dit.engine`) may carry dtype / device / compile instead."""
-        engine_args = dict(engine_args or {})
-        dtype = engine_args.pop("dtype", dtype)
-        device = engine_args.pop("device", device)
-        compile = engine_args.pop("compile", compile)
-        if engine_args:
-            raise ValueError(f"unknown DiT engine_args: {sorted(engine_args)} (dtype, device, compile)")
-        if cfg_parallel not in (1, 2):
-            raise ValueError(f"cfg_parallel={cfg_parallel}: use 1 (one device) or 2 (a device per CFG branch)")
-        self.group = None
-        if cfg_parallel == 2:
-            # The two branches on the replica's two GPU bundles; one request at a time (a latency option).
-            from .cfg_parallel import CfgParallelGroup
-            self.group = CfgParallelGroup(model, variant, dtype=dtype, compile=compile)
-            return
-        self.runner = DiTRunner(model, variant, dtype=dtype, device=device, max_batch_size=max_batch_size,
-                                compile=compile)
+    """One device; requests that arrive together are denoised together, one step at a time."""
+
+    def __init__(self, model: str, engine_args: dict[str, Any] | None = None, variant: str | None = None, *,
+                 max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01):
+        args = DiTEngineOptions.from_dict(engine_args)
+        self.runner = DiTRunner(model, variant, dtype=args.dtype, device=args.device, max_batch_size=max_batch_size,
+                                compile=args.compile)
         self.batch_wait_timeout_s = batch_wait_timeout_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dit-engine")
         self._waiters: dict[DenoiseJob, asyncio.Queue] = {}
@@ -62,12 +75,6 @@ class DiTStage:
         self._driver: asyncio.Task | None = None
 
     async def generate_image(self, handoff: ContextHandoff) -> AsyncIterator[dict]:
-        if self.group is not None:
-            async for item in self.group.denoise_stream(handoff):
-                img = item.get("image")
-                yield item if img is None else {"png": img.png, "width": img.width, "height": img.height,
-                                                "latents": None}
-            return
         cond_kv, uncond_kv = await asyncio.gather(fetch_kv(handoff.cond), fetch_kv(handoff.uncond))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -98,16 +105,11 @@ class DiTStage:
             self._waiters.pop(job, None)
 
     async def check_health(self) -> None:
-        if self.group is not None:
-            self.group.check_health()
-            return
         if self._driver is not None and self._driver.done():
             raise RuntimeError(f"the DiT engine loop stopped: {self._driver.exception()!r}")
 
     async def stats(self) -> dict:
         """Memory (weights, allocator) and load, for logs and metrics."""
-        if self.group is not None:
-            return {"cfg_parallel": 2}
         return {"memory": self.runner.memory(), "active": len(self.runner.engine.active), "waiting": len(self._waiters)}
 
     # --- the engine loop ---------------------------------------------------------------------------
@@ -138,5 +140,35 @@ class DiTStage:
                 if isinstance(result, BaseException):
                     queue.put_nowait(result)
                 else:
-                    queue.put_nowait({"png": result.png, "width": result.width, "height": result.height,
-                                      "latents": None})
+                    queue.put_nowait(image_item(result))
+
+
+@serve.deployment(max_ongoing_requests=16)
+class CfgParallelDiTStage:
+    """The cond and text-uncond branches of each request on two devices of one replica (`cfg_parallel.py`):
+    lower latency per image, one request at a time. Deploy it with a placement group of the replica's
+    bundle plus one GPU bundle per branch (serve_app.builder does, from the stage graph)."""
+
+    def __init__(self, model: str, engine_args: dict[str, Any] | None = None, variant: str | None = None, *,
+                 max_batch_size: int = 1, batch_wait_timeout_s: float = 0.0):
+        args = DiTEngineOptions.from_dict(engine_args)
+        if args.device != "auto":
+            raise ValueError("the CFG-parallel DiT puts its two ranks on its placement group's devices; "
+                             "remove engine_args.device")
+        if max_batch_size != 1:
+            raise ValueError(f"the CFG-parallel DiT denoises one request at a time on both devices, "
+                             f"max_batch_size must be 1 (got {max_batch_size}); scale with replicas")
+        from .cfg_parallel import CfgParallelGroup
+
+        self.group = CfgParallelGroup(model, variant, dtype=args.dtype, compile=args.compile)
+
+    async def generate_image(self, handoff: ContextHandoff) -> AsyncIterator[dict]:
+        async for item in self.group.denoise_stream(handoff):
+            image = item.get("image")
+            yield item if image is None else image_item(image)
+
+    async def check_health(self) -> None:
+        self.group.check_health()
+
+    async def stats(self) -> dict:
+        return {"cfg_parallel": 2}

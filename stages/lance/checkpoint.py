@@ -1,7 +1,7 @@
 """Find, open and account for the files of a Lance checkpoint.
 
 A checkpoint is either a local directory laid out like the Hugging Face repo `bytedance-research/Lance`
-(spec §1.1), a path straight at one of its variant folders (`.../Lance_3B`), or a hub repo id, which is
+(lance_spec.md §1.1), a path straight at one of its variant folders (`.../Lance_3B`), or a hub repo id, which is
 downloaded with only the files the chosen variant needs. Weights are read lazily: shapes and names
 come from the safetensors header alone, tensors are materialised one at a time.
 
@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .config import TIMESTEP_FREQ_DIM, LanceConfig
+from .config import LanceConfig
+from .weights import BUNDLED_VIT_PREFIX, checkpoint_tensor_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -31,11 +32,10 @@ VARIANTS = ("Lance_3B", "Lance_3B_Video")
 VIDEO_VARIANTS = frozenset({"Lance_3B_Video"})
 
 LLM_CONFIG_NAME = "llm_config.json"
-LLM_WEIGHT_NAMES = ("model.safetensors", "ema.safetensors")  # upstream falls back to ema (spec §1.5)
+LLM_WEIGHT_NAMES = ("model.safetensors", "ema.safetensors")  # upstream falls back to ema (lance_spec.md §1.5)
 VIT_DIR_NAME = "Qwen2.5-VL-ViT"
 VIT_CONFIG_NAME = "config.json"
 VIT_WEIGHTS_NAME = "vit.safetensors"
-VIT_PREFIX = "vit_model."  # ViT tensors inside a variant's model.safetensors
 VAE_FILE_NAME = "Wan2.2_VAE.pth"
 TOP_CONFIG_NAME = "config.json"
 
@@ -274,57 +274,16 @@ def read_vae_tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
 # ----------------------------------------------------------------------------------------------------
 # What a checkpoint must contain
 # ----------------------------------------------------------------------------------------------------
-def _gen_expert_name(und_name: str) -> str:
-    """`self_attn.q_proj.weight` -> `self_attn.q_proj_moe_gen.weight`; `mlp.up_proj.weight` -> `mlp_moe_gen.up_proj.weight`."""
-    parts = und_name.split(".")
-    if parts[0] == "mlp":
-        parts[0] = "mlp_moe_gen"
-    else:
-        parts[-2] += "_moe_gen"
-    return ".".join(parts)
-
-
 def stored_latent_pos_embed_frames(cfg: LanceConfig) -> int:
     """Rows of the stored table are frames x max_latent_size^2: 1 frame (image variant) or 31 (video)."""
     return cfg.latent.max_latent_frames if cfg.variant in VIDEO_VARIANTS else 1
 
 
 def expected_llm_tensor_shapes(cfg: LanceConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the MoT LLM + generation connectors (the 1021 tensors of spec §1.2)."""
-    llm = cfg.llm
-    hidden, head_dim, ffn = llm.hidden_size, llm.head_dim, llm.intermediate_size
-    q_dim, kv_dim = llm.num_attention_heads * head_dim, llm.num_key_value_heads * head_dim
-    expert = {  # und-expert names; the gen expert has the same tensors under _moe_gen names
-        "self_attn.q_proj.weight": (q_dim, hidden), "self_attn.q_proj.bias": (q_dim,),
-        "self_attn.k_proj.weight": (kv_dim, hidden), "self_attn.k_proj.bias": (kv_dim,),
-        "self_attn.v_proj.weight": (kv_dim, hidden), "self_attn.v_proj.bias": (kv_dim,),
-        "self_attn.o_proj.weight": (hidden, q_dim),
-        "self_attn.q_norm.weight": (head_dim,), "self_attn.k_norm.weight": (head_dim,),
-        "mlp.gate_proj.weight": (ffn, hidden), "mlp.up_proj.weight": (ffn, hidden),
-        "mlp.down_proj.weight": (hidden, ffn),
-        "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
-    }
-    qk_norms = ("self_attn.q_norm.weight", "self_attn.k_norm.weight")
-    und = {n: s for n, s in expert.items() if llm.qk_norm_und or n not in qk_norms}
-    gen = {_gen_expert_name(n): s for n, s in expert.items() if llm.qk_norm_gen or n not in qk_norms}
-
-    shapes: dict[str, tuple[int, ...]] = {"language_model.model.embed_tokens.weight": (llm.vocab_size, hidden)}
-    for layer in range(llm.num_hidden_layers):
-        prefix = f"language_model.model.layers.{layer}."
-        shapes.update({prefix + n: s for n, s in (und | gen).items()})
-    shapes["language_model.model.norm.weight"] = (hidden,)
-    shapes["language_model.model.norm_moe_gen.weight"] = (hidden,)
-    if not llm.tie_word_embeddings:
-        shapes["language_model.lm_head.weight"] = (llm.vocab_size, hidden)
-    latent = cfg.latent.channels  # latent patch size (1, 1, 1): one token per latent voxel
-    shapes.update({
-        "time_embedder.mlp.0.weight": (hidden, TIMESTEP_FREQ_DIM), "time_embedder.mlp.0.bias": (hidden,),
-        "time_embedder.mlp.2.weight": (hidden, hidden), "time_embedder.mlp.2.bias": (hidden,),
-        "vae2llm.weight": (hidden, latent), "vae2llm.bias": (hidden,),
-        "llm2vae.weight": (latent, hidden), "llm2vae.bias": (latent,),
-        "latent_pos_embed.pos_embed": (stored_latent_pos_embed_frames(cfg) * cfg.latent.max_latent_size ** 2, hidden),
-    })
-    return shapes
+    """Names and shapes of the MoT LLM + generation connectors (the 1021 tensors of Lance_3B's file),
+    from the one name scheme of `stages.lance.weights`."""
+    rows = stored_latent_pos_embed_frames(cfg) * cfg.latent.max_latent_size ** 2
+    return checkpoint_tensor_shapes(cfg.llm, cfg.latent.channels, rows)
 
 
 def expected_vit_tensor_shapes(vit_config: dict) -> dict[str, tuple[int, ...]]:
@@ -344,7 +303,7 @@ def expected_model_file_tensor_shapes(cfg: LanceConfig, vit_config: dict | None 
     ViT config is given (required in the video variant's file, see `check_model_file`)."""
     shapes = expected_llm_tensor_shapes(cfg)
     if vit_config is not None:
-        shapes.update({VIT_PREFIX + n: s for n, s in expected_vit_tensor_shapes(vit_config).items()})
+        shapes.update({BUNDLED_VIT_PREFIX + n: s for n, s in expected_vit_tensor_shapes(vit_config).items()})
     return shapes
 
 
@@ -456,7 +415,7 @@ def check_model_file(files: CheckpointFiles, cfg: LanceConfig | None = None, **k
         raise FileNotFoundError(f"{files.root}: checking {cfg.variant} needs {VIT_DIR_NAME}/{VIT_CONFIG_NAME}")
     expected = expected_model_file_tensor_shapes(cfg, vit_config)
     # The image variant has no ViT copy of its own (it uses vit.safetensors); accept one if present.
-    allowed_missing = () if cfg.variant in VIDEO_VARIANTS else (VIT_PREFIX,)
+    allowed_missing = () if cfg.variant in VIDEO_VARIANTS else (BUNDLED_VIT_PREFIX,)
     path = files.llm_weights_path
     return check_keys(SafetensorsFile(path).shapes(), expected, allowed_missing,
                       source=str(path.relative_to(files.root)), **kw)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # Architecture facts of Lance that the checkpoint files do not state; upstream sets them as runtime
-# flags in `inference_lance.sh` (spec §1.3), so they are defaults here, not magic numbers in code.
+# flags in `inference_lance.sh` (lance_spec.md §1.3), so they are defaults here, not magic numbers in code.
 LATENT_CHANNELS = 48          # Wan2.2 VAE z_dim; latent patch size (1, 1, 1)
 VAE_SPATIAL_DOWNSAMPLE = 16   # 2x patchify x 2^3 stride-2 stages
 VAE_TEMPORAL_DOWNSAMPLE = 4   # causal; the first frame is kept alone
@@ -35,7 +35,7 @@ class LanceLLMConfig:
     max_position_embeddings: int
     spatial_merge_size: int = 2
     tokens_per_second: float = 2.0
-    # Runtime flags upstream adds (spec §1.3); the json says tie_word_embeddings=true, upstream forces False.
+    # Runtime flags upstream adds (lance_spec.md §1.3); the json says tie_word_embeddings=true, upstream forces False.
     qk_norm_und: bool = True
     qk_norm_gen: bool = True
     tie_word_embeddings: bool = False

@@ -36,10 +36,11 @@ def segment_embeds(model: LanceModel, ids: torch.Tensor, kind: str, grid, vit_fe
 
 @torch.no_grad()
 def prefill_context(model: LanceModel, plan: BranchPlan, vit_features: torch.Tensor | None = None,
-                    ref_latents: torch.Tensor | None = None) -> KVCache:
-    """Prefill every segment of `plan.context` with its positions; returns the branch's cache."""
-    cache = KVCache()
+                    ref_latents: torch.Tensor | None = None, extra_capacity: int = 0) -> KVCache:
+    """Prefill every segment of `plan.context` with its positions; returns the branch's cache, with room
+    for `extra_capacity` more tokens (decoding)."""
     seq, device = plan.context, model.vae2llm.weight.device
+    cache = KVCache(capacity=seq.input_ids.numel() + extra_capacity)
     for i, seg in enumerate(seq.segments):
         span = seq.span(i)
         ids = seq.input_ids[span].to(device)

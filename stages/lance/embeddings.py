@@ -1,7 +1,7 @@
 """Lance's latent-token embeddings: timestep embedder and the 3-D sin-cos latent position table.
 
 A latent token enters the LLM as `vae2llm(x) + time_embedder(sigma) + latent_pos_embed[t*S*S + h*S + w]`
-(spec §3.2, §3.3); ids restart at 0 for every VAE block.
+(lance_spec.md §3.2, §3.3); ids restart at 0 for every VAE block.
 """
 from __future__ import annotations
 
@@ -40,6 +40,16 @@ def latent_pos_embed(hidden_size: int, grid: tuple[int, int, int]) -> torch.Tens
     """The table's rows for a (t, h, w) latent block (ids restart at 0 per block), computed directly:
     the same values as indexing the table, without building a 31x64x64 table."""
     return _sincos_3d(hidden_size, _grid_coords(*grid))
+
+
+def embed_latent_tokens(vae2llm: nn.Module, latents: torch.Tensor, timestep_embedding: torch.Tensor,
+                        position_embedding: torch.Tensor) -> torch.Tensor:
+    """How a VAE latent token enters the LLM: vae2llm(x) + time_embedder(sigma) + its latent position row.
+
+    The one formula the model core, the thinker (reference latents at sigma 0) and the DiT's packed
+    forward all use; each computes the two embeddings its own way (cached, batched, broadcast).
+    """
+    return vae2llm(latents) + timestep_embedding + position_embedding
 
 
 def timestep_features(sigma: torch.Tensor, dim: int = TIMESTEP_FREQ_DIM, max_period: float = 10000.0) -> torch.Tensor:

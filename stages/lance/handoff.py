@@ -1,11 +1,11 @@
-"""What the thinker hands to the DiT stage for one image request (spec §2.5).
+"""What the thinker hands to the DiT stage for one image request (lance_spec.md §2.5).
 
 Per CFG branch: the context's per-layer K (after qk-norm and mRoPE) and V, and the positions the target
 block must use in that branch. Plus the latent grid, the denoising knobs, and the number of reference
 VAE tokens (edits): upstream draws the seeded noise over *all* VAE tokens of the sample and the target
 takes its rows, so the DiT needs the count to reproduce a seed's image. The reference latent itself is
 already inside the KV cache and is not sent. No hidden states: Lance's DiT re-embeds the two markers
-itself (spec §2.5), so they would be bytes moved for nothing.
+itself (lance_spec.md §2.5), so they would be bytes moved for nothing.
 """
 from __future__ import annotations
 

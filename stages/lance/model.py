@@ -2,7 +2,7 @@
 
 Submodules mirror upstream's `class Lance` (language_model, time_embedder, vae2llm, llm2vae); the 3-D
 latent position table is computed, not loaded (upstream pops the stored one). A stage loads only what
-it needs: `parts=` leaves out lm_head (DiT) or the generation connectors (chat-only thinker).
+it needs: `load_weights(skip_parts=...)` leaves out checkpoint parts (the DiT has no lm_head).
 """
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from .config import LanceConfig
-from .embeddings import TimestepEmbedder, latent_pos_embed
+from .embeddings import TimestepEmbedder, embed_latent_tokens, latent_pos_embed
 from .transformer import MoTLanguageModel
-from .weights import RECOMPUTED_TENSORS, map_checkpoint_name, shard_slice
+from .weights import WeightsLoader, WeightTarget, shard_slice
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class LanceModel(nn.Module):
         self.vae2llm = nn.Linear(latent.channels, llm.hidden_size)
         self.llm2vae = nn.Linear(llm.hidden_size, latent.channels)
         self._pos_cache: dict[tuple, torch.Tensor] = {}
-        self._filled: set[tuple[str, str | None]] = set()  # (parameter, shard) that load_weights filled
+        self._loader: WeightsLoader | None = None  # the last load_weights, for missing_parameters
 
     # --- embeddings of the two token kinds -------------------------------------------------------
 
@@ -48,7 +48,7 @@ class LanceModel(nn.Module):
         """latents [..., thw, 48], sigma scalar or [...] -> vae2llm(x) + time_embedder(sigma) + pos."""
         temb = self.time_embedder(sigma.reshape(-1)).to(latents.dtype)  # [B or 1, hidden]
         temb = temb.view(*sigma.shape, 1, -1) if sigma.dim() else temb
-        return self.vae2llm(latents) + temb + self.latent_positions(grid)
+        return embed_latent_tokens(self.vae2llm, latents, temb, self.latent_positions(grid))
 
     def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.llm2vae(hidden)
@@ -56,41 +56,34 @@ class LanceModel(nn.Module):
     # --- loading ----------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]]) -> tuple[set[str], set[str]]:
-        """Copy checkpoint tensors into our (fused) parameters.
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]],
+                     skip_parts: Iterable[str] = ("bundled_vit", "vit_file")) -> WeightsLoader:
+        """Copy checkpoint tensors into our (fused) parameters; `stages.lance.weights` routes and accounts.
 
-        Returns (loaded checkpoint names, names with no home here); the caller decides which of the
-        latter are expected. Every parameter must be filled: see `missing_parameters`.
+        `skip_parts`: the checkpoint parts this copy of the model leaves out (the ViT is a model of its
+        own; the DiT has no lm_head). The stored position table is only checked against ours. Returns
+        the loader: `.check(source)` raises unless every parameter was filled and nothing was unexpected.
         """
         params = dict(self.named_parameters())
         llm = self.config.llm
         q, kv = llm.num_attention_heads * llm.head_dim, llm.num_key_value_heads * llm.head_dim
-        loaded, unused, self._filled = set(), set(), set()
-        for name, tensor in tensors:
-            if name in RECOMPUTED_TENSORS:
-                self._check_position_table(tensor)
-                loaded.add(name)
-                continue
-            target = map_checkpoint_name(name)
-            if target is None or target.param not in params:
-                unused.add(name)
-                continue
+
+        def fill(target: WeightTarget, tensor: torch.Tensor) -> None:
             dst = params[target.param].data[shard_slice(target.shard, q, kv, llm.intermediate_size)]
             if dst.shape != tensor.shape:
-                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
+                raise ValueError(f"{target.param}: checkpoint shape {tuple(tensor.shape)} != expected {tuple(dst.shape)}")
             dst.copy_(tensor)
-            loaded.add(name)
-            self._filled.add((target.param, target.shard))
-        return loaded, unused
+
+        self._loader = WeightsLoader(params, fill, skip_parts=skip_parts,
+                                     part_loaders={"position_table": lambda _, t: self._check_position_table(t)})
+        return self._loader.load(tensors)
 
     def missing_parameters(self) -> list[str]:
-        """Parameters (or fused shards) that `load_weights` has not filled."""
-        missing = []
-        for name, p in self.named_parameters():
-            shards = ("q", "k", "v") if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias") \
-                else ("gate", "up") if name.endswith("gate_up_proj.weight") else (None,)
-            missing += [f"{name}[{s}]" if s else name for s in shards if (name, s) not in self._filled]
-        return missing
+        """Parameters (or fused shards) that `load_weights` has not filled (all of them before a load)."""
+        names = [n for n, _ in self.named_parameters()]
+        if self._loader is None:
+            return WeightsLoader(names, fill=None).missing()
+        return self._loader.missing(names)
 
     def _check_position_table(self, stored: torch.Tensor) -> None:
         # The stored table's t=0 rows must equal ours (the goldens show they are bit-identical).

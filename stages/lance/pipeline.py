@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable
 
 import torch
@@ -21,6 +22,7 @@ from .checkpoint import load_lance_config, load_tokenizer, resolve_checkpoint, S
 from .config import LanceConfig, SpecialTokens
 from .context import prefill_context
 from .denoise import BranchState, denoise, initial_noise
+from .limits import check_image_size
 from .model import LanceModel
 from .prompts import Visual, default_system_prompt
 from .requests import DenoiseParams
@@ -29,6 +31,7 @@ from .sequence import BranchPlan, build_understanding_sequence, mrope_positions,
 from .transformer import KVCache
 from .vae import LanceVAE, decode_to_uint8, latent_tokens, reference_latent, uint8_to_pil
 from .vit import LanceViT, image_patches
+from .weights import BUNDLED_VIT_PREFIX, part_of
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +104,8 @@ class LancePipeline:
                       cfg_interval: tuple[float, float] = (0.4, 1.0), seed: int = 42,
                       latents: torch.Tensor | None = None, negative_prompt: str | None = None,
                       system_prompt: str | None = None, callback: StepCallback | None = None) -> ImageOutput:
+        check_image_size(height, width, self.config.latent)
         grid = self.config.latent.latent_grid(1, height, width)
-        if grid[1] * 16 != height or grid[2] * 16 != width:
-            raise ValueError(f"height and width must be multiples of 16, got {height}x{width}")
         params = DenoiseParams(num_inference_steps, timestep_shift, cfg_text_scale, tuple(cfg_interval), seed=seed)
         system = system_prompt if system_prompt is not None else default_system_prompt("t2i")
         ctx = self.prepare_generation(system, prompt, [], grid, negative_prompt)
@@ -181,7 +183,8 @@ class LancePipeline:
         lm = self.model.language_model
         n = plan.context.input_ids.numel() - 1
         cache = prefill_context(self.model, BranchPlan(plan.context.head(n), plan.context_positions[:, :n],
-                                                       plan.query_positions), vit_features)
+                                                       plan.query_positions), vit_features,
+                                extra_capacity=1 + max_new_tokens)
         next_id = plan.context.input_ids[-1:].to(self.device)  # the "\n" after assistant (upstream decode 0)
         pos = int(plan.context_positions[0, -1])
         out, logits_seen = [], []
@@ -202,30 +205,25 @@ class LancePipeline:
 def load_lance_model(weights_path, config: LanceConfig, dtype: torch.dtype, device, drop_lm_head: bool = False) -> LanceModel:
     """Build on the meta device, allocate in `dtype` on `device`, fill from the checkpoint lazily.
 
-    Strict: every parameter must be filled, and the only file tensors allowed to go unused are the
-    bundled ViT's (`vit_model.*`, Lance_3B_Video), loaded separately.
+    Strict: every parameter must be filled and every tensor of the file used, except the ViT's (a bundled
+    copy is `load_lance_vit`'s) and, with `drop_lm_head`, lm_head's.
     """
     with torch.device("meta"):
         model = LanceModel(config)
     if drop_lm_head:
         model.language_model.lm_head = None
     model = model.to_empty(device=device).to(dtype)
+    skip = ("bundled_vit",) + (("lm_head",) if drop_lm_head else ())
     with SafetensorsFile(weights_path) as f:
-        _, unused = model.load_weights((name, f.get(name)) for name in f.names())
-    unexpected = sorted(n for n in unused if not n.startswith("vit_model.")
-                        and not (drop_lm_head and n == "language_model.lm_head.weight"))
-    missing = model.missing_parameters()
-    if unexpected or missing:
-        raise ValueError(f"{weights_path}: {len(missing)} missing parameters {missing[:10]}, "
-                         f"{len(unexpected)} unexpected tensors {unexpected[:10]}")
+        model.load_weights(((name, partial(f.get, name)) for name in f.names()), skip_parts=skip).check(str(weights_path))
     return model.eval()
 
 
 def load_lance_vit(files, dtype: torch.dtype, device) -> LanceViT:
-    """Lance_3B_Video bundles its ViT (`vit_model.*`), which upstream loads over vit.safetensors."""
+    """The ViT: a variant's own copy (Lance_3B_Video) wins over vit.safetensors (`weights.VIT_SOURCES`)."""
     with SafetensorsFile(files.llm_weights_path) as f:
-        bundled = any(n.startswith("vit_model.") for n in f.names())
+        bundled = any(part_of(n) == "bundled_vit" for n in f.names())
     if bundled:
         return LanceViT.from_pretrained(files.vit_dir, dtype, device, weights_path=files.llm_weights_path,
-                                        prefix="vit_model.")
+                                        prefix=BUNDLED_VIT_PREFIX)
     return LanceViT.from_pretrained(files.vit_dir, dtype, device)

@@ -1,7 +1,7 @@
 """Typed requests the ingress hands to the stages (no HTTP in here, no model code).
 
 One definition for the ingress, the thinker, the DiT stage and the offline pipeline: the defaults are
-upstream's (`inference_lance.sh`, spec §3.8), so a request that sets nothing gets upstream's image.
+upstream's (`inference_lance.sh`, lance_spec.md §3.8), so a request that sets nothing gets upstream's image.
 """
 from __future__ import annotations
 
@@ -10,19 +10,21 @@ from typing import Literal
 
 from PIL import Image
 
+from .limits import CFG_RENORM_TYPES
+
 ImageTask = Literal["t2i", "image_edit"]
 TextTask = Literal["x2t_image", "chat"]
 
 
 @dataclass(frozen=True)
 class DenoiseParams:
-    """Knobs of the flow-matching loop (spec §3.4, §3.5)."""
+    """Knobs of the flow-matching loop (lance_spec.md §3.4, §3.5)."""
 
     num_inference_steps: int = 30
     timestep_shift: float = 3.5
     cfg_text_scale: float = 4.0
     cfg_interval: tuple[float, float] = (0.4, 1.0)
-    cfg_renorm_type: Literal["global", "channel", "none"] = "global"
+    cfg_renorm_type: Literal[CFG_RENORM_TYPES] = "global"
     cfg_renorm_min: float = 0.0
     seed: int = 42
 
@@ -40,7 +42,7 @@ class ImageRequest:
     height: int | None = None          # t2i target size; edits take the bucketed input size
     width: int | None = None
     image: Image.Image | None = None
-    resolution: str = "image_768res"   # bucket preset of the edit input (spec §4.2)
+    resolution: str = "image_768res"   # bucket preset of the edit input (lance_spec.md §4.2)
     negative_prompt: str | None = None  # replaces the caption in the text-uncond branch
     system_prompt: str | None = None    # None: upstream's system prompt for the task
     params: DenoiseParams = field(default_factory=DenoiseParams)

@@ -1,4 +1,4 @@
-"""Lance's flow-matching schedule, CFG combination and Euler step (spec §3.4, §3.5).
+"""Lance's flow-matching schedule, CFG combination and Euler step (lance_spec.md §3.4, §3.5).
 
 Kept apart from the model (diffusers style): the loop asks the scheduler for sigmas, whether a step
 uses CFG, how to combine the two velocities and how to step.

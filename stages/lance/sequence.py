@@ -1,4 +1,4 @@
-"""Token sequences, segments and 3-axis mRoPE positions of Lance's tasks (spec §2.2, §2.3).
+"""Token sequences, segments and 3-axis mRoPE positions of Lance's tasks (lance_spec.md §2.2, §2.3).
 
 One definition for the offline pipeline, the vLLM thinker and the DiT stage. A sequence is a list of
 segments (text, ViT block, reference VAE block, target block), each with its attention mode; positions
@@ -203,7 +203,7 @@ def mrope_positions(seq: LanceSequence, tokens_per_second: float = 2.0) -> torch
         hh = torch.arange(h).view(1, h, 1).expand(t, h, w)
         ww = torch.arange(w).view(1, 1, w).expand(t, h, w)
         body = torch.stack([tt, hh, ww]).reshape(3, -1) + p + 1
-        end = p + 1 + int(body.max()) - p  # = P + 2 + max(rel)
+        end = int(body.max()) + 1  # the end marker takes the position after the body's largest one
         cols += [torch.full((3, 1), p), body, torch.full((3, 1), end)]
         p = end + 1
     return torch.cat(cols, dim=1).long()

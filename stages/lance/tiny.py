@@ -1,7 +1,7 @@
 """Random-weight Lance checkpoints in the real layout (`lance-serve make-tiny-checkpoint`).
 
 Same folders, file names, config files, tokenizer files, tensor names and key trees as
-`bytedance-research/Lance` (spec §1.1), at any small geometry, so every loader runs on real structure
+`bytedance-research/Lance` (lance_spec.md §1.1), at any small geometry, so every loader runs on real structure
 without the 57 GB download. Values follow the recipe of the golden tiny checkpoint, so the default
 geometry and seed reproduce `shared/golden/tiny_ckpt` bit for bit:
 
@@ -25,21 +25,21 @@ import torch
 
 from .checkpoint import (
     LLM_CONFIG_NAME, TOP_CONFIG_NAME, VAE_FILE_NAME, VARIANTS, VIDEO_VARIANTS, VIT_CONFIG_NAME, VIT_DIR_NAME,
-    VIT_PREFIX, VIT_WEIGHTS_NAME, CheckpointFiles, check_checkpoint, expected_llm_tensor_shapes,
+    VIT_WEIGHTS_NAME, CheckpointFiles, check_checkpoint, expected_llm_tensor_shapes,
     expected_vae_tensor_shapes, expected_vit_tensor_shapes, resolve_checkpoint, stored_latent_pos_embed_frames,
 )
 from .config import LATENT_CHANNELS, LanceConfig, LanceLLMConfig
 from .embeddings import latent_pos_embed_table
+from .weights import BUNDLED_VIT_PREFIX, POSITION_TABLE_NAME
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SEED = 20260714  # the golden tiny checkpoint's seed
 # Head sizes vLLM's CPU attention backend supports; the tiny LLM must run in the vLLM thinker too.
 VLLM_CPU_HEAD_DIMS = (64, 80, 112, 128)
-POS_EMBED_NAME = "latent_pos_embed.pos_embed"
 TINY_TOKENIZER_DIR = Path(__file__).parent / "data" / "tiny_tokenizer"
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
-# Wan2.2 VAE structure (spec §6.1); only the widths are tiny.
+# Wan2.2 VAE structure (lance_spec.md §6.1); only the widths are tiny.
 WAN22_VAE_STRUCTURE = dict(z_dim=LATENT_CHANNELS, is_residual=True, in_channels=12, out_channels=12, patch_size=2,
                            dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                            temperal_downsample=[False, True, True], scale_factor_temporal=4, scale_factor_spatial=16)
@@ -142,7 +142,7 @@ def _len_tokenizer() -> int:
 
 
 def vit_config(spec: TinyCheckpointSpec) -> dict:
-    """`Qwen2.5-VL-ViT/config.json` (shape of the real one, spec §1.1, §4.1)."""
+    """`Qwen2.5-VL-ViT/config.json` (shape of the real one, lance_spec.md §1.1, §4.1)."""
     return {
         "_attn_implementation": "flash_attention_2", "depth": spec.vit_depth,
         "fullatt_block_indexes": spec.vit_fullatt_blocks, "hidden_act": "silu", "hidden_size": spec.vit_hidden,
@@ -153,7 +153,7 @@ def vit_config(spec: TinyCheckpointSpec) -> dict:
 
 
 def llm_config(spec: TinyCheckpointSpec, ids: dict[str, int]) -> dict:
-    """`llm_config.json`: a stock Qwen2.5-VL config (spec §1.3) with the tiny tokenizer's ids."""
+    """`llm_config.json`: a stock Qwen2.5-VL config (lance_spec.md §1.3) with the tiny tokenizer's ids."""
     vit = vit_config(spec)
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
@@ -212,11 +212,11 @@ def make_tiny_checkpoint(out_dir: str | Path, spec: TinyCheckpointSpec = TinyChe
         # Variants are separate fine-tunes: seed the non-default ones' tensors apart from Lance_3B's.
         tag = "" if variant == VARIANTS[0] else f"{variant}/"
         tensors = {n: transformer_tensor(n, s, spec.seed, tag + n) for n, s in expected_llm_tensor_shapes(cfg).items()
-                   if n != POS_EMBED_NAME}
+                   if n != POSITION_TABLE_NAME}
         frames = stored_latent_pos_embed_frames(cfg)
-        tensors[POS_EMBED_NAME] = latent_pos_embed_table(spec.hidden, frames, cfg.latent.max_latent_size)
-        if variant in VIDEO_VARIANTS:  # the video file carries its own ViT copy (spec §1.1)
-            tensors |= {VIT_PREFIX + n: transformer_tensor(n, s, spec.seed, tag + VIT_PREFIX + n)
+        tensors[POSITION_TABLE_NAME] = latent_pos_embed_table(spec.hidden, frames, cfg.latent.max_latent_size)
+        if variant in VIDEO_VARIANTS:  # the video file carries its own ViT copy (lance_spec.md §1.1)
+            tensors |= {BUNDLED_VIT_PREFIX + n: transformer_tensor(n, s, spec.seed, tag + BUNDLED_VIT_PREFIX + n)
                         for n, s in vit_shapes.items()}
         _save_safetensors(tensors, llm_dir / "model.safetensors")
         _write_json(llm_dir / LLM_CONFIG_NAME, raw_llm)

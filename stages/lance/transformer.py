@@ -1,4 +1,4 @@
-"""Lance's Qwen2 Mixture-of-Transformers decoder in plain PyTorch (spec §2.1).
+"""Lance's Qwen2 Mixture-of-Transformers decoder in plain PyTorch (lance_spec.md §2.1).
 
 Every layer holds two experts with identical shapes: `und` (text, markers, ViT tokens) and `gen` (VAE
 latent tokens). Routing is by token index, never learned; both experts' tokens meet in one attention.
@@ -7,7 +7,8 @@ checkpoint's separate tensors onto them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -116,31 +117,72 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.unsqueeze(2) + rotated * sin.unsqueeze(2)
 
 
-@dataclass
 class KVCache:
     """Per-layer context K (after qk-norm and RoPE) and V: [B, L, Hkv, d] each.
 
-    `valid` [B, L] marks real tokens when branches of different lengths are padded into one batch.
+    Prefill and decoding write each block's K/V into preallocated per-layer buffers (`update`), as
+    gpt-fast's `KVCache.update(input_pos, k, v)` does, so a decoded token costs a copy of its own K/V,
+    not of the whole cache. Give `capacity` (tokens) when the final length is known; otherwise a buffer
+    doubles when it is full. `valid` [B, L] marks real tokens when branches of different lengths are
+    padded into one batch.
     """
 
-    keys: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
-    valid: torch.Tensor | None = None
+    def __init__(self, keys: list[torch.Tensor] | None = None, values: list[torch.Tensor] | None = None,
+                 valid: torch.Tensor | None = None, capacity: int = 0):
+        self._keys = list(keys or [])        # per layer [B, capacity, Hkv, d]; the first _filled[i] rows hold data
+        self._values = list(values or [])
+        self._filled = [k.shape[1] for k in self._keys]
+        self.valid = valid
+        self.capacity = capacity
 
     @property
     def length(self) -> int:
-        return self.keys[0].shape[1] if self.keys else 0
+        return self._filled[0] if self._filled else 0
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        return [k[:, :n] for k, n in zip(self._keys, self._filled)]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        return [v[:, :n] for v, n in zip(self._values, self._filled)]
 
     def layer(self, i: int):
-        return (self.keys[i], self.values[i]) if i < len(self.keys) else (None, None)
+        """Layer i's cached K and V (views), or (None, None) before its first block."""
+        if i >= len(self._keys):
+            return None, None
+        n = self._filled[i]
+        return self._keys[i][:, :n], self._values[i][:, :n]
 
-    def append(self, i: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        if len(self.keys) <= i:
-            self.keys.append(k)
-            self.values.append(v)
-        else:
-            self.keys[i] = torch.cat([self.keys[i], k], dim=1)
-            self.values[i] = torch.cat([self.values[i], v], dim=1)
+    def update(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a block's K/V [B, N, Hkv, d] after layer i's cached ones; returns all of layer i's (views)."""
+        if i == len(self._keys):
+            size = max(self.capacity, k.shape[1])
+            self._keys.append(k.new_empty(k.shape[0], size, *k.shape[2:]))
+            self._values.append(v.new_empty(v.shape[0], size, *v.shape[2:]))
+            self._filled.append(0)
+        start = self._filled[i]
+        end = start + k.shape[1]
+        if end > self._keys[i].shape[1]:
+            self._grow(i, max(end, 2 * self._keys[i].shape[1]))
+        self._keys[i][:, start:end] = k
+        self._values[i][:, start:end] = v
+        self._filled[i] = end
+        return self._keys[i][:, :end], self._values[i][:, :end]
+
+    def with_block(self, i: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's cached K/V followed by a block's own, without storing the block (a read-only query)."""
+        past_k, past_v = self.layer(i)
+        if past_k is None:
+            return k, v
+        return torch.cat([past_k, k], dim=1), torch.cat([past_v, v], dim=1)
+
+    def _grow(self, i: int, size: int) -> None:
+        n = self._filled[i]
+        for buffers in (self._keys, self._values):
+            old = buffers[i]
+            buffers[i] = old.new_empty(old.shape[0], size, *old.shape[2:])
+            buffers[i][:, :n] = old[:, :n]
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """[num_layers, L, Hkv, d] K and V of batch row 0 (the exported form)."""
@@ -148,6 +190,7 @@ class KVCache:
 
     @classmethod
     def from_stacked(cls, k: torch.Tensor, v: torch.Tensor) -> "KVCache":
+        """A cache over exported [num_layers, L, Hkv, d] K/V (views, no copy; a later update copies first)."""
         return cls(keys=[x.unsqueeze(0) for x in k], values=[x.unsqueeze(0) for x in v])
 
 
@@ -171,8 +214,9 @@ class MoTDecoderLayer(nn.Module):
         self.und = Expert(cfg)
         self.gen = Expert(cfg)
 
-    def forward(self, x, routing: Routing, cos, sin, past_k, past_v, mask, batch: int):
-        """x [B*N, hidden] -> (x', k_new [B, N, Hkv, d], v_new)."""
+    def forward(self, x, routing: Routing, cos, sin, context_kv, mask, batch: int):
+        """x [B*N, hidden] -> x'. `context_kv(k, v)` gives the keys and values the block attends to: its
+        own, or the cache's followed by its own."""
         h = routing.apply(x, self.und.input_layernorm, self.gen.input_layernorm)
         qkv = routing.apply(h, lambda t: torch.cat([a.flatten(1) for a in self.und.attn.qkv(t)], -1),
                             lambda t: torch.cat([a.flatten(1) for a in self.gen.attn.qkv(t)], -1))
@@ -182,15 +226,13 @@ class MoTDecoderLayer(nn.Module):
         q = apply_rope(q.unflatten(-1, (-1, d)), cos, sin)
         k = apply_rope(k.unflatten(-1, (-1, d)), cos, sin)
         v = v.unflatten(-1, (-1, d))
-        keys = k if past_k is None else torch.cat([past_k, k], dim=1)
-        vals = v if past_v is None else torch.cat([past_v, v], dim=1)
+        keys, vals = context_kv(k, v)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
                                            attn_mask=mask, enable_gqa=True)
         o = o.transpose(1, 2).flatten(2).flatten(0, 1)           # [B*N, Hq*d]
         x = x + routing.apply(o, self.und.attn.o_proj, self.gen.attn.o_proj)
         h = routing.apply(x, self.und.post_attention_layernorm, self.gen.post_attention_layernorm)
-        x = x + routing.apply(h, self.und.mlp, self.gen.mlp)
-        return x, k, v
+        return x + routing.apply(h, self.und.mlp, self.gen.mlp)
 
 
 class MoTLanguageModel(nn.Module):
@@ -211,8 +253,8 @@ class MoTLanguageModel(nn.Module):
         """Run a query block against the cache; returns the final normed hidden [B, N, hidden].
 
         embeds [B, N, hidden]; positions [B, 3, N] (or [3, N]); gen_mask [B, N] marks gen-expert tokens.
-        With `update_cache` the block's K/V are appended (prefill); otherwise the cache is only read
-        (the denoising query).
+        With `update_cache` the block's K/V are stored after the cache's (prefill, decoding); otherwise
+        the cache is only read (the denoising query).
         """
         batch, n = embeds.shape[:2]
         if positions.dim() == 2:
@@ -224,10 +266,11 @@ class MoTLanguageModel(nn.Module):
                               query_valid, embeds.device)
         x = embeds.flatten(0, 1)
         for i, layer in enumerate(self.layers):
-            past_k, past_v = cache.layer(i) if cache is not None else (None, None)
-            x, k, v = layer(x, routing, cos, sin, past_k, past_v, mask, batch)
-            if update_cache:
-                cache.append(i, k, v)
+            if cache is None:
+                context_kv = lambda k, v: (k, v)  # noqa: E731
+            else:
+                context_kv = partial(cache.update if update_cache else cache.with_block, i)
+            x = layer(x, routing, cos, sin, context_kv, mask, batch)
             if layer_outputs is not None:
                 layer_outputs.append(x.view(batch, n, -1))
         x = routing.apply(x, self.norm, self.norm_gen)

@@ -1,10 +1,10 @@
 """Wan2.2 VAE as Lance uses it, on top of diffusers' `AutoencoderKLWan`.
 
 The checkpoint (`Wan2.2_VAE.pth`) is in the stock Wan2.2 `WanVAE_` key tree; it is renamed to
-diffusers' tree here (the mapping of diffusers' `convert_vae_22`, spec §6.4) and loaded strictly.
+diffusers' tree here (the mapping of diffusers' `convert_vae_22`, lance_spec.md §6.4) and loaded strictly.
 Widths are read from tensor shapes, so any geometry of that tree loads (tiny test VAE or real).
 
-Lance conventions (spec §6.2-6.3): encode returns the per-channel *normalized* mean and the raw
+Lance conventions (lance_spec.md §6.2-6.3): encode returns the per-channel *normalized* mean and the raw
 log-variance; reference latents are sampled as `mean + exp(0.5*logvar) * eps` (noise not divided
 by the channel std); decode de-normalizes, decodes and clamps to [-1, 1].
 """

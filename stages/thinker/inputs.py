@@ -14,7 +14,7 @@ import torch
 from stages.lance.sequence import LanceSequence
 
 from .engine_config import LanceTokenIds
-from .multimodal import ANCHOR, LATENT, VIT, compact_placeholder
+from .multimodal import ANCHOR, LATENT, VIT, compact_placeholder, fields_of
 
 
 @dataclass
@@ -58,19 +58,18 @@ def vllm_prompt(seq: LanceSequence, positions: torch.Tensor, ids: LanceTokenIds,
         if seg.kind == "vit":
             if visuals.vit_patches is None:
                 raise ValueError("the sequence has a ViT block but no ViT patches were given")
-            items.setdefault(VIT, []).append({
-                "vit_pixel_values": visuals.vit_patches, "vit_grid_thw": torch.tensor(visuals.vit_patch_grid),
-                "vit_positions": block_pos, "vit_next_position": torch.tensor(expected)})
-            compact += compact_placeholder(VIT, ids)
+            modality = VIT
+            data = {"vit_pixel_values": visuals.vit_patches, "vit_grid_thw": torch.tensor(visuals.vit_patch_grid)}
         elif seg.kind == "vae_ref":
             if visuals.ref_latents is None:
                 raise ValueError("the sequence has a reference VAE block but no reference latents were given")
-            items.setdefault(LATENT, []).append({
-                "latent_tokens": visuals.ref_latents, "latent_grid": torch.tensor(visuals.latent_grid),
-                "latent_positions": block_pos, "latent_next_position": torch.tensor(expected)})
-            compact += compact_placeholder(LATENT, ids)
+            modality = LATENT
+            data = {"latent_tokens": visuals.ref_latents, "latent_grid": torch.tensor(visuals.latent_grid)}
         else:
             raise ValueError(f"a {seg.kind!r} segment cannot be part of a thinker prompt")
+        f = fields_of(modality)
+        items.setdefault(modality, []).append({**data, f.positions: block_pos, f.next_position: torch.tensor(expected)})
+        compact += compact_placeholder(modality, ids)
     prompt: dict = {"prompt_token_ids": compact}
     if items:
         prompt["multi_modal_data"] = items

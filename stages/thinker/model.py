@@ -13,8 +13,8 @@ LanguageModel -> LanceThinkerForConditionalGeneration (tower, latent embedder, p
 * Logits past the tokenizer's length are masked (upstream does the same before argmax).
 
 Parameter names are `stages.lance.weights`' (one table for every model that loads the checkpoint), so the
-real `Lance_3B/model.safetensors` loads directly; the ViT comes from `Qwen2.5-VL-ViT/vit.safetensors` as a
-second weight source.
+real `Lance_3B/model.safetensors` loads directly; the ViT comes from the variant's own copy when it has
+one, else from `Qwen2.5-VL-ViT/vit.safetensors`, read as a second weight source.
 """
 from __future__ import annotations
 
@@ -41,9 +41,10 @@ from vllm.model_executor.models.interfaces import SupportsMRoPE, SupportsMultiMo
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from stages.lance.config import LATENT_CHANNELS
-from stages.lance.embeddings import TimestepEmbedder, latent_pos_embed
+from stages.lance.embeddings import TimestepEmbedder, embed_latent_tokens, latent_pos_embed
 from stages.lance.vit import LanceViT, attention_backend
-from stages.lance.weights import RECOMPUTED_TENSORS, map_checkpoint_name
+from stages.lance.weights import (BUNDLED_VIT_PREFIX, VIT_FILE_PREFIX, VIT_SOURCES, WeightsLoader, WeightsLoadError,
+                                  WeightTarget)
 
 from .bidirectional import BidirectionalSpan, find_bidirectional_spans, refine_bidirectional
 from .kv_layout import PagedKVReader, reader_for
@@ -52,10 +53,12 @@ from .multimodal import (ANCHOR, LATENT, VIT, LanceDummyInputsBuilder, LanceMult
 
 log = logging.getLogger(__name__)
 
-VIT_PREFIX = "visual."            # Qwen2.5-VL-ViT/vit.safetensors, read as a second weight source
-BUNDLED_VIT_PREFIX = "vit_model."  # Lance_3B_Video bundles a ViT; upstream loads it over vit.safetensors
-# The thinker never predicts velocities: the DiT stage owns llm2vae.
-UNUSED_IN_THINKER = ("llm2vae.",)
+# Checkpoint parts the thinker leaves out (stages.lance.weights.CHECKPOINT_PARTS): it never predicts
+# velocities (the DiT stage owns llm2vae) and computes latent positions itself.
+SKIPPED_PARTS = ("velocity_head", "position_table")
+_VIT_PREFIXES = {"bundled_vit": BUNDLED_VIT_PREFIX, "vit_file": VIT_FILE_PREFIX}
+# vLLM's shard ids of the fused parameters: q/k/v by name, gate/up by index.
+_VLLM_SHARD_IDS = {"q": "q", "k": "k", "v": "v", "gate": 0, "up": 1}
 
 
 class Routing:
@@ -224,7 +227,7 @@ class LanceThinkerForConditionalGeneration(nn.Module, SupportsMultiModal, Suppor
         self.logits_processor = LogitsProcessor(text.vocab_size)
         vit_dir = config.lance.get("vit_dir")
         # vLLM reads these after the model's own folder (Lance_3B/): the ViT lives beside it.
-        self.secondary_weights = [DefaultModelLoader.Source(vit_dir, None, prefix=VIT_PREFIX,
+        self.secondary_weights = [DefaultModelLoader.Source(vit_dir, None, prefix=VIT_FILE_PREFIX,
                                                             allow_patterns_overrides=["vit.safetensors"])] if vit_dir else []
 
     # --- embeddings ----------------------------------------------------------------------------------
@@ -266,7 +269,7 @@ class LanceThinkerForConditionalGeneration(nn.Module, SupportsMultiModal, Suppor
         for x, grid in zip(latents, grids):
             grid = tuple(torch.as_tensor(grid).reshape(3).tolist())
             pos = latent_pos_embed(self.text_config.hidden_size, grid).to(self._device, dtype)
-            out.append(self.vae2llm(x.to(self._device, dtype)) + t0 + pos)
+            out.append(embed_latent_tokens(self.vae2llm, x.to(self._device, dtype), t0, pos))
         return out
 
     # --- positions -----------------------------------------------------------------------------------
@@ -285,7 +288,8 @@ class LanceThinkerForConditionalGeneration(nn.Module, SupportsMultiModal, Suppor
             positions[:, start:start + length] = item_pos
             at, next_pos = start + length, int(feature.data[f.next_position].data)
         positions[:, at:] = torch.arange(next_pos, next_pos + len(input_tokens) - at)
-        delta = next_pos + len(input_tokens) - at - len(input_tokens)
+        # vLLM places decoded token i at position i + delta: continue the text after the last item
+        delta = next_pos - at
         return positions, delta
 
     # --- forward -------------------------------------------------------------------------------------
@@ -318,44 +322,35 @@ class LanceThinkerForConditionalGeneration(nn.Module, SupportsMultiModal, Suppor
     # --- weights -------------------------------------------------------------------------------------
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Checkpoint names -> our parameters (stages.lance.weights); every parameter must be filled."""
+        """Checkpoint names -> our parameters (`stages.lance.weights`); every parameter must be filled."""
         params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        vit_weights: list[tuple[str, torch.Tensor]] = []
-        unused: list[str] = []
-        for name, tensor in weights:
-            if name.startswith((VIT_PREFIX, BUNDLED_VIT_PREFIX)):
-                vit_weights.append((name, tensor))
-                continue
-            if name in RECOMPUTED_TENSORS or name.startswith(UNUSED_IN_THINKER):
-                continue
-            target = map_checkpoint_name(name)
-            if target is None or target.param not in params:
-                unused.append(name)
-                continue
-            param = params[target.param]
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            if target.shard is None:
-                loader(param, tensor)
-            else:
-                loader(param, tensor, {"gate": 0, "up": 1}.get(target.shard, target.shard))
-            loaded.add(target.param)
-        if unused:
-            raise ValueError(f"checkpoint tensors with no home in the thinker: {sorted(unused)[:20]}")
-        loaded |= self._load_vision_tower(vit_weights)
-        missing = sorted(n for n in params if n not in loaded)
-        if missing:
-            raise ValueError(f"thinker parameters not in the checkpoint: {missing[:20]}")
-        return loaded
+        vit_sources: dict[str, dict[str, torch.Tensor]] = {source: {} for source in VIT_SOURCES}
 
-    def _load_vision_tower(self, named: list[tuple[str, torch.Tensor]]) -> set[str]:
-        bundled = {n[len(BUNDLED_VIT_PREFIX):]: t for n, t in named if n.startswith(BUNDLED_VIT_PREFIX)}
-        state = bundled or {n[len(VIT_PREFIX):]: t for n, t in named if n.startswith(VIT_PREFIX)}
+        def fill(target: WeightTarget, tensor: torch.Tensor) -> None:
+            param = params[target.param]
+            load = getattr(param, "weight_loader", default_weight_loader)
+            if target.shard is None:
+                load(param, tensor)
+            else:
+                load(param, tensor, _VLLM_SHARD_IDS[target.shard])
+
+        def collect_vit(source: str):
+            prefix = _VIT_PREFIXES[source]
+            return lambda name, tensor: vit_sources[source].__setitem__(name[len(prefix):], tensor)
+
+        language = [n for n in params if not n.startswith("visual.")]
+        loader = WeightsLoader(language, fill, skip_parts=SKIPPED_PARTS,
+                               part_loaders={source: collect_vit(source) for source in VIT_SOURCES})
+        loader.load(weights).check("thinker weights")
+        vit_state = next((state for state in vit_sources.values() if state), {})   # first source present wins
+        return set(language) | self._load_vision_tower(vit_state)
+
+    def _load_vision_tower(self, state: dict[str, torch.Tensor]) -> set[str]:
         model = self.visual.model
         expected = dict(model.state_dict())
         if set(state) != set(expected):
             missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-            raise ValueError(f"ViT weights do not match the tower: missing {missing[:10]}, unexpected {extra[:10]}")
+            raise WeightsLoadError(f"ViT weights do not match the tower: missing {missing[:10]}, unexpected {extra[:10]}")
         for name, tensor in state.items():
             expected[name].copy_(tensor)
         return {f"visual.model.{n}" for n, _ in model.named_parameters()}

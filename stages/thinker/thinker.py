@@ -24,6 +24,7 @@ import torch
 from stages.lance.checkpoint import load_lance_config, load_tokenizer, read_vit_config, resolve_checkpoint
 from stages.lance.config import SpecialTokens
 from stages.lance.handoff import BranchKV, ContextHandoff
+from stages.lance.limits import DTYPE_NAMES, LimitError, check_image_size
 from stages.lance.prompts import Visual, default_system_prompt
 from stages.lance.requests import ImageRequest, TextRequest
 from stages.lance.sequence import (BranchPlan, LanceSequence, build_understanding_sequence, mrope_positions,
@@ -39,7 +40,6 @@ from .inputs import VisualInputs, vllm_prompt
 log = logging.getLogger(__name__)
 
 DEFAULT_T2I_SIZE = 768  # upstream's t2i default (inference_lance.sh)
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -142,14 +142,11 @@ class Thinker:
         visuals, context_visuals, n_ref = VisualInputs(), [], 0
         if req.task == "t2i":
             height, width = req.height or DEFAULT_T2I_SIZE, req.width or DEFAULT_T2I_SIZE
-            latent = self.config.latent
-            if height % latent.spatial_downsample or width % latent.spatial_downsample:
-                raise ThinkerRequestError(f"height and width must be multiples of {latent.spatial_downsample}, got "
-                                          f"{height}x{width}", param="size", code="invalid_size")
-            if max(height, width) > latent.max_image_side:
-                raise ThinkerRequestError(f"at most {latent.max_image_side} px per side, got {height}x{width}",
-                                          param="size", code="invalid_size")
-            grid = latent.latent_grid(1, height, width)
+            try:
+                check_image_size(height, width, self.config.latent)
+            except LimitError as e:
+                raise ThinkerRequestError(e.message, param=e.param, code="invalid_size") from None
+            grid = self.config.latent.latent_grid(1, height, width)
         else:
             if req.image is None:
                 raise ThinkerRequestError("image_edit needs an input image", param="image")
@@ -183,7 +180,7 @@ class Thinker:
         if self._vae is None:  # edits only: t2i and text deployments never load the VAE
             from stages.lance.vae import LanceVAE
 
-            dtype = self.dtype if self.dtype in _DTYPES.values() else torch.float32
+            dtype = self.dtype if str(self.dtype).removeprefix("torch.") in DTYPE_NAMES else torch.float32
             self._vae = LanceVAE.from_wan22_pth(self.files.vae_path, dtype=dtype, decoder=False)
         return self._vae
 
