@@ -97,7 +97,7 @@ def owned_objects() -> int:
     """Object references this process holds in Ray (Ray's state API)."""
     from ray.util.state import list_objects
 
-    return len(list_objects(filters=[("pid", "=", os.getpid())], limit=100_000, raise_on_missing_output=False))
+    return len(list_objects(filters=[("pid", "=", os.getpid())], limit=10_000, raise_on_missing_output=False))
 
 
 def cluster_objects(settle_at: int | None = None, timeout_s: float = 10.0) -> int:
@@ -108,7 +108,7 @@ def cluster_objects(settle_at: int | None = None, timeout_s: float = 10.0) -> in
 
     deadline = time.monotonic() + timeout_s
     while True:
-        n = len(list_objects(limit=100_000, raise_on_missing_output=False))
+        n = len(list_objects(limit=10_000, raise_on_missing_output=False))
         if settle_at is None or n <= settle_at or time.monotonic() > deadline:
             return n
         time.sleep(0.1)
