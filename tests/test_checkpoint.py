@@ -313,6 +313,7 @@ def test_make_tiny_cli_non_default_geometry_loads_cleanly(tmp_path, capsys):
     assert len(load_tokenizer(files)) == 998
 
 
+@pytest.mark.slow
 def test_make_tiny_video_variant_has_vit_copy_and_3d_table(tmp_path):
     spec = TinyCheckpointSpec(hidden=64, heads=1, kv_heads=1, layers=1, variants=("Lance_3B", "Lance_3B_Video"))
     make_tiny_checkpoint(tmp_path, spec)

@@ -17,6 +17,8 @@ from stages.lance.prompts import default_system_prompt
 from stages.lance.sequence import build_understanding_sequence, mrope_positions, BranchPlan
 from stages.lance.tiny import TinyCheckpointSpec, make_tiny_checkpoint
 
+pytestmark = pytest.mark.slow   # a wider checkpoint built and run, several seconds
+
 GEOMETRY = dict(layers=3, hidden=256, heads=4, kv_heads=2, intermediate=320)
 
 
@@ -87,7 +89,6 @@ def test_batched_cfg_branches_equal_separate_forwards(pipe):
     torch.testing.assert_close(both[1], alone[1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("height,width,steps,cfg,interval", [(48, 80, 5, 2.5, (0.0, 1.0)), (64, 32, 7, 1.0, (0.4, 1.0))])
 def test_text_to_image_on_other_sizes_and_knobs(pipe, height, width, steps, cfg, interval):
     seen = []
