@@ -11,8 +11,9 @@ FROM ${BASE_IMAGE}
 COPY --chown=ray:users pyproject.toml README.md /tmp/lance-serve/
 COPY --chown=ray:users stages /tmp/lance-serve/stages
 COPY --chown=ray:users serve_app /tmp/lance-serve/serve_app
+COPY --chown=ray:users deploy /tmp/lance-serve/deploy
 # serveConfigV2 names its stage graph as /app/configs/stage_graphs/<graph>.yaml
-# (serve_app/k8s_render.py: IMAGE_APP_ROOT).
+# (deploy/k8s_render.py: IMAGE_APP_ROOT).
 COPY --chown=ray:users configs /app/configs
 
 # torch first, pinned alone (as `make venv` does), then the GPU extra (vllm==0.32.0 and its CUDA

@@ -15,7 +15,7 @@ comma := ,
 VENV_PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.lance-serve-installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: venv test serve tiny-checkpoint
+.PHONY: venv test test-fast serve tiny-checkpoint
 
 venv: $(VENV_STAMP)
 
@@ -29,7 +29,7 @@ $(VENV_STAMP): pyproject.toml
 ifneq (,$(findstring cpu,$(EXTRAS)))
 	$(VENV_PY) -m pip uninstall -y torchvision torchaudio torchcodec
 endif
-	$(VENV_PY) -c "import torch, transformers, stages.lance.cli"
+	$(VENV_PY) -c "import torch, transformers, deploy.cli"
 	rm -f $(VENV)/.lance-serve-installed-*
 	touch $@
 
@@ -39,6 +39,12 @@ test: venv
 	if $(VENV_PY) -c "import pytest_timeout" 2>/dev/null; then timeout_args="--timeout=$(TEST_TIMEOUT)"; fi; \
 	$(VENV_PY) -m pytest $$timeout_args $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
+	exit $$rc
+
+# What starts no Ray, vLLM or Serve and runs in seconds: the tests not marked heavy or slow.
+test-fast: venv
+	@$(VENV_PY) -m pytest -m "not heavy and not slow" $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test-fast: pytest collected no tests" >&2; fi; \
 	exit $$rc
 
 serve: venv

@@ -1,6 +1,7 @@
 """Ray Serve application builder: `import_path: serve_app.builder:build_app`.
 
-    args:                       (all optional; unknown keys are errors with a suggested fix)
+    args:                       (all optional; unknown keys are errors with a suggested fix;
+                                 schema: app_config.AppArgs)
       stage_graph: auto         auto | cpu | single_gpu | multi_gpu | path/to/graph.yaml
                                 (auto: cpu.yaml with no GPU, single_gpu.yaml with one, multi_gpu.yaml
                                 with more; GPUs of the Ray cluster when the builder runs in it)
@@ -22,51 +23,19 @@ import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-from pydantic import PositiveFloat, PositiveInt, ValidationError
 from ray import serve
 from ray.serve.deployment import Application, Deployment
 
 from stages.lance.config import LatentConfig
 
+from .app_config import DEPLOYMENT_NAMES, parse_app_args
 from .ingress import IngressSettings, LanceIngress
 from .model_choice import ServedModel, choose_model, count_gpus
 from .knobs import RequestLimits
-from .stage_graph import SHIPPED_GRAPHS_DIR, StageGraph, StageGraphError, load_stage_graph
-from .strict_model import StrictModel, error_lines
+from .stage_graph import StageGraph, StageGraphError, load_stage_graph, resolve_stage_graph_path
 
 logger = logging.getLogger("ray.serve")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-class AppArgs(StrictModel):
-    stage_graph: str = "auto"
-    model: Optional[str] = None
-    served_model_name: Optional[str] = None
-    allow_remote_images: bool = False
-    request_timeout_s: PositiveFloat = 600.0
-    max_image_bytes: PositiveInt = 20 * 2**20
-
-
-def parse_app_args(args: dict | None) -> AppArgs:
-    try:
-        return AppArgs.model_validate(args or {})
-    except ValidationError as e:
-        lines = [f"args.{key}: {msg}" for key, msg in error_lines(e)]
-        raise ValueError("invalid serve_app.builder:build_app args:\n  " + "\n  ".join(lines)) from None
-
-
-def resolve_stage_graph_path(name: str, num_gpus: int) -> Path:
-    if name == "auto":
-        name = "cpu" if num_gpus == 0 else "single_gpu" if num_gpus == 1 else "multi_gpu"
-    if "/" not in name and not name.endswith((".yaml", ".yml")):
-        return SHIPPED_GRAPHS_DIR / f"{name}.yaml"
-    path = Path(name)
-    # relative paths: from the working dir (Serve's working_dir), else from the repository root
-    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
-        return REPO_ROOT / path
-    return path
 
 
 @dataclass(frozen=True)
@@ -117,24 +86,13 @@ def _stage_deployment(import_path: str, name: str, options: dict) -> Deployment:
     return deployment.options(name=name, **options)
 
 
-def dit_deployment_options(dit) -> dict:
-    """A cfg-parallel DiT replica reserves a placement group: its own bundle plus one GPU per branch."""
-    options = dit.deployment_options()
-    if dit.cfg_parallel == 2:
-        from stages.dit.cfg_parallel import cfg_parallel_deployment_options
-        options = cfg_parallel_deployment_options(options)
-    return options
-
-
 def build_app(args: dict) -> Application:
     plan = plan_app(args)
-    stages = plan.graph.stages
+    stages, options = plan.graph.stages, plan.graph.deployment_options()
     logger.info("lance-serve: stage graph %s (%s), model %s (from %s)", plan.graph.name,
                 plan.graph_path, plan.served.path, plan.served.source)
-    thinker = _stage_deployment(stages.thinker.deployment_class, "ThinkerStage",
-                                stages.thinker.deployment_options()).bind(**plan.thinker_init)
-    dit = _stage_deployment(stages.dit.deployment_class, "DiTStage", dit_deployment_options(stages.dit)).bind(
-        **plan.dit_init)
-    ingress = serve.deployment(LanceIngress).options(name="LanceIngress",
-                                                     **stages.ingress.deployment_options())
+    thinker = _stage_deployment(stages.thinker.deployment_class, DEPLOYMENT_NAMES["thinker"],
+                                options["thinker"]).bind(**plan.thinker_init)
+    dit = _stage_deployment(stages.dit.deployment_class, DEPLOYMENT_NAMES["dit"], options["dit"]).bind(**plan.dit_init)
+    ingress = serve.deployment(LanceIngress).options(name=DEPLOYMENT_NAMES["ingress"], **options["ingress"])
     return ingress.bind(thinker, dit, plan.settings)

@@ -27,6 +27,7 @@ from stages.lance.limits import (CFG_RENORM_TYPES, IMAGE_SIDE_MULTIPLE, MAX_CFG_
 from stages.lance.requests import DenoiseParams
 
 from .errors import bad_request, validation_error
+from .stage_graph import DEFAULT_MAX_MODEL_LEN
 from .strict_model import StrictModel
 
 
@@ -39,7 +40,7 @@ class RequestLimits:
     size_multiple: int = IMAGE_SIDE_MULTIPLE
     max_inference_steps: int = MAX_INFERENCE_STEPS
     max_input_images: int = MAX_INPUT_IMAGES
-    max_new_tokens: int = 8192      # the thinker's max_model_len
+    max_new_tokens: int = DEFAULT_MAX_MODEL_LEN   # the thinker's max_model_len
     max_n: int = 4                  # images per /v1/images request
     max_image_bytes: int = 20 * 2**20
     allow_remote_images: bool = False

@@ -1,7 +1,7 @@
 """Which checkpoint the app serves.
 
 First match wins: app args `model` > env LANCE_MODEL > the stage graph's `model` > the default,
-which is `bytedance-research/Lance` when the machine (or Ray cluster) has GPUs, and otherwise the
+which is the hub id `bytedance-research/Lance` (`HUB_REPO_ID`) when the machine (or Ray cluster) has GPUs, and otherwise the
 tiny random-weights checkpoint, created once under ~/.cache/lance-serve/tiny (override the cache
 root with LANCE_SERVE_CACHE_DIR). The tiny checkpoint exercises every code path but its images are
 noise; the app says so loudly and /v1/models reports `tiny_random_weights: true`.
@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
+from stages.lance.checkpoint import HUB_REPO_ID, lance_serve_cache_dir
+
 logger = logging.getLogger("ray.serve")
 
-DEFAULT_HUB_MODEL = "bytedance-research/Lance"
 TINY_SERVED_NAME = "lance-tiny-random"
 
 
@@ -31,7 +32,6 @@ class ServedModel:
 
 
 def cache_root(env: Mapping[str, str] = os.environ) -> Path:
-    from stages.lance.checkpoint import lance_serve_cache_dir
     return lance_serve_cache_dir(env)
 
 
@@ -87,7 +87,7 @@ def choose_model(args_model: Optional[str], graph_model: Optional[str], num_gpus
         if value:
             return ServedModel(path=value, name=value, source=source)
     if num_gpus > 0:
-        return ServedModel(path=DEFAULT_HUB_MODEL, name=DEFAULT_HUB_MODEL,
+        return ServedModel(path=HUB_REPO_ID, name=HUB_REPO_ID,
                            source=f"default ({num_gpus} GPUs)")
     path = ensure_tiny_checkpoint(cache_root(env) / "tiny")
     logger.warning("\n" + "!" * 88 + "\n!! No model given and no GPU: serving the TINY RANDOM-WEIGHTS "

@@ -2,7 +2,12 @@
 
 A graph is a YAML file in configs/stage_graphs/. It is validated in full before anything is
 deployed: unknown keys (with the closest valid key suggested), values out of range and resource
-combinations that cannot work are errors that name the file and the key.
+combinations that cannot work are errors that name the file and the key. A value the schema accepts
+is what runs: nothing later overrides it. Each spec also turns itself into its deployment's Serve
+options (`deployment_options`), which the builder binds and the KubeRay renderer sizes pods from.
+
+Pure on purpose (pydantic, PyYAML and the import-light stages.lance.limits): the deploy tooling
+imports it without torch or Ray Serve.
 """
 from __future__ import annotations
 
@@ -17,11 +22,42 @@ from stages.lance.limits import DTYPE_NAMES
 
 from .strict_model import StrictModel, error_lines
 
-SHIPPED_GRAPHS_DIR = Path(__file__).resolve().parent.parent / "configs" / "stage_graphs"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_GRAPHS_DIR = REPO_ROOT / "configs" / "stage_graphs"
+DEFAULT_MAX_MODEL_LEN = 8192        # the thinker's longest context, and the largest max_tokens
+STAGES = ("ingress", "thinker", "dit")
+CFG_BRANCHES = 2                    # the CFG-parallel DiT: the cond and uncond branches, one GPU each
 
 
 class StageGraphError(ValueError):
     """A stage graph file that cannot be used; the message names the file and every bad key."""
+
+
+def graph_for_gpus(num_gpus: int) -> str:
+    """The shipped graph `stage_graph: auto` picks: cpu without GPUs, single_gpu with one, else multi_gpu."""
+    return "cpu" if num_gpus == 0 else "single_gpu" if num_gpus == 1 else "multi_gpu"
+
+
+def resolve_stage_graph_path(name: str, num_gpus: Optional[int] = None, repo_root: Path = REPO_ROOT) -> Path:
+    """The file a `stage_graph` value names: `auto` (needs `num_gpus`), a shipped graph's name
+    (configs/stage_graphs/<name>.yaml under `repo_root`), or a path; a relative path is taken from
+    the working directory (Serve's working_dir), else from `repo_root`."""
+    if name == "auto":
+        if num_gpus is None:
+            raise StageGraphError("stage_graph 'auto' depends on the GPUs present when the app is built; "
+                                  "name the graph")
+        name = graph_for_gpus(num_gpus)
+    if "/" not in name and not name.endswith((".yaml", ".yml")):
+        graphs_dir = repo_root / "configs" / "stage_graphs"
+        path = graphs_dir / f"{name}.yaml"
+        if not path.is_file():
+            shipped = sorted(p.stem for p in graphs_dir.glob("*.yaml"))
+            raise StageGraphError(f"no shipped stage graph {name!r} (shipped: {', '.join(shipped)})")
+        return path
+    path = Path(name)
+    if not path.is_absolute() and not path.exists() and (repo_root / path).exists():
+        return repo_root / path
+    return path
 
 
 class Resources(StrictModel):
@@ -108,19 +144,34 @@ class ThinkerEngineArgs(StrictModel):
     the thinker turns into vLLM's kv_cache_memory_bytes)."""
 
     dtype: Dtype = "auto"
-    max_model_len: PositiveInt = 8192
+    max_model_len: PositiveInt = DEFAULT_MAX_MODEL_LEN
     gpu_memory_utilization: Optional[float] = Field(default=None, gt=0, le=1)
     enable_prefix_caching: bool = True
     max_num_seqs: PositiveInt = 16
     # KV block size (tokens). Only whole blocks are prefix-cached: vLLM's CPU default (128) is longer
     # than Lance's system prefix, so the cpu graph sets 32 to share it between the CFG branches.
     block_size: Optional[PositiveInt] = None
-    max_num_batched_tokens: Optional[PositiveInt] = None
-    enforce_eager: bool = True    # the thinker requires it (data-dependent MoT routing)
+    max_num_batched_tokens: Optional[PositiveInt] = None   # default: max_model_len
+    enforce_eager: bool = True
     cpu_kv_cache_space_gib: Optional[PositiveFloat] = None
 
+    @model_validator(mode="after")
+    def _what_the_thinker_needs(self):
+        if not self.enforce_eager:
+            raise ValueError("enforce_eager must be true: the thinker decides its MoT routing and "
+                             "bidirectional visual blocks per step from the token ids (Python that CUDA "
+                             "graphs and torch.compile cannot capture); remove the key or set it to true")
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens {self.max_num_batched_tokens} is below max_model_len "
+                             f"{self.max_model_len}: a visual block is never split across scheduler steps "
+                             "and may be as long as the context, so one step must hold a whole prompt; set "
+                             "it to at least max_model_len or leave it out (default: max_model_len)")
+        return self
+
     def vllm_engine_args(self) -> dict:
-        return self.model_dump(exclude_none=True)
+        args = self.model_dump(exclude_none=True)
+        args.setdefault("max_num_batched_tokens", self.max_model_len)
+        return args
 
 
 class ThinkerSpec(DeploymentSpec):
@@ -184,7 +235,7 @@ class DiTSpec(DeploymentSpec):
     @property
     def cfg_parallel(self) -> int:
         """Devices one request's CFG branches are spread over: 2 for the CFG-parallel class, else 1."""
-        return 2 if self.deployment_class == CFG_PARALLEL_DIT_CLASS else 1
+        return CFG_BRANCHES if self.deployment_class == CFG_PARALLEL_DIT_CLASS else 1
 
     @model_validator(mode="after")
     def _feasible(self):
@@ -200,17 +251,40 @@ class DiTSpec(DeploymentSpec):
             if self.engine.dtype not in ("auto", "bfloat16"):
                 raise ValueError(f"engine.quantization fp8 computes in bfloat16; set engine.dtype to "
                                  f"bfloat16 (or auto), not {self.engine.dtype}")
-            if self.cfg_parallel == 2:
+            if self.cfg_parallel == CFG_BRANCHES:
                 raise ValueError(f"engine.quantization fp8 is not supported by {CFG_PARALLEL_DIT_CLASS}; use "
                                  f"deployment_class: {DIT_CLASS} or remove the quantization")
-        if self.cfg_parallel == 2 and gpus not in (0, 2):
+        if self.cfg_parallel == CFG_BRANCHES and gpus not in (0, CFG_BRANCHES):
             raise ValueError(f"{CFG_PARALLEL_DIT_CLASS} needs 2 GPUs per DiT replica (one per CFG branch), "
                              f"resources.num_gpus is {gpus}; set num_gpus: 2 or deployment_class: {DIT_CLASS}")
-        if self.cfg_parallel == 2 and self.batching.max_batch_size != 1:
+        if self.cfg_parallel == CFG_BRANCHES and self.batching.max_batch_size != 1:
             raise ValueError(f"{CFG_PARALLEL_DIT_CLASS} denoises one request at a time on both GPUs: "
                              f"batching.max_batch_size must be 1 (got {self.batching.max_batch_size}); "
                              "scale with replicas instead")
         return self
+
+    def deployment_options(self) -> dict:
+        options = super().deployment_options()
+        return cfg_parallel_deployment_options(options) if self.cfg_parallel == CFG_BRANCHES else options
+
+
+def cfg_parallel_deployment_options(options: dict, worker_cpus: float = 1) -> dict:
+    """Serve options of the CFG-parallel DiT (`CfgParallelDiTStage`): the replica actor keeps its CPUs and
+    memory and gives its GPUs to two worker bundles, all in one STRICT_PACK placement group per replica
+    (Serve places the replica in bundle 0 and reserves the workers' GPUs with it, atomically). The
+    replica's `CfgParallelGroup` (stages/dit/cfg_parallel.py) puts its two workers in the last two bundles."""
+    opts = {**options, "ray_actor_options": dict(options.get("ray_actor_options", {}))}
+    actor = opts["ray_actor_options"]
+    gpus = actor.pop("num_gpus", 0) or 0
+    if gpus and gpus != CFG_BRANCHES:
+        raise ValueError(f"the CFG-parallel DiT needs num_gpus 2 per replica (one per branch), got {gpus}")
+    replica_bundle = {"CPU": actor.get("num_cpus", 1)}
+    if actor.get("memory"):
+        replica_bundle["memory"] = actor["memory"]
+    worker_bundle = {"CPU": worker_cpus, "GPU": 1} if gpus else {"CPU": worker_cpus}
+    opts["placement_group_bundles"] = [replica_bundle] + [dict(worker_bundle) for _ in range(CFG_BRANCHES)]
+    opts["placement_group_strategy"] = "STRICT_PACK"
+    return opts
 
 
 class IngressSpec(DeploymentSpec):
@@ -243,6 +317,10 @@ class StageGraph(StrictModel):
     def uses_gpus(self) -> bool:
         s = self.stages
         return any(x.resources.num_gpus > 0 for x in (s.ingress, s.thinker, s.dit))
+
+    def deployment_options(self) -> dict[str, dict]:
+        """Each stage's Serve options (`Deployment.options()` keyword arguments), by stage."""
+        return {stage: getattr(self.stages, stage).deployment_options() for stage in STAGES}
 
 
 def load_stage_graph(path: str | Path) -> StageGraph:

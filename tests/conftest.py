@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,18 @@ import torch
 from safetensors.torch import load_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+MODULE_MARK = re.compile(r"^pytestmark = pytest\.mark\.(\w+)", re.M)
+
+
+def pytest_ignore_collect(collection_path: Path, config):
+    """With `-m "not heavy"` (make test-fast), a module marked heavy as a whole is not even imported:
+    importing vLLM and Ray Serve alone takes seconds on 2 cores."""
+    markexpr = config.getoption("markexpr") or ""
+    if collection_path.suffix == ".py" and collection_path.name.startswith("test_"):
+        marks = MODULE_MARK.findall(collection_path.read_text())
+        if any(f"not {mark}" in markexpr for mark in marks):
+            return True
+    return None
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +31,17 @@ def golden_dir() -> Path:
     path = Path(os.environ.get("LANCE_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden"))
     if not (path / "cases").is_dir():
         pytest.fail(f"golden data not found at {path} (set LANCE_GOLDEN_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def crd() -> Path:
+    """The KubeRay RayService CRD: $LANCE_KUBERAY_CRD, default <repo>/../shared/kuberay/ray.io_rayservices.yaml;
+    missing fails."""
+    path = Path(os.environ.get("LANCE_KUBERAY_CRD",
+                               REPO_ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.yaml"))
+    if not path.is_file():
+        pytest.fail(f"RayService CRD not found at {path} (set LANCE_KUBERAY_CRD)")
     return path
 
 

@@ -13,9 +13,10 @@ import asyncio
 import pytest
 import torch
 
+from helpers import drive_runner, golden_branch, golden_handoff
+from serve_app.stage_graph import cfg_parallel_deployment_options
 from stages.dit.cfg_parallel import (COND_RANK, UNCOND_RANK, BranchJob, CfgParallelGroup, branch_state,
-                                     cfg_parallel_deployment_options, cfg_step_indexes, denoise_cfg_parallel,
-                                     spawn_local_group, split_handoff)
+                                     cfg_step_indexes, denoise_cfg_parallel, spawn_local_group, split_handoff)
 from stages.dit.model import MARKER_IDS, load_dit_model
 from stages.lance.checkpoint import resolve_checkpoint
 from stages.lance.context import prefill_context
@@ -25,6 +26,8 @@ from stages.lance.requests import DenoiseParams
 from stages.lance.scheduler import FlowMatchEulerScheduler
 from stages.lance.tiny import TinyCheckpointSpec, make_tiny_checkpoint
 
+pytestmark = pytest.mark.slow   # two torch.distributed processes per test
+
 WIDE = dict(layers=3, hidden=256, heads=4, kv_heads=2, intermediate=320)
 
 
@@ -33,11 +36,8 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def golden_t2i_handoff(g) -> ContextHandoff:
-    """The golden t2i request as the thinker would hand it over (caches, positions, noise)."""
-    branch = lambda b: BranchKV((g[f"ctx_{b}_K"], g[f"ctx_{b}_V"]), g[f"ctx_{b}_K"].shape[1],
-                                g[f"query_position_ids_{b}"])
-    return ContextHandoff("golden-t2i", "t2i", (1, 8, 8), DenoiseParams(), branch("cond"), branch("uncond"),
-                          initial_noise=g["noise_all_vae_tokens"])
+    """The golden t2i request as the thinker would hand it over (caches, positions, upstream's noise)."""
+    return golden_handoff(g, "t2i", request_id="golden-t2i", with_noise=True)
 
 
 def single_process(model, handoff: ContextHandoff, dtype=torch.float32) -> list[torch.Tensor]:
@@ -177,28 +177,13 @@ def test_bf16_split_stays_within_bf16_error_of_fp32(wide, tmp_path):
 
 # --- the serving form: two Ray actors in one placement group ---------------------------------------------
 
-def test_deployment_options_move_the_gpus_into_two_worker_bundles():
-    opts = cfg_parallel_deployment_options({"max_ongoing_requests": 8,
-                                            "ray_actor_options": {"num_cpus": 4, "num_gpus": 2}})
-    assert opts["ray_actor_options"] == {"num_cpus": 4}
-    assert opts["placement_group_bundles"] == [{"CPU": 4}, {"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}]
-    assert opts["placement_group_strategy"] == "STRICT_PACK" and opts["max_ongoing_requests"] == 8
-    with pytest.raises(ValueError, match="num_gpus 2"):
-        cfg_parallel_deployment_options({"ray_actor_options": {"num_cpus": 1, "num_gpus": 1}})
-
-
 def single_gpu_runner_result(runner, handoff: ContextHandoff):
     """The DiT stage's own single-device path (DiTRunner: both branches in one packed forward)."""
-    uncond_kv = handoff.uncond.fetch() if handoff.uncond is not None else None
-    runner.submit(runner.prepare(handoff, handoff.cond.fetch(), uncond_kv))
-    finished = []
-    while runner.has_work:
-        finished += runner.step()
-    (_, image), = finished
-    assert not isinstance(image, BaseException), image
+    (image,) = drive_runner(runner, [handoff])
     return image
 
 
+@pytest.mark.heavy
 def test_ray_group_serves_requests_like_the_single_device_dit(tiny_ckpt_dir, golden, assert_golden):
     import ray
 
@@ -234,10 +219,9 @@ def test_ray_group_serves_requests_like_the_single_device_dit(tiny_ckpt_dir, gol
             total = h.params.num_inference_steps
             assert [it.get("step") for it in items[:-1]] == list(range(1, total + 1))
             assert all(it["total"] == total for it in items[:-1])
-            local = ContextHandoff(h.request_id, "t2i", h.latent_grid, h.params,
-                                   BranchKV((g["ctx_cond_K"], g["ctx_cond_V"]), 46, g["query_position_ids_cond"]),
-                                   BranchKV((g["ctx_uncond_K"], g["ctx_uncond_V"]), 39, g["query_position_ids_uncond"])
-                                   if h.uncond is not None else None, initial_noise=h.initial_noise)
+            local = ContextHandoff(h.request_id, "t2i", h.latent_grid, h.params, golden_branch(g, "cond"),
+                                   golden_branch(g, "uncond") if h.uncond is not None else None,
+                                   initial_noise=h.initial_noise)
             expected = single_gpu_runner_result(runner, local)
             assert relative_error(items[-1]["image"].latents, expected.latents) <= 1e-5
 

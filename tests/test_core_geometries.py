@@ -17,6 +17,8 @@ from stages.lance.prompts import default_system_prompt
 from stages.lance.sequence import build_understanding_sequence, mrope_positions, BranchPlan
 from stages.lance.tiny import TinyCheckpointSpec, make_tiny_checkpoint
 
+pytestmark = pytest.mark.slow   # a wider checkpoint built and run, several seconds
+
 GEOMETRY = dict(layers=3, hidden=256, heads=4, kv_heads=2, intermediate=320)
 
 

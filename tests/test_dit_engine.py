@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dit_helpers import golden_handoff, grid_positions, synthetic_handoff
+from helpers import golden_handoff, grid_positions, synthetic_handoff
 from stages.dit.engine import DenoiseEngine, DiTRequestError
 from stages.dit.forward import BranchContext, FastForward, ReferenceForward, Row
 from stages.dit.model import load_dit_model, memory_report
@@ -54,6 +54,7 @@ def test_dit_model_holds_two_marker_rows_and_no_lm_head(dit_model, tiny_ckpt_dir
 
 # --- goldens -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("forward", ["reference", "fast"])
 @pytest.mark.parametrize("case", ["t2i", "image_edit"])
 def test_golden_context_gives_upstream_final_latent(dit_model, golden, assert_golden, case, forward):
@@ -87,6 +88,7 @@ def four_requests(golden):
     ]
 
 
+@pytest.mark.slow
 def test_batch_of_four_different_requests_equals_each_alone(dit_model, golden):
     handoffs = four_requests(golden)
     alone = [run_alone(dit_model, h) for h in handoffs]
@@ -109,6 +111,7 @@ def test_batch_of_four_different_requests_equals_each_alone(dit_model, golden):
     assert engine.forwards_run == 30                         # one forward per step: a's 30 steps
 
 
+@pytest.mark.slow
 def test_batched_engine_equals_reference_engine(dit_model, golden):
     handoffs = four_requests(golden)
     fast = DenoiseEngine(dit_model, "fast")
@@ -119,6 +122,7 @@ def test_batched_engine_equals_reference_engine(dit_model, golden):
         assert_same(a, b, f"request {i}")
 
 
+@pytest.mark.slow
 def test_token_budget_splits_forwards_but_not_results(dit_model, golden):
     handoffs = four_requests(golden)
     alone = [run_alone(dit_model, h) for h in handoffs]
@@ -131,6 +135,7 @@ def test_token_budget_splits_forwards_but_not_results(dit_model, golden):
     assert len(jobs[1].forward_calls) == 20 and max(jobs[1].forward_calls) <= 2
 
 
+@pytest.mark.slow
 def test_fast_forward_matches_reference_on_another_geometry(tmp_path):
     spec = TinyCheckpointSpec(layers=3, hidden=256, heads=4, kv_heads=2, intermediate=320)
     files = make_tiny_checkpoint(tmp_path / "wide", spec)

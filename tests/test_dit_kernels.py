@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend
 
-from dit_helpers import golden_handoff
+from helpers import golden_handoff
 from stages.dit.engine import DenoiseEngine
 from stages.dit.forward import FastForward, ReferenceForward
 from stages.dit.model import load_dit_model
@@ -32,7 +32,7 @@ INTERPRETED = textwrap.dedent("""
     from stages.dit.model import load_dit_model
     from stages.lance.checkpoint import resolve_checkpoint
     sys.path.insert(0, "tests")
-    from dit_helpers import golden_handoff
+    from helpers import golden_handoff
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
@@ -78,6 +78,7 @@ INTERPRETED = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_triton_kernels_and_fused_forward_match_plain_ops(tiny_ckpt_dir, golden_dir):
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", INTERPRETED, str(tiny_ckpt_dir),

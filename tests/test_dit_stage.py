@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dit_helpers import golden_handoff
+from helpers import drive_runner, golden_handoff
 from stages.dit.engine import DiTRequestError
 from stages.dit.runner import DiTRunner
 from stages.dit.stage import DiTStage
@@ -35,29 +35,15 @@ def stage(tiny_ckpt_dir):
                                   max_batch_size=4, batch_wait_timeout_s=0.01)
 
 
-def run_runner(runner, handoffs):
-    jobs = [runner.prepare(h, h.cond.kv, h.uncond.kv if h.uncond else None) for h in handoffs]
-    for j in jobs:
-        runner.submit(j)
-    results = {}
-    while runner.has_work:
-        for job, res in runner.step():
-            results[job] = res
-    out = [results[j] for j in jobs]
-    for r in out:
-        if isinstance(r, BaseException):
-            raise r
-    return out
-
-
 def png_pixels(png: bytes) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(io.BytesIO(png)).convert("RGB")))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["t2i", "image_edit"])
 def test_runner_reproduces_upstream_latent_and_image(runner, golden, assert_golden, case):
     g = golden(case)
-    (img,) = run_runner(runner, [golden_handoff(g, case)])
+    (img,) = drive_runner(runner, [golden_handoff(g, case)])
     assert_golden(img.latents, g["final_latent"], "final_latent")
     assert_golden(img.image[:, None], g["decoded_float"], "decoded_float")
     assert_golden(img.pixels, g["image_uint8"], "image_uint8")
@@ -199,6 +185,7 @@ def test_both_dit_deployments_take_engine_args_only_as_the_stage_graph_gives_the
         CfgParallelDiTStage.func_or_class(str(tiny_ckpt_dir), engine_args={"quantization": "fp8"})
 
 
+@pytest.mark.slow
 def test_engine_imports_without_ray_and_the_package_exports_the_deployment():
     import subprocess
     import sys
@@ -209,6 +196,7 @@ def test_engine_imports_without_ray_and_the_package_exports_the_deployment():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.heavy
 def test_kv_from_the_object_store(stage, golden, assert_golden):
     import ray
 

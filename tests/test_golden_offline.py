@@ -82,6 +82,7 @@ def test_t2i_matches_upstream(pipe, golden, golden_dir, tmp_path):
     run_compare(golden_dir, tmp_path, "t2i", produced)
 
 
+@pytest.mark.slow
 def test_image_edit_matches_upstream(pipe, golden, golden_dir, tmp_path, edit_input):
     g = golden("image_edit")
     noise_all = initial_noise(266, 266, 42, 48, "cpu", torch.float32)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import difflib
 import importlib
-import os
 import re
 import shlex
 import shutil
@@ -17,27 +16,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve_app import k8s_check, k8s_render
-from serve_app.k8s_check import check_file, check_manifest, node_types, serve_problems
-from serve_app.k8s_cli import render_options
-from serve_app.k8s_render import RenderOptions, build_rayservice, plan_cluster, render_manifest, stage_options
+from deploy import k8s_check, k8s_render
+from deploy.cli import build_parser, main
+from deploy.k8s_check import check_file, check_manifest, node_types, serve_problems
+from deploy.k8s_cli import render_options
+from deploy.k8s_render import RenderOptions, build_rayservice, plan_cluster, render_manifest
+from serve_app.app_config import DEPLOYMENT_NAMES
 from serve_app.stage_graph import SHIPPED_GRAPHS_DIR, StageGraph, load_stage_graph
-from stages.lance.cli import build_parser, main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO_ROOT / "k8s"
 SHIPPED_MANIFESTS = ("single_gpu", "multi_gpu")
 IMAGE = "lance-serve:0.1.0"
-
-
-@pytest.fixture(scope="session")
-def crd() -> Path:
-    """$LANCE_KUBERAY_CRD, default <repo>/../shared/kuberay/ray.io_rayservices.yaml; missing fails."""
-    path = Path(os.environ.get("LANCE_KUBERAY_CRD",
-                               REPO_ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.yaml"))
-    if not path.is_file():
-        pytest.fail(f"RayService CRD not found at {path} (set LANCE_KUBERAY_CRD)")
-    return path
 
 
 def committed(name: str) -> tuple[Path, dict]:
@@ -84,7 +74,7 @@ def test_committed_manifest_is_up_to_date(name):
     assert command, f"{path}: first line does not record the render command"
     argv = shlex.split(command)
     assert argv[:3] == ["lance-serve", "k8s", "render"]
-    fresh = render_manifest(render_options(build_parser().parse_args(argv[1:])))
+    fresh = render_manifest(render_options(build_parser(argv[1:]).parse_args(argv[1:])))
     if fresh != text:
         diff = "".join(list(difflib.unified_diff(text.splitlines(True), fresh.splitlines(True),
                                                  str(path), "rendered now"))[:60])
@@ -112,7 +102,7 @@ def test_serve_config_passes_ray_serve_schema_and_our_stage_graph_schema(name):
     assert load_stage_graph(k8s_render.repo_path(graph_arg)).name == name   # our schema
     problems, demands = serve_problems(manifest["spec"]["serveConfigV2"])
     assert problems == []
-    assert sorted(d.name for d in demands) == sorted(k8s_render.DEPLOYMENT_NAMES.values())
+    assert sorted(d.name for d in demands) == sorted(DEPLOYMENT_NAMES.values())
 
 
 @pytest.mark.parametrize("name", SHIPPED_MANIFESTS)
@@ -140,8 +130,8 @@ def test_checker_sees_the_deployments_build_app_binds(name):
     graph_file = k8s_render.repo_path(app["args"]["stage_graph"])
     built = build_serve_app(build_app({**app["args"], "stage_graph": str(graph_file)}), name=app["name"])
     bound = {d.name: d.ray_actor_options for d in built.deployments}
-    derived = {k8s_render.DEPLOYMENT_NAMES[stage]: options["ray_actor_options"]
-               for stage, options in stage_options(load_stage_graph(graph_file)).items()}
+    derived = {DEPLOYMENT_NAMES[stage]: options["ray_actor_options"]
+               for stage, options in load_stage_graph(graph_file).deployment_options().items()}
     assert bound == derived
 
 
@@ -215,25 +205,6 @@ def test_head_takes_no_gpu_work(name):
 
 
 @pytest.mark.parametrize("name", SHIPPED_MANIFESTS)
-def test_weights_cache_hub_token_first_load_timeout_and_ray_version(name):
-    _, manifest = committed(name)
-    timeout = manifest["metadata"]["annotations"]["ray.io/initializing-timeout"]
-    assert re.fullmatch(r"\d+h", timeout) and int(timeout[:-1]) >= 1, timeout
-    assert manifest["spec"]["rayClusterConfig"]["rayVersion"] == metadata.version("ray")
-    assert metadata.version("ray").startswith("2.60.")
-    for group in groups(manifest).values():
-        pod = group["template"]["spec"]
-        volumes = {v["name"]: v for v in pod["volumes"]}
-        assert volumes["hf-cache"]["persistentVolumeClaim"]["claimName"] == k8s_render.DEFAULT_HF_CACHE_PVC
-        container = pod["containers"][0]
-        env = {e["name"]: e for e in container["env"]}
-        assert env["HF_HOME"]["value"] == k8s_render.HF_CACHE_MOUNT
-        assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == k8s_render.DEFAULT_HF_TOKEN_SECRET
-        assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["hf-cache"] == \
-            k8s_render.HF_CACHE_MOUNT
-
-
-@pytest.mark.parametrize("name", SHIPPED_MANIFESTS)
 def test_ray_autoscaler_reads_the_groups_as_rendered(name):
     from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
@@ -241,7 +212,7 @@ def test_ray_autoscaler_reads_the_groups_as_rendered(name):
     cluster = manifest["spec"]["rayClusterConfig"]
     ray_cr = {"metadata": {"name": manifest["metadata"]["name"], "namespace": "default"}, "spec": cluster}
     config = _derive_autoscaling_config_from_ray_cr(ray_cr)       # runs Ray's validate_config too
-    plan = plan_cluster(stage_options(load_stage_graph(SHIPPED_GRAPHS_DIR / f"{name}.yaml")))
+    plan = plan_cluster(load_stage_graph(SHIPPED_GRAPHS_DIR / f"{name}.yaml").deployment_options())
     for group in plan.workers:
         node = config["available_node_types"][group.name]
         assert (node["min_workers"], node["max_workers"]) == (group.pods.min, group.pods.max)
@@ -435,20 +406,20 @@ def test_renders_and_checks_other_stage_graphs(case, tmp_path, crd):
 
 def test_half_gpu_thinkers_pack_two_to_a_pod():
     graph = StageGraph.model_validate({**OTHER_GRAPHS["half_gpu_thinkers"][0], "name": "x"})
-    thinker = next(g for g in plan_cluster(stage_options(graph)).workers if g.name == "thinker")
+    thinker = next(g for g in plan_cluster(graph.deployment_options()).workers if g.name == "thinker")
     assert (thinker.pods.max, thinker.ray_cpus, thinker.custom) == (2, 4, {"lance_thinker": 2})
 
 
 def test_reserved_memory_and_accelerator_type_are_advertised_by_the_group():
     graph = StageGraph.model_validate({**OTHER_GRAPHS["reserved_memory_h100"][0], "name": "x"})
-    dit = next(g for g in plan_cluster(stage_options(graph)).workers if g.name == "dit")
+    dit = next(g for g in plan_cluster(graph.deployment_options()).workers if g.name == "dit")
     assert dit.ray_memory_bytes == 100 * 2**30
     assert dit.custom == {"lance_dit": 1, "accelerator_type:H100": 1}
 
 
 def test_placement_group_replicas_size_their_group_and_carry_the_pin_in_bundle_zero():
     graph = StageGraph.model_validate({**OTHER_GRAPHS["dit_cfg_parallel"][0], "name": "x"})
-    options = stage_options(graph)   # build_app's options: two GPU workers per replica
+    options = graph.deployment_options()   # build_app's options: two GPU workers per replica
     assert options["dit"]["placement_group_bundles"]
     plan = plan_cluster(options)
     dit = next(g for g in plan.workers if g.name == "dit")
@@ -517,27 +488,38 @@ def test_dockerfile_builds_what_the_manifests_run():
     assert f"COPY --chown=ray:users configs {k8s_render.IMAGE_APP_ROOT}/configs" in dockerfile
     copied = re.findall(r"^COPY (?:--\S+ )*(.+) \S+$", dockerfile, re.M)
     sources = [s for line in copied for s in line.split()]
-    assert {"pyproject.toml", "README.md", "stages", "serve_app", "configs"} <= set(sources)
+    assert {"pyproject.toml", "README.md", "stages", "serve_app", "deploy", "configs"} <= set(sources)
     ignored = [line.strip().rstrip("/") for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")]
     for source in sources:
         assert not any(fnmatch(source, pattern) for pattern in ignored), f".dockerignore drops {source}"
 
 
-def test_model_cache_manifest_matches_the_renderer():
+def _cache_view(pod: dict) -> tuple:
+    """(PVC, HF_HOME, where the PVC is mounted, hub-token Secret) of a pod spec."""
+    container = pod["containers"][0]
+    env = {e["name"]: e for e in container["env"]}
+    volume = next(v for v in pod["volumes"] if "persistentVolumeClaim" in v)
+    mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == volume["name"])
+    secret = env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]
+    return (volume["persistentVolumeClaim"]["claimName"], env["HF_HOME"]["value"], mount,
+            (secret["name"], secret["key"]))
+
+
+def test_model_cache_job_fills_the_cache_the_manifests_read():
+    """k8s/hf-cache.yaml is written by hand: its Job must fill the volume, at the HF_HOME, with the
+    token, that every pod of the rendered manifests reads, and download the graphs' model."""
     docs = list(yaml.safe_load_all((K8S_DIR / "hf-cache.yaml").read_text()))
     pvc = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
     job = next(d for d in docs if d["kind"] == "Job")
-    assert pvc["metadata"]["name"] == k8s_render.DEFAULT_HF_CACHE_PVC
-    pod = job["spec"]["template"]["spec"]
-    assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == k8s_render.DEFAULT_HF_CACHE_PVC
-    container = pod["containers"][0]
-    env = {e["name"]: e for e in container["env"]}
-    assert env["HF_HOME"]["value"] == container["volumeMounts"][0]["mountPath"] == k8s_render.HF_CACHE_MOUNT
-    secret = env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]
-    assert (secret["name"], secret["key"]) == (k8s_render.DEFAULT_HF_TOKEN_SECRET, k8s_render.HF_TOKEN_SECRET_KEY)
+    job_pod = job["spec"]["template"]["spec"]
+    job_view = _cache_view(job_pod)
+    assert job_view[0] == pvc["metadata"]["name"] and job_view[1] == job_view[2]
+    command = job_pod["containers"][0]["command"][-1]
     for name in SHIPPED_MANIFESTS:
         graph = load_stage_graph(SHIPPED_GRAPHS_DIR / f"{name}.yaml")
-        assert f'resolve_checkpoint("{graph.model}", "{graph.variant}")' in container["command"][-1]
+        assert f'resolve_checkpoint("{graph.model}", "{graph.variant}")' in command
         _, manifest = committed(name)
-        assert container["image"] == groups(manifest)["head"]["template"]["spec"]["containers"][0]["image"]
+        for group in groups(manifest).values():
+            assert _cache_view(group["template"]["spec"]) == job_view
+            assert group["template"]["spec"]["containers"][0]["image"] == job_pod["containers"][0]["image"]

@@ -9,7 +9,6 @@ tests/test_serve_e2e.py (written when the stages land).
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import json
 
@@ -20,6 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from starlette.requests import Request
 
+from helpers import data_url, png_bytes
 from serve_app.errors import stage_error
 from serve_app.ingress import IngressSettings, LanceService, build_fastapi_app
 from serve_app.knobs import RequestLimits
@@ -28,16 +28,6 @@ from serve_app.request_parsing import (form_fields, parse_chat_request, parse_ed
 from stages.lance.requests import DenoiseParams, ImageEncoding, ImageRequest, TextRequest
 
 LIMITS = RequestLimits()
-
-
-def png_bytes(size=(40, 30), color=(200, 30, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def data_url(raw: bytes, mime="image/png") -> str:
-    return f"data:{mime};base64," + base64.b64encode(raw).decode()
 
 
 IMG = data_url(png_bytes())

@@ -31,7 +31,10 @@ import openai
 import pytest
 from PIL import Image
 
+from helpers import data_url, png_bytes
 from serve_server import SERVE_CONFIG, VENV_BIN, Server
+
+pytestmark = pytest.mark.heavy   # `serve run` of the whole app
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT_S = 300
@@ -66,16 +69,6 @@ def offline(model_info):
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-
-def png_bytes(img: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def data_url(raw: bytes, mime: str = "image/png") -> str:
-    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
-
 
 def input_image(width: int = 120, height: int = 90) -> Image.Image:
     """A deterministic image with structure (gradients and a square), so edits see real content."""

@@ -9,9 +9,12 @@ import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.builder import REPO_ROOT, build_app, parse_app_args, plan_app, resolve_stage_graph_path
-from serve_app.model_choice import DEFAULT_HUB_MODEL, TINY_SERVED_NAME, choose_model, ensure_tiny_checkpoint
-from serve_app.stage_graph import SHIPPED_GRAPHS_DIR, StageGraphError, load_stage_graph
+from serve_app.app_config import BUILDER_IMPORT_PATH, parse_app_args
+from serve_app.builder import build_app, plan_app
+from serve_app.model_choice import TINY_SERVED_NAME, choose_model, ensure_tiny_checkpoint
+from serve_app.stage_graph import (CFG_PARALLEL_DIT_CLASS, REPO_ROOT, SHIPPED_GRAPHS_DIR, DiTSpec, StageGraphError,
+                                   load_stage_graph, resolve_stage_graph_path)
+from stages.lance.checkpoint import HUB_REPO_ID
 
 SHIPPED = sorted(SHIPPED_GRAPHS_DIR.glob("*.yaml"))
 
@@ -120,6 +123,13 @@ def _chain(*edits):
     ("single_gpu", _chain(_set(["stages", "dit", "engine", "dtype"], "float32"),
                           _set(["stages", "dit", "engine", "quantization"], "fp8")), "set engine.dtype to bfloat16"),
     ("multi_gpu", _set(["stages", "dit", "engine", "png_compress_level"], 10), "png_compress_level"),
+    ("multi_gpu", _set(["stages", "dit", "deployment_class"], "stages.dit:CfgParallelDiTStage"),
+     "CfgParallelDiTStage needs 2 GPUs"),
+    # values the thinker cannot run with are refused here, with the reason, never overridden later
+    ("cpu", _set(["stages", "thinker", "engine", "enforce_eager"], False),
+     "enforce_eager must be true: the thinker decides its MoT routing"),
+    ("cpu", _set(["stages", "thinker", "engine", "max_num_batched_tokens"], 2048),
+     "max_num_batched_tokens 2048 is below max_model_len 4096: a visual block is never split"),
 ])
 def test_impossible_resources_and_values_fail_naming_the_file(tmp_path, base, edit, needle):
     path = _write_variant(tmp_path, base, edit)
@@ -153,7 +163,7 @@ def test_serve_config_is_valid_and_points_at_build_app():
     raw = yaml.safe_load((REPO_ROOT / "configs" / "lance_2stage.yaml").read_text())
     config = ServeDeploySchema.model_validate(raw)
     (app,) = config.applications
-    assert app.import_path == "serve_app.builder:build_app"
+    assert app.import_path == BUILDER_IMPORT_PATH
     module, _, attr = app.import_path.partition(":")
     assert getattr(__import__(module, fromlist=[attr]), attr) is build_app
     assert parse_app_args(app.args).stage_graph == "auto"
@@ -168,6 +178,28 @@ def test_stage_graph_arg_takes_names_and_repo_relative_paths():
     assert resolve_stage_graph_path("multi_gpu", 0) == SHIPPED_GRAPHS_DIR / "multi_gpu.yaml"
     rel = resolve_stage_graph_path("configs/stage_graphs/cpu.yaml", 0)
     assert rel.resolve() == (SHIPPED_GRAPHS_DIR / "cpu.yaml").resolve()
+    with pytest.raises(StageGraphError, match=r"no shipped stage graph 'two_gpu' \(shipped: cpu, multi_gpu, single_gpu"):
+        resolve_stage_graph_path("two_gpu")
+    with pytest.raises(StageGraphError, match="name the graph"):
+        resolve_stage_graph_path("auto")    # without a GPU count
+
+
+def test_engine_args_the_thinker_gets_are_the_graphs():
+    engine = load_stage_graph(SHIPPED_GRAPHS_DIR / "single_gpu.yaml").stages.thinker.engine
+    args = engine.vllm_engine_args()
+    assert args["max_num_batched_tokens"] == args["max_model_len"] == engine.max_model_len   # the default
+    assert args["enforce_eager"] is True
+
+
+def test_cfg_parallel_dit_reserves_two_worker_gpus_beside_its_replica():
+    dit = DiTSpec.model_validate({"deployment_class": CFG_PARALLEL_DIT_CLASS, "max_ongoing_requests": 8,
+                                  "resources": {"num_cpus": 4, "num_gpus": 2, "memory_gib": 1}})
+    opts = dit.deployment_options()
+    assert opts["placement_group_bundles"] == [{"CPU": 4, "memory": 2**30}, {"CPU": 1, "GPU": 1}, {"CPU": 1, "GPU": 1}]
+    assert opts["placement_group_strategy"] == "STRICT_PACK" and opts["max_ongoing_requests"] == 8
+    assert "num_gpus" not in opts["ray_actor_options"]      # the replica's GPUs are the workers'
+    serve.deployment(type("Probe", (), {})).options(**opts)   # Ray's own option validation
+    assert "placement_group_bundles" not in DiTSpec.model_validate({"resources": {"num_gpus": 1}}).deployment_options()
 
 
 def test_app_args_typo_is_an_error_with_the_fix():
@@ -181,7 +213,7 @@ def test_model_precedence_args_then_env_then_graph_then_gpu_default():
     assert choose_model(None, "hub/graph", 0, env).path == "/models/env"
     assert choose_model(None, "hub/graph", 0, {}).path == "hub/graph"
     gpu = choose_model(None, None, 2, {})
-    assert gpu.path == DEFAULT_HUB_MODEL and not gpu.tiny_random_weights
+    assert gpu.path == HUB_REPO_ID and not gpu.tiny_random_weights
 
 
 def test_cpu_without_model_serves_the_tiny_checkpoint_created_once(tmp_path, caplog):
@@ -217,5 +249,5 @@ def test_plan_for_cpu_hands_graph_engine_args_to_the_stages(tmp_path, monkeypatc
 def test_plan_for_gpu_graph_uses_the_graphs_model(monkeypatch):
     monkeypatch.delenv("LANCE_MODEL", raising=False)
     plan = plan_app({"stage_graph": "single_gpu", "served_model_name": "lance"}, num_gpus=1)
-    assert plan.served.path == DEFAULT_HUB_MODEL and plan.settings.served_model_name == "lance"
+    assert plan.served.path == HUB_REPO_ID and plan.settings.served_model_name == "lance"
     assert plan.thinker_init["engine_args"]["gpu_memory_utilization"] == 0.45

@@ -6,6 +6,7 @@ Two engines per run (module-scoped): the golden tiny checkpoint, and a second ge
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -28,6 +29,8 @@ from stages.lance.vae import reference_latent
 from stages.thinker.errors import ContextTooLongError
 from stages.thinker.thinker import Thinker
 
+pytestmark = pytest.mark.heavy   # vLLM and Ray
+
 ENGINE_ARGS = {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": 4, "block_size": 32,
                "enable_prefix_caching": True, "cpu_kv_cache_space_gib": 0.25}
 
@@ -43,17 +46,41 @@ def loop():
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # the dashboard serves Ray's state API (ray.util.state), which the tests count objects with
+    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
 
 
+class EngineSlot:
+    """One vLLM engine at a time on a 2-core machine: the module's thinker, started when a test asks
+    for it, so that a test that needs another engine can stop it without the tests after it noticing."""
+
+    def __init__(self, loop, ckpt_dir: Path):
+        self.loop, self.ckpt_dir, self.thinker = loop, ckpt_dir, None
+
+    def running(self) -> Thinker:
+        if self.thinker is None:
+            self.thinker = Thinker(str(self.ckpt_dir), ENGINE_ARGS)
+        return self.thinker
+
+    def stop(self) -> None:
+        if self.thinker is not None:
+            self.thinker.shutdown()
+            self.thinker = None
+            self.loop.run_until_complete(asyncio.sleep(0.1))  # let the engine's output task finish on its loop
+
+
 @pytest.fixture(scope="module")
-def thinker(loop, ray_cluster, tiny_ckpt_dir):
-    th = Thinker(str(tiny_ckpt_dir), ENGINE_ARGS)
-    yield th
-    th.shutdown()
-    loop.run_until_complete(asyncio.sleep(0.1))  # let the engine's output task finish on its loop
+def engine_slot(loop, ray_cluster, tiny_ckpt_dir):
+    slot = EngineSlot(loop, tiny_ckpt_dir)
+    yield slot
+    slot.stop()
+
+
+@pytest.fixture
+def thinker(engine_slot) -> Thinker:
+    return engine_slot.running()
 
 
 @pytest.fixture(scope="module")
@@ -66,20 +93,22 @@ def edit_image(golden_dir) -> Image.Image:
     return Image.open(golden_dir / "cases" / "inputs" / "edit_input.png")
 
 
-def owned_objects(ray) -> int:
-    """Objects this process owns or references in Ray (small ones never reach plasma)."""
-    return len(ray._private.worker.global_worker.core_worker.get_all_reference_counts())
+def owned_objects() -> int:
+    """Object references this process holds in Ray (Ray's state API)."""
+    from ray.util.state import list_objects
+
+    return len(list_objects(filters=[("pid", "=", os.getpid())], limit=10_000, raise_on_missing_output=False))
 
 
-def plasma_objects(ray, settle_at: int | None = None, timeout_s: float = 10.0) -> int:
-    """Objects in the node's shared-memory store (freed asynchronously once unreferenced: with `settle_at`,
-    wait up to `timeout_s` for the count to come down to it)."""
-    from ray._private.internal_api import memory_summary
+def cluster_objects(settle_at: int | None = None, timeout_s: float = 10.0) -> int:
+    """Object references held anywhere in the Ray cluster, vLLM's worker included (Ray's state API).
+    Freed asynchronously once unreferenced: with `settle_at`, wait up to `timeout_s` for the count to
+    come down to it."""
+    from ray.util.state import list_objects
 
     deadline = time.monotonic() + timeout_s
     while True:
-        summary = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
-        n = int(summary.split("Plasma memory usage")[1].split(",")[1].split()[0])
+        n = len(list_objects(limit=10_000, raise_on_missing_output=False))
         if settle_at is None or n <= settle_at or time.monotonic() > deadline:
             return n
         time.sleep(0.1)
@@ -210,9 +239,8 @@ def _mixed_requests(edit_image) -> list[ImageRequest]:
 
 def test_16_concurrent_prefills_export_their_own_kv_and_leave_nothing_behind(loop, thinker, pipeline, ray_cluster,
                                                                                assert_golden, edit_image):
-    ray = ray_cluster
     wait_idle(loop, thinker)
-    owned0, plasma0 = owned_objects(ray), plasma_objects(ray, settle_at=0)
+    owned0, cluster0 = owned_objects(), cluster_objects(settle_at=0)
     reqs = _mixed_requests(edit_image)
 
     async def all_at_once():
@@ -221,30 +249,29 @@ def test_16_concurrent_prefills_export_their_own_kv_and_leave_nothing_behind(loo
     handoffs = loop.run_until_complete(all_at_once())
     lengths = {h.cond.context_len for h in handoffs}
     assert len(lengths) >= 8  # different lengths, interleaved in vLLM's batches
-    assert owned_objects(ray) == owned0 + 2 * len(reqs)
+    assert owned_objects() == owned0 + 2 * len(reqs)
     for req, h in zip(reqs, handoffs):
         assert h.request_id == req.request_id
         assert_handoff_matches(h, reference_kv(pipeline, req), assert_golden, req.request_id)
-    assert plasma_objects(ray) > plasma0  # the edits' exports are big enough for shared memory
+    assert cluster_objects() > cluster0
     del handoffs, h
     stats = wait_idle(loop, thinker)
     assert stats["kv_cache_usage"] == 0.0 and stats["pending_exports"] == []   # vLLM's blocks are all free
-    assert owned_objects(ray) == owned0 and plasma_objects(ray, settle_at=plasma0) == plasma0  # store is back
+    assert owned_objects() == owned0 and cluster_objects(settle_at=cluster0) == cluster0  # store is back
 
 
 def test_a_cancelled_prefill_aborts_its_vllm_request_and_drops_its_export(loop, thinker, ray_cluster, edit_image):
-    ray = ray_cluster
     wait_idle(loop, thinker)
-    owned0 = owned_objects(ray)
+    owned0, aborted0 = owned_objects(), thinker.engine_stats()["aborted_requests"]
     reqs = _mixed_requests(edit_image)
 
     async def cancel_last():
         tasks = [asyncio.ensure_future(thinker.prefill_context(r)) for r in reqs]
         deadline = time.monotonic() + 60
-        while not any(r.startswith("edit-7-") for r in thinker.engine.output_processor.request_states):
+        while not any(r.startswith("edit-7-") for r in thinker.engine_stats()["submitted_requests"]):
             assert time.monotonic() < deadline, "the last request never reached vLLM"
             await asyncio.sleep(0.005)
-        tasks[-1].cancel()  # it is in vLLM now (queued or running)
+        tasks[-1].cancel()  # it is with vLLM now (queued or running)
         results = await asyncio.gather(*tasks, return_exceptions=True)
         return results
 
@@ -255,7 +282,8 @@ def test_a_cancelled_prefill_aborts_its_vllm_request_and_drops_its_export(loop, 
     del results
     stats = wait_idle(loop, thinker)
     assert stats["kv_cache_usage"] == 0.0 and stats["num_waiting"] == 0 and stats["pending_exports"] == []
-    assert owned_objects(ray) == owned0
+    assert stats["aborted_requests"] > aborted0 and stats["submitted_requests"] == []
+    assert owned_objects() == owned0
 
 
 def test_negative_prompts_get_their_own_branch_and_cfg_1_needs_none(loop, thinker, pipeline, assert_golden, edit_image):
@@ -335,23 +363,24 @@ def test_prompts_longer_than_max_model_len_raise_a_typed_error(loop, thinker):
 @pytest.fixture(scope="module")
 def second_ckpt(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny4l") / "ckpt"
-    cli = Path(sys.executable).parent / "lance-serve"
-    subprocess.run([str(cli), "make-tiny-checkpoint", str(out), "--layers", "4", "--hidden", "256", "--heads", "4",
-                    "--kv-heads", "2", "--intermediate", "512", "--seed", "7"], check=True, capture_output=True)
+    # the lance-serve command line (`python -m deploy.cli`: the same `main` as the installed script)
+    subprocess.run([sys.executable, "-m", "deploy.cli", "make-tiny-checkpoint", str(out), "--layers", "4",
+                    "--hidden", "256", "--heads", "4", "--kv-heads", "2", "--intermediate", "512", "--seed", "7"],
+                   check=True, capture_output=True)
     return out
 
 
-def test_second_geometry_matches_the_offline_pipeline_through_the_ray_sink(loop, thinker, ray_cluster, second_ckpt,
+def test_second_geometry_matches_the_offline_pipeline_through_the_ray_sink(loop, engine_slot, ray_cluster, second_ckpt,
                                                                           assert_golden, edit_image):
     """4 layers, 2 KV heads; exports put by vLLM's worker itself (it joins the Ray cluster), parked in the
     replica's registry: the path of the Ray executor on GPU."""
     ray = ray_cluster
-    thinker.shutdown()  # one engine at a time on a 2-core machine
+    engine_slot.stop()  # one engine at a time on a 2-core machine; the next test that needs it restarts it
     pipe = LancePipeline.from_pretrained(str(second_ckpt))
     th = Thinker(str(second_ckpt), ENGINE_ARGS, export_sink="ray")
     try:
         assert th.model_info()["num_layers"] == 4 and th.model_info()["num_kv_heads"] == 2
-        plasma0 = plasma_objects(ray, settle_at=0)
+        cluster0 = cluster_objects(settle_at=0)
         t2i = ImageRequest(task="t2i", prompt="A red cube on a blue table", height=96, width=128)
         edit = ImageRequest(task="image_edit", prompt="Make the square green", image=edit_image,
                             resolution="image_256res", params=DenoiseParams(seed=5))
@@ -360,9 +389,9 @@ def test_second_geometry_matches_the_offline_pipeline_through_the_ray_sink(loop,
             assert isinstance(h.cond.kv, ray.ObjectRef)
             assert h.cond.fetch()[0].shape[:3] == (4, h.cond.context_len, 2)
             assert_handoff_matches(h, reference_kv(pipe, req), assert_golden, req.task)
-        assert plasma_objects(ray) > plasma0 and th.engine_stats()["pending_exports"] == []
+        assert cluster_objects() > cluster0 and th.engine_stats()["pending_exports"] == []
         del h
-        assert plasma_objects(ray, settle_at=plasma0) == plasma0  # freed by their owner, vLLM's worker
+        assert cluster_objects(settle_at=cluster0) == cluster0  # freed by their owner, vLLM's worker
         req = TextRequest(task="x2t_image", turns=[ChatTurn("user", "What color is the square?")], image=edit_image,
                           resolution="image_256res", max_tokens=24)
         _, ids, _ = _collect(loop, th, req)

@@ -10,6 +10,8 @@ from PIL import Image
 from stages.lance.requests import ChatTurn, ImageRequest, TextRequest
 from stages.thinker.errors import ContextTooLongError
 
+pytestmark = pytest.mark.heavy   # Ray Serve and vLLM
+
 ENGINE_ARGS = {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": 4, "cpu_kv_cache_space_gib": 1}
 
 

@@ -191,12 +191,20 @@ def test_edit_prompts_carry_shifted_vit_and_reference_positions(tiny, golden):
         assert sum(t == tiny.ids.gen_pad for t in tokens) == 266  # the gen expert's slots
 
 
-def test_engine_kwargs_force_what_the_model_needs(tiny):
-    kw = engine_kwargs(tiny.files, tiny.files.llm_dir, {"enforce_eager": False, "max_model_len": 4096,
-                                                        "max_num_batched_tokens": 512, "cpu_kv_cache_space_gib": 1})
+def test_engine_kwargs_fill_in_what_the_model_needs_and_refuse_other_values(tiny):
+    kw = engine_kwargs(tiny.files, tiny.files.llm_dir, {"max_model_len": 4096, "cpu_kv_cache_space_gib": 1})
     assert kw["enforce_eager"] and kw["disable_chunked_mm_input"] and kw["max_num_batched_tokens"] == 4096
     assert kw["kv_cache_memory_bytes"] == 2**30 and "cpu_kv_cache_space_gib" not in kw
     assert kw["model"] == str(tiny.files.llm_dir)  # weights straight from the checkpoint, no converted copy
+    assert engine_kwargs(tiny.files, tiny.files.llm_dir, {"max_model_len": 4096,
+                                                          "max_num_batched_tokens": 8192})["max_num_batched_tokens"] == 8192
+    for given, needle in (({"enforce_eager": False}, "enforce_eager=False"),
+                          ({"max_num_batched_tokens": 512}, "max_num_batched_tokens=512 is below max_model_len=4096"),
+                          ({"generation_config": "auto"}, "generation_config='auto'")):
+        with pytest.raises(ValueError, match=needle):   # never silently replaced
+            engine_kwargs(tiny.files, tiny.files.llm_dir, {"max_model_len": 4096, **given})
+    with pytest.raises(ValueError, match="need max_model_len"):
+        engine_kwargs(tiny.files, tiny.files.llm_dir, {})
 
 
 def test_config_reserves_token_ids_past_the_tokenizer(tiny):

@@ -65,6 +65,7 @@ def test_decode_two_latent_frames_to_five_frames(vae, golden, assert_golden):
 
 # --- golden case `image_edit` ------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_reference_latent_posterior_sample_with_injected_eps(vae, golden, assert_golden):
     g = golden("image_edit")
     mean, logvar = vae.encode(g["vae_input_ref"][None])
@@ -145,6 +146,7 @@ def test_random_checkpoint_of_another_geometry_round_trips_through_pth(tmp_path)
                           atol=1e-6)
 
 
+@pytest.mark.slow
 def test_decoder_only_and_encoder_only_loading(tiny_ckpt_dir, vae, golden, assert_golden):
     path = tiny_ckpt_dir / "Wan2.2_VAE.pth"
     decoder_only = LanceVAE.from_wan22_pth(path, encoder=False)
@@ -179,6 +181,7 @@ def test_unknown_or_missing_keys_are_rejected(tiny_wan22_state_dict):
         LanceVAE.from_wan22_state_dict(reshaped)
 
 
+@pytest.mark.slow
 def test_bf16_load_keeps_latent_constants_in_model_dtype(tiny_wan22_state_dict, golden):
     vae_bf16 = LanceVAE.from_wan22_state_dict(tiny_wan22_state_dict, dtype=torch.bfloat16)
     assert vae_bf16.latents_inv_std.dtype == torch.bfloat16

@@ -209,23 +209,6 @@ def worker_bundles(num_cpus: float = 1, num_gpus: float = 1) -> list[dict]:
     return [{"CPU": num_cpus, "GPU": num_gpus} if num_gpus else {"CPU": num_cpus}] * WORLD_SIZE
 
 
-def cfg_parallel_deployment_options(options: dict, worker_cpus: float = 1) -> dict:
-    """Serve options of a DiT deployment with `cfg_parallel: 2`: the replica actor keeps its CPUs and
-    gives its GPUs to two worker bundles, all in one STRICT_PACK placement group per replica (Serve
-    places the replica in bundle 0 and reserves the workers' GPUs with it, atomically)."""
-    opts = {**options, "ray_actor_options": dict(options.get("ray_actor_options", {}))}
-    actor = opts["ray_actor_options"]
-    gpus = actor.pop("num_gpus", 0) or 0
-    if gpus and gpus != WORLD_SIZE:
-        raise ValueError(f"cfg_parallel 2 needs num_gpus 2 per DiT replica (one per branch), got {gpus}")
-    replica_bundle = {"CPU": actor.get("num_cpus", 1)}
-    if actor.get("memory"):
-        replica_bundle["memory"] = actor["memory"]
-    opts["placement_group_bundles"] = [replica_bundle] + worker_bundles(worker_cpus, 1 if gpus else 0)
-    opts["placement_group_strategy"] = "STRICT_PACK"
-    return opts
-
-
 class CfgParallelWorker:
     """One rank of a CFG-parallel DiT replica (a Ray actor on one GPU): the DiT engine's own checks
     and forward (`DenoiseEngine`), run on one branch per request. Rank 0 also draws the noise and
@@ -334,8 +317,9 @@ class CfgParallelWorker:
 
 class CfgParallelGroup:
     """Two `CfgParallelWorker` actors, one per bundle of a STRICT_PACK placement group, joined in one
-    torch.distributed group. Inside a Serve replica deployed with `cfg_parallel_deployment_options`
-    it uses the replica's own placement group (its last two bundles); elsewhere it creates one.
+    torch.distributed group. Inside a Serve replica (whose placement group the stage graph's
+    cfg_parallel settings reserve) it uses the replica's own placement group (its last two bundles);
+    elsewhere it creates one.
 
     Requests run one at a time, each on both GPUs (latency mode); for throughput, run more replicas."""
 

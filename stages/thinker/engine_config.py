@@ -6,14 +6,15 @@ read-only, so vLLM gets a config directory we write into a cache: the checkpoint
 section with the token ids the model needs, and a copy of the (small) tokenizer files. vLLM's `model`
 stays the variant folder, so the weights are read from the checkpoint itself (no converted copy).
 
-Engine arguments come from the stage graph (vLLM's own names, as data); a few are forced because
-the model needs them to be exact (see `REQUIRED_ENGINE_ARGS`).
+Engine arguments come from the stage graph (vLLM's own names, as data) and pass through as given.
+A few must have one value for the model to be exact (`REQUIRED_ENGINE_ARGS`): they are filled in
+when absent, and any other value is an error, never silently replaced (the stage graph's schema
+rejects such values first, with the same reasons).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -21,8 +22,6 @@ from pathlib import Path
 
 from stages.lance.checkpoint import CheckpointFiles, lance_serve_cache_dir, load_tokenizer, read_vit_config
 from stages.lance.config import SpecialTokens
-
-log = logging.getLogger(__name__)
 
 VLLM_ARCHITECTURE = "LanceThinkerForConditionalGeneration"
 CONNECTOR_MODULE = "stages.thinker.connector"
@@ -37,7 +36,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "mer
 # - a visual block is never split across two scheduler steps (its tokens attend to the whole block);
 # - vLLM's own generation_config.json defaults stay out of the way (upstream decodes greedily by hand).
 REQUIRED_ENGINE_ARGS = {"enforce_eager": True, "disable_chunked_mm_input": True, "generation_config": "vllm"}
-DEFAULT_MAX_MODEL_LEN = 8192
 # Stage-graph keys that are ours, not vLLM's.
 _OWN_KEYS = ("cpu_kv_cache_space_gib",)
 
@@ -115,15 +113,15 @@ def engine_kwargs(files: CheckpointFiles, config_dir: Path, stage_engine_args: d
     if gib is not None:
         args["kv_cache_memory_bytes"] = int(float(gib) * 2**30)
     for key, value in REQUIRED_ENGINE_ARGS.items():
-        if key in args and args[key] != value:
-            log.warning("thinker: overriding engine arg %s=%r with %r (required by the Lance model)", key, args[key], value)
-        args[key] = value
+        if args.setdefault(key, value) != value:
+            raise ValueError(f"thinker engine arg {key}={args[key]!r}: the Lance thinker needs {value!r}")
+    if "max_model_len" not in args:
+        raise ValueError("thinker engine args need max_model_len (the stage graph's thinker.engine.max_model_len)")
     # A visual block must fit one step (it may be as long as the context): budget a whole prompt per step.
-    max_len = args.setdefault("max_model_len", DEFAULT_MAX_MODEL_LEN)
-    if args.get("max_num_batched_tokens", 0) < max_len:
-        if "max_num_batched_tokens" in args:
-            log.warning("thinker: raising max_num_batched_tokens to max_model_len %d", max_len)
-        args["max_num_batched_tokens"] = max_len
+    max_len = args["max_model_len"]
+    if args.setdefault("max_num_batched_tokens", max_len) < max_len:
+        raise ValueError(f"thinker engine arg max_num_batched_tokens={args['max_num_batched_tokens']} is below "
+                         f"max_model_len={max_len}: a visual block is never split across scheduler steps")
     args.update(
         model=str(files.llm_dir),
         tokenizer=str(config_dir),

@@ -111,6 +111,7 @@ class Thinker:
         # (request id, prompt tokens, tokens served from vLLM's prefix cache) of recent prompts
         self.recent_prompts: collections.deque[tuple[str, int, int]] = collections.deque(maxlen=256)
         self.num_aborted = 0  # vLLM requests aborted because their caller went away
+        self.submitted: set[str] = set()  # ids of the requests handed to vLLM that a caller still waits on
 
     # --- image tasks ------------------------------------------------------------------------------
 
@@ -190,6 +191,7 @@ class Thinker:
         params = SamplingParams(max_tokens=1, temperature=0.0,
                                 extra_args={"kv_transfer_params": {EXPORT_PARAM: {"export_id": export_id}}})
         finished = None
+        self.submitted.add(export_id)
         try:
             async for out in self.engine.generate(prompt, params, request_id=export_id):
                 finished = out
@@ -202,6 +204,8 @@ class Thinker:
                 await self._abort(export_id)
             self.claims.drop(export_id)
             raise
+        finally:
+            self.submitted.discard(export_id)
         n = plan.context.input_ids.numel()
         if claimed.num_tokens != n:
             raise KVExportError(f"export {export_id} holds {claimed.num_tokens} tokens, the context has {n}")
@@ -227,6 +231,7 @@ class Thinker:
                                 top_p=req.top_p, stop=list(req.stop) or None, seed=req.seed,
                                 stop_token_ids=[self.tokens.im_end], output_kind=RequestOutputKind.DELTA)
         completion, finished = 0, False
+        self.submitted.add(request_id)
         try:
             async for out in self.engine.generate(prompt, params, request_id=request_id):
                 o = out.outputs[0]
@@ -241,6 +246,7 @@ class Thinker:
                        "finish_reason": o.finish_reason if out.finished else None,
                        "prompt_tokens": n, "completion_tokens": completion}
         finally:
+            self.submitted.discard(request_id)
             if not finished:  # the caller went away: stop spending compute on it
                 await self._abort(request_id)
 
@@ -297,7 +303,7 @@ class Thinker:
     def engine_stats(self) -> dict:
         return {"kv_cache_usage": self.stats.kv_cache_usage, "num_running": self.stats.num_running,
                 "num_waiting": self.stats.num_waiting, "pending_exports": self.claims.pending(),
-                "aborted_requests": self.num_aborted}
+                "aborted_requests": self.num_aborted, "submitted_requests": sorted(self.submitted)}
 
     def shutdown(self) -> None:
         if self.engine is not None:

@@ -9,11 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from stages.lance.cli import subcommand
 
-
-@subcommand("k8s", help="KubeRay RayService manifests: render from a stage graph, check offline")
-def _configure_k8s(parser: argparse.ArgumentParser) -> None:
+def configure(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(title="actions", dest="action", required=True, metavar="ACTION")
     fmt = argparse.ArgumentDefaultsHelpFormatter
     render = actions.add_parser("render", help="write the RayService for a stage graph",

@@ -1,10 +1,32 @@
-"""Hand-offs built from the golden contexts (recorded K/V and positions) for the DiT tests."""
+"""Helpers the tests share (fixtures live in conftest.py): images as the API takes them, hand-offs built
+from the golden contexts (recorded K/V and positions), and the loop that drives a DiT runner."""
 from __future__ import annotations
 
+import base64
+import io
+
 import torch
+from PIL import Image
 
 from stages.lance.handoff import BranchKV, ContextHandoff
 from stages.lance.requests import DenoiseParams
+
+
+# --- images as clients send them -----------------------------------------------------------------------
+
+def png_bytes(image: Image.Image | None = None, fmt: str = "PNG") -> bytes:
+    """`image` encoded as `fmt`; by default a small solid red PNG."""
+    image = Image.new("RGB", (40, 30), (200, 30, 30)) if image is None else image
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def data_url(raw: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64,{base64.b64encode(raw).decode()}"
+
+
+# --- hand-offs from the golden contexts ------------------------------------------------------------------
 
 REFERENCE_TOKENS = {"t2i": 0, "image_edit": 266}  # VAE tokens before the target in the upstream sample
 
@@ -17,11 +39,14 @@ def golden_branch(g: dict, branch: str, length: int | None = None) -> BranchKV:
 
 
 def golden_handoff(g: dict, case: str, params: DenoiseParams = DenoiseParams(), request_id: str | None = None,
-                   with_uncond: bool = True) -> ContextHandoff:
+                   with_uncond: bool = True, with_noise: bool = False) -> ContextHandoff:
+    """The golden request as the thinker hands it over; `with_noise`: with upstream's recorded initial
+    noise (`latents=`) instead of the seed's draw."""
     grid = tuple(g["final_latent"].shape[:3])
     return ContextHandoff(request_id or case, case, grid, params, golden_branch(g, "cond"),
                           golden_branch(g, "uncond") if with_uncond else None,
-                          num_reference_tokens=REFERENCE_TOKENS[case])
+                          num_reference_tokens=REFERENCE_TOKENS[case],
+                          initial_noise=g["noise_all_vae_tokens"] if with_noise else None)
 
 
 def grid_positions(anchor: int, grid: tuple[int, int, int]) -> torch.Tensor:
@@ -45,3 +70,23 @@ def synthetic_handoff(g: dict, request_id: str, grid, params: DenoiseParams, con
     assert n > 0
     return ContextHandoff(request_id, "t2i", tuple(grid), params, branch("cond", cond_len),
                           branch("uncond", uncond_len) if uncond_len is not None else None)
+
+
+# --- driving a DiT runner ----------------------------------------------------------------------------------
+
+def drive_runner(runner, handoffs: list[ContextHandoff]) -> list:
+    """Submit every hand-off to a `DiTRunner`, step it until it is idle, and return each request's
+    result in order (a request's error is raised)."""
+    jobs = [runner.prepare(h, h.cond.fetch(), h.uncond.fetch() if h.uncond is not None else None)
+            for h in handoffs]
+    for job in jobs:
+        runner.submit(job)
+    results = {}
+    while runner.has_work:
+        for job, result in runner.step():
+            results[job] = result
+    out = [results[job] for job in jobs]
+    for result in out:
+        if isinstance(result, BaseException):
+            raise result
+    return out

@@ -26,15 +26,12 @@ from typing import Optional
 
 import yaml
 
-from .stage_graph import SHIPPED_GRAPHS_DIR, StageGraph, load_stage_graph
+from serve_app.app_config import BUILDER_IMPORT_PATH, DEPLOYMENT_NAMES
+from serve_app.stage_graph import REPO_ROOT, StageGraph, load_stage_graph, resolve_stage_graph_path
 
-REPO_ROOT = SHIPPED_GRAPHS_DIR.parent.parent
 SERVE_CONFIG = "configs/lance_2stage.yaml"      # relative to the repository root
-BUILDER_IMPORT_PATH = "serve_app.builder:build_app"
 # The Dockerfile copies the repository's configs/ here; serveConfigV2 names graphs by this path.
 IMAGE_APP_ROOT = "/app"
-# Serve deployment names that serve_app.builder.build_app gives the stages.
-DEPLOYMENT_NAMES = {"ingress": "LanceIngress", "thinker": "ThinkerStage", "dit": "DiTStage"}
 PIN_RESOURCE = {"thinker": "lance_thinker", "dit": "lance_dit"}
 COLOCATED_GROUP = "thinker-dit"
 
@@ -101,17 +98,6 @@ class ReplicaRange:
     min: int
     initial: int
     max: int
-
-
-STAGES = ("ingress", "thinker", "dit")
-
-
-def stage_options(graph: StageGraph) -> dict[str, dict]:
-    """Each stage's Serve options (`Deployment.options()` kwargs), from the builder's own functions."""
-    from .builder import dit_deployment_options
-    options = {stage: getattr(graph.stages, stage).deployment_options() for stage in STAGES}
-    options["dit"] = dit_deployment_options(graph.stages.dit)
-    return options
 
 
 def replica_range(options: dict) -> ReplicaRange:
@@ -194,7 +180,8 @@ def _group(name: str, hosted: dict[str, tuple[dict, int]], pods: ReplicaRange) -
 
 
 def plan_cluster(stage_opts: dict[str, dict]) -> ClusterPlan:
-    """Worker groups for the stages' Serve options (`stage_options(graph)`)."""
+    """Worker groups for the stages' Serve options (`StageGraph.deployment_options()`, which the
+    builder binds)."""
     options = dict(stage_opts)
     gpus = {stage: replica_demand(o).get("GPU", 0) for stage, o in options.items()}
     ranges = {stage: replica_range(o) for stage, o in options.items()}
@@ -225,17 +212,9 @@ def plan_cluster(stage_opts: dict[str, dict]) -> ClusterPlan:
 # Serve config: configs/lance_2stage.yaml with the graph named, and the stage pins
 # ----------------------------------------------------------------------------------------------------
 def resolve_graph_file(stage_graph: str, repo_root: Path = REPO_ROOT) -> Path:
-    """A shipped graph name or a path; the file must be under the repository's configs/, which is
-    what the image carries."""
-    graphs_dir = repo_root / "configs" / "stage_graphs"
-    if "/" not in stage_graph and not stage_graph.endswith((".yaml", ".yml")):
-        path = graphs_dir / f"{stage_graph}.yaml"
-        if not path.is_file():
-            shipped = sorted(p.stem for p in graphs_dir.glob("*.yaml"))
-            raise RenderError(f"no shipped stage graph {stage_graph!r} (shipped: {', '.join(shipped)})")
-        return path
-    path = Path(stage_graph)
-    path = (path if path.is_absolute() or path.exists() else repo_root / path).resolve()
+    """A shipped graph name or a path (as the builder resolves them); the file must be under the
+    repository's configs/, which is what the image carries."""
+    path = resolve_stage_graph_path(stage_graph, repo_root=repo_root).resolve()
     configs = (repo_root / "configs").resolve()
     if not path.is_relative_to(configs):
         raise RenderError(f"{stage_graph}: the stage graph must live under {configs} so that the image "
@@ -391,7 +370,7 @@ def default_name(graph: StageGraph) -> str:
 def build_rayservice(opts: RenderOptions) -> dict:
     graph_file = resolve_graph_file(opts.stage_graph, opts.repo_root)
     graph = load_stage_graph(graph_file)
-    plan = plan_cluster(stage_options(graph))
+    plan = plan_cluster(graph.deployment_options())
     serve_config = render_serve_config(opts, graph_file, plan)
     name = opts.name or default_name(graph)
     autoscaling = any(g.pods.min < g.pods.max for g in plan.workers)

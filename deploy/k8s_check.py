@@ -5,15 +5,17 @@ before anything is applied. Every problem comes back as one readable line that n
               `kubectl apply --validate=strict` does), list-map keys unique, KubeRay's name and
               ray.io/initializing-timeout rules
   serve       serveConfigV2 through Ray's ServeDeploySchema (unknown keys, which Ray ignores, are
-              errors here), the import_path imported, the builder's args and the stage graph through
-              our schemas, and deployment overrides that agree with the graph
+              errors here), the import_path found (without importing it: the app imports torch and
+              Ray Serve), the builder's args and the stage graph through our schemas, and deployment
+              overrides that agree with the graph
   resources   each worker group as Ray's KubeRay autoscaler reads it; GPUs that Ray counts backed by
               nvidia.com/gpu limits; no GPU on the head; every deployment fits some group, and all
               replicas at their maximum fit the groups at theirs
 """
 from __future__ import annotations
 
-import importlib
+import ast
+import importlib.util
 import json
 import logging
 import math
@@ -27,11 +29,12 @@ from typing import Any, Iterable, Optional, Union, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from .k8s_render import (DEPLOYMENT_NAMES, GPU_RESOURCE, IMAGE_APP_ROOT, PLACEMENT_OPTIONS, REPO_ROOT,
-                         ReplicaRange, builder_application, pinned_options, ray_version,
-                         replica_demand, replica_range, repo_path, stage_options)
-from .stage_graph import StageGraphError, load_stage_graph
-from .strict_model import error_lines, suggest
+from serve_app.app_config import DEPLOYMENT_NAMES, parse_app_args
+from serve_app.stage_graph import REPO_ROOT, StageGraphError, load_stage_graph, resolve_stage_graph_path
+from serve_app.strict_model import error_lines, suggest
+
+from .k8s_render import (GPU_RESOURCE, IMAGE_APP_ROOT, PLACEMENT_OPTIONS, ReplicaRange, builder_application,
+                         pinned_options, ray_version, replica_demand, replica_range, repo_path)
 
 MAX_RAYSERVICE_NAME = 47          # KubeRay: 53-character RayCluster names minus its 6-character suffix
 INITIALIZING_TIMEOUT = "ray.io/initializing-timeout"
@@ -200,17 +203,37 @@ def unknown_keys(model: type[BaseModel], data: Any, where: str) -> list[str]:
     return problems
 
 
+def top_level_names(source: str) -> set[str]:
+    """Names a module binds at its top level (functions, classes, assignments, imports)."""
+    names: set[str] = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    return names
+
+
 def import_problems(import_path: str, where: str) -> list[str]:
-    """What Serve does with import_path: import the module, take the attribute."""
+    """What Serve does with import_path (import the module, take the attribute), checked without
+    running the module: it is found on the path and binds the attribute at its top level."""
     sep = ":" if ":" in import_path else "."
     module_name, _, attr = import_path.rpartition(sep)
     try:
-        target = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as e:
+        spec = importlib.util.find_spec(module_name) if module_name else None
+    except (ImportError, ValueError) as e:
         return [f"{where}: {import_path!r} does not import: {type(e).__name__}: {e}"]
-    from ray.serve.deployment import Application
-    if not (callable(target) or isinstance(target, Application)):
-        return [f"{where}: {import_path!r} is neither an application nor an app builder"]
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return [f"{where}: {import_path!r} does not import: No module named {module_name!r}"]
+    try:
+        names = top_level_names(Path(spec.origin).read_text())
+    except (OSError, SyntaxError) as e:
+        return [f"{where}: {import_path!r} does not import: {type(e).__name__}: {e}"]
+    if attr not in names:
+        return [f"{where}: {import_path!r} does not import: module {module_name!r} has no attribute {attr!r}"]
     return []
 
 
@@ -228,14 +251,18 @@ class DeploymentDemand:
 def _graph_path(stage_graph: str, repo_root: Path) -> Optional[Path]:
     if stage_graph.startswith("/"):
         return repo_path(stage_graph, repo_root)
-    from .builder import resolve_stage_graph_path
-    return resolve_stage_graph_path(stage_graph, num_gpus=1)
+    try:
+        return resolve_stage_graph_path(stage_graph, repo_root=repo_root)
+    except StageGraphError:
+        return None
 
 
 def serve_problems(serve_config_text: str, repo_root: Path = REPO_ROOT
                    ) -> tuple[list[str], list[DeploymentDemand]]:
     """Problems of serveConfigV2, and the deployments it makes (for the resource checks).
     `repo_root`: the tree whose configs/ the image carries."""
+    # Ray's own schema, with its validators, is the truth for serveConfigV2: the one Ray Serve module
+    # the deploy tooling imports, only here (it loads the ray.serve package; nothing is started).
     from ray.serve.schema import ServeDeploySchema
 
     where = "spec.serveConfigV2"
@@ -257,7 +284,6 @@ def serve_problems(serve_config_text: str, repo_root: Path = REPO_ROOT
     except ValueError as e:
         return problems + [str(e)], []
 
-    from .builder import parse_app_args
     try:
         args = parse_app_args(app.get("args"))
     except ValueError as e:
@@ -274,7 +300,7 @@ def serve_problems(serve_config_text: str, repo_root: Path = REPO_ROOT
     except StageGraphError as e:
         return problems + [f"{where}: args.stage_graph: {e}"], []
 
-    options = {DEPLOYMENT_NAMES[s]: o for s, o in stage_options(graph).items()}
+    options = {DEPLOYMENT_NAMES[s]: o for s, o in graph.deployment_options().items()}
     for override in app.get("deployments") or []:
         name = override.get("name")
         if name not in options:
