@@ -99,7 +99,7 @@ def test_stage_streams_progress_then_the_golden_png(stage, golden, assert_golden
 
 def test_runner_copies_only_pixels_unless_debug_outputs(tiny_ckpt_dir, runner, golden):
     lean = DiTRunner.from_loaded(runner.model, runner.config, runner.vae, compile=False)
-    (img,) = run_runner(lean, [golden_handoff(golden("t2i"), "t2i")])
+    (img,) = drive_runner(lean, [golden_handoff(golden("t2i"), "t2i")])
     assert img.latents is None and img.image is None
     assert img.pixels.dtype == torch.uint8 and tuple(img.pixels.shape) == (128, 128, 3)
 
@@ -117,7 +117,7 @@ def test_requested_encoding_comes_back(stage, golden, encoding):
 
 
 def test_png_compression_level_changes_bytes_not_pixels(runner, golden):
-    (img,) = run_runner(runner, [golden_handoff(golden("t2i"), "t2i", DenoiseParams(num_inference_steps=2))])
+    (img,) = drive_runner(runner, [golden_handoff(golden("t2i"), "t2i", DenoiseParams(num_inference_steps=2))])
     fast, small = img.encode(ImageEncoding(png_compress_level=0)), img.encode(ImageEncoding(png_compress_level=9))
     assert len(fast) > len(small)
     assert torch.equal(png_pixels(fast), png_pixels(small)) and torch.equal(png_pixels(fast), img.pixels)

@@ -23,6 +23,8 @@ from PIL import Image
 
 from serve_server import REPO_ROOT, Server
 
+pytestmark = pytest.mark.heavy   # `serve run` of the whole app and a browser
+
 TIMEOUT_S = 300
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
