@@ -31,12 +31,11 @@ def test_rendering_a_manifest_imports_no_torch_vllm_or_ray_serve(tmp_path):
 @pytest.mark.slow
 def test_checking_a_manifest_imports_no_torch_or_vllm(crd):
     # Ray Serve's config schema is loaded here (import_contract.ALLOWED says why); the Serve app is not.
-    # The stage-graph schema reads its limits and dtype names from the torch-free stages.lance.limits.
     code = dedent(f"""
         from deploy import k8s_check
         assert k8s_check.check_file({str(REPO_ROOT / "k8s" / "multi_gpu.yaml")!r}, {str(crd)!r}) == []
     """)
-    assert modules_loaded_by(code, REPO_ROOT, watch=("torch", "vllm", "serve_app.builder", "stages.dit", "stages.thinker")) == []
+    assert modules_loaded_by(code, REPO_ROOT, watch=("torch", "vllm", "serve_app.builder")) == []
 
 
 def _tree(root: Path, files: dict[str, str]) -> Path:
