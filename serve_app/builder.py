@@ -9,6 +9,8 @@
       allow_remote_images: false   fetch http(s) image_url parts (off: data URLs only)
       request_timeout_s: 600    a request still running after this gets a 504
       max_image_bytes: 20971520 largest accepted input image
+      api_keys: []              keys clients send as `Authorization: Bearer <key>`; the env
+                                LANCE_SERVE_API_KEY (comma-separated) adds more; none: no auth
 
 The stage graph sets each deployment's Serve options; the stage classes get the engine arguments:
     ThinkerStage(model, variant, engine_args)
@@ -23,12 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from pydantic import PositiveFloat, PositiveInt, ValidationError
+from pydantic import PositiveFloat, PositiveInt, ValidationError, field_validator
 from ray import serve
 from ray.serve.deployment import Application, Deployment
 
 from stages.lance.config import LatentConfig
 
+from .auth import check_key
 from .ingress import IngressSettings, LanceIngress
 from .model_choice import ServedModel, choose_model, count_gpus
 from .knobs import RequestLimits
@@ -46,6 +49,12 @@ class AppArgs(StrictModel):
     allow_remote_images: bool = False
     request_timeout_s: PositiveFloat = 600.0
     max_image_bytes: PositiveInt = 20 * 2**20
+    api_keys: list[str] = []
+
+    @field_validator("api_keys")
+    @classmethod
+    def _sendable_keys(cls, keys: list[str]) -> list[str]:
+        return [check_key(k) for k in keys]
 
 
 def parse_app_args(args: dict | None) -> AppArgs:
@@ -95,7 +104,8 @@ def plan_app(args: dict | None, num_gpus: int | None = None) -> AppPlan:
                                model_path=served.path,
                                tiny_random_weights=served.tiny_random_weights,
                                stage_graph=graph.name,
-                               request_timeout_s=app_args.request_timeout_s, limits=limits)
+                               request_timeout_s=app_args.request_timeout_s, limits=limits,
+                               api_keys=tuple(app_args.api_keys))
     return AppPlan(
         graph_path=graph_path, graph=graph, served=served, settings=settings,
         thinker_init={"model": served.path, "variant": graph.variant,

@@ -27,6 +27,7 @@ from ray import serve
 from stages.lance.requests import ImageRequest
 
 from . import openai_protocol as oai
+from .auth import APIKeyMiddleware, KeyChecker, protected_routes, resolve_api_keys, warn_if_open
 from .errors import OpenAIError, bad_request, install_error_handlers, stage_error
 from .media import decode_image_bytes, png_base64, png_data_url
 from .metrics import StageMetrics
@@ -45,6 +46,7 @@ class IngressSettings:
     stage_graph: str = ""
     request_timeout_s: float = 600.0
     limits: RequestLimits = field(default_factory=RequestLimits)
+    api_keys: tuple[str, ...] = ()   # the app arg's; LANCE_SERVE_API_KEY is added on the replica
 
     @property
     def max_body_bytes(self) -> int:
@@ -274,9 +276,12 @@ class LanceService:
         return JSONResponse(dict(err.body(), stages=stages), status_code=503)
 
 
-def build_fastapi_app(service: LanceService) -> FastAPI:
+def build_fastapi_app(service: LanceService, api_keys: list[str] | None = None) -> FastAPI:
+    """The app; with `api_keys`, every route but auth.PUBLIC_PATHS needs one of them."""
     app = FastAPI(title="lance-serve", version="0.1.0")
     install_error_handlers(app)
+    if api_keys:   # added before count_requests, which wraps it: 401s are counted too
+        app.add_middleware(APIKeyMiddleware, checker=KeyChecker(api_keys))
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -290,7 +295,19 @@ def build_fastapi_app(service: LanceService) -> FastAPI:
     app.post("/v1/images/edits")(service.images_edits)
     app.get("/v1/models")(service.models)
     app.get("/health")(service.health)
+    if api_keys:
+        logger.info("lance-serve: %d API key(s); routes needing one: %s", len(api_keys),
+                    ", ".join(protected_routes(app)))
     return app
+
+
+def _http_host() -> str | None:
+    """Where Serve's HTTP proxies listen (http_options.host), if the controller says."""
+    try:
+        from ray.serve.context import _get_global_client
+        return _get_global_client().http_config.host
+    except Exception:
+        return None
 
 
 @serve.ingress()
@@ -299,9 +316,11 @@ class LanceIngress:
 
     def __init__(self, thinker, dit, settings: IngressSettings):
         self.service = LanceService(settings, thinker=thinker, dit=dit)
+        self.api_keys = resolve_api_keys(settings.api_keys)   # the replica's env: LANCE_SERVE_API_KEY
+        warn_if_open(self.api_keys, _http_host())
         if settings.tiny_random_weights:
             logger.warning("SERVING THE TINY RANDOM-WEIGHTS CHECKPOINT %s: IMAGES WILL BE NOISE",
                            settings.model_path)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_fastapi_app(self.service)
+        return build_fastapi_app(self.service, self.api_keys)

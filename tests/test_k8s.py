@@ -229,6 +229,10 @@ def test_weights_cache_hub_token_first_load_timeout_and_ray_version(name):
         env = {e["name"]: e for e in container["env"]}
         assert env["HF_HOME"]["value"] == k8s_render.HF_CACHE_MOUNT
         assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == k8s_render.DEFAULT_HF_TOKEN_SECRET
+        # the API key comes from a Secret that must exist: no pod serves without one
+        assert env["LANCE_SERVE_API_KEY"]["valueFrom"]["secretKeyRef"] == {
+            "name": k8s_render.DEFAULT_API_KEY_SECRET, "key": k8s_render.API_KEY_SECRET_KEY,
+            "optional": False}
         assert {m["name"]: m["mountPath"] for m in container["volumeMounts"]}["hf-cache"] == \
             k8s_render.HF_CACHE_MOUNT
 
@@ -314,7 +318,7 @@ BROKEN = {
         lambda m: _worker(m, "dit")["rayStartParams"].update(resources='{"lance_dit": 1}'),
         ["workerGroupSpecs[1] (dit): Ray's autoscaler cannot read this group's resources"]),
     "duplicate env var": (lambda m: _container(m, "dit")["env"].append({"name": "HF_HOME", "value": "/tmp"}),
-                          ["env: items [0] and [2] have the same name='HF_HOME'"]),
+                          ["env: items [0] and [3] have the same name='HF_HOME'"]),
     "different images": (lambda m: _container(m, "dit").update(image="other:1"),
                          ["the Ray containers use different images"]),
     "wrong kind": (lambda m: m.update(kind="RayCluster"), ["kind: 'RayService' was expected"]),
