@@ -6,7 +6,10 @@
                                 with more; GPUs of the Ray cluster when the builder runs in it)
       model: null               local dir or hub id (see model_choice.py for the precedence)
       served_model_name: null   the id clients send as `model` (default: the model's own)
-      allow_remote_images: false   fetch http(s) image_url parts (off: data URLs only)
+      allow_remote_images: false   fetch http(s) image_url parts (off: data URLs only) ...
+      remote_image_hosts: []    ... from these hosts only (`host`, `*.suffix`, either with
+                                `:port`); empty: nothing is fetched (serve_app/safe_fetch.py)
+      remote_image_timeout_s: 10   connect + download of one image, redirects included
       request_timeout_s: 600    a request still running after this gets a 504
       max_image_bytes: 20971520 largest accepted input image
       api_keys: []              keys clients send as `Authorization: Bearer <key>`; the env
@@ -32,6 +35,7 @@ from ray.serve.deployment import Application, Deployment
 from stages.lance.config import LatentConfig
 
 from .auth import check_key
+from .safe_fetch import parse_host_rule
 from .ingress import IngressSettings, LanceIngress
 from .model_choice import ServedModel, choose_model, count_gpus
 from .knobs import RequestLimits
@@ -50,6 +54,15 @@ class AppArgs(StrictModel):
     request_timeout_s: PositiveFloat = 600.0
     max_image_bytes: PositiveInt = 20 * 2**20
     api_keys: list[str] = []
+    remote_image_hosts: list[str] = []
+    remote_image_timeout_s: PositiveFloat = 10.0
+
+    @field_validator("remote_image_hosts")
+    @classmethod
+    def _host_rules(cls, hosts: list[str]) -> list[str]:
+        for h in hosts:
+            parse_host_rule(h)   # ValueError naming the entry
+        return hosts
 
     @field_validator("api_keys")
     @classmethod
@@ -99,7 +112,12 @@ def plan_app(args: dict | None, num_gpus: int | None = None) -> AppPlan:
     limits = RequestLimits(max_image_side=LatentConfig().max_image_side,
                            max_new_tokens=thinker.engine.max_model_len,
                            max_image_bytes=app_args.max_image_bytes,
-                           allow_remote_images=app_args.allow_remote_images)
+                           allow_remote_images=app_args.allow_remote_images,
+                           remote_image_hosts=tuple(app_args.remote_image_hosts),
+                           remote_image_timeout_s=app_args.remote_image_timeout_s)
+    if app_args.allow_remote_images and not app_args.remote_image_hosts:
+        logger.warning("lance-serve: allow_remote_images is on but remote_image_hosts is empty: "
+                       "no image URL will be fetched")
     settings = IngressSettings(served_model_name=app_args.served_model_name or served.name,
                                model_path=served.path,
                                tiny_random_weights=served.tiny_random_weights,
