@@ -6,6 +6,7 @@ deadline 504. A 500 is only ever a bug in our own code, and it still carries the
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from fastapi import FastAPI, Request
@@ -16,11 +17,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 logger = logging.getLogger("ray.serve")
 
 
+MAX_MESSAGE_CHARS = 2000   # error bodies stay far below 32 kB whatever an exception says
+# absolute file paths (/a/b..., C:\\a\\b...) and traceback lines: never shown to a client
+_PATH = re.compile(r"(?<![\w.:/])(?:/[\w.@+~-]+){2,}/?|\b[A-Za-z]:\\[^\s'\"]+")
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
+
+
+def client_message(message: str, status: int) -> str:
+    """What a client may see of a message: short, and for server errors without paths or
+    tracebacks (the full text goes to the log)."""
+    message = str(message)
+    if status >= 500:
+        message = _PATH.sub("<path>", _TRACEBACK.sub("(traceback in the server log)", message))
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS - 16] + " ... (truncated)"
+    return message
+
+
 class OpenAIError(Exception):
     """An error that is returned to the client as an OpenAI error body."""
 
     def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None):
+        message = client_message(message, status)
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
 

@@ -28,6 +28,7 @@ from stages.lance.requests import ImageRequest
 
 from . import openai_protocol as oai
 from .auth import APIKeyMiddleware, KeyChecker, protected_routes, resolve_api_keys, warn_if_open
+from .http_limits import RequestLimitMiddleware
 from .errors import OpenAIError, bad_request, install_error_handlers, stage_error
 from .media import decode_image_bytes, png_base64, png_data_url
 from .metrics import StageMetrics
@@ -280,7 +281,9 @@ def build_fastapi_app(service: LanceService, api_keys: list[str] | None = None) 
     """The app; with `api_keys`, every route but auth.PUBLIC_PATHS needs one of them."""
     app = FastAPI(title="lance-serve", version="0.1.0")
     install_error_handlers(app)
-    if api_keys:   # added before count_requests, which wraps it: 401s are counted too
+    # the last added runs first: count_requests (below) -> API keys -> request limits -> routes
+    app.add_middleware(RequestLimitMiddleware, max_body_bytes=service.settings.max_body_bytes)
+    if api_keys:
         app.add_middleware(APIKeyMiddleware, checker=KeyChecker(api_keys))
 
     @app.middleware("http")
