@@ -30,6 +30,7 @@ from typing import Optional
 
 from pydantic import PositiveFloat, PositiveInt, ValidationError, field_validator
 from ray import serve
+from ray.serve.config import BackpressureConfig
 from ray.serve.deployment import Application, Deployment
 
 from stages.lance.config import LatentConfig
@@ -163,6 +164,9 @@ def build_app(args: dict) -> Application:
                                 stages.thinker.deployment_options()).bind(**plan.thinker_init)
     dit = _stage_deployment(stages.dit.deployment_class, "DiTStage", dit_deployment_options(stages.dit)).bind(
         **plan.dit_init)
-    ingress = serve.deployment(LanceIngress).options(name="LanceIngress",
-                                                     **stages.ingress.deployment_options())
+    # a full ingress queue is answered by Serve's proxy: 503 with Retry-After (the stages' 503s,
+    # raised in the ingress, carry an OpenAI error body)
+    ingress = serve.deployment(LanceIngress).options(
+        name="LanceIngress", backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
+        **stages.ingress.deployment_options())
     return ingress.bind(thinker, dit, plan.settings)

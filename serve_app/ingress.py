@@ -111,9 +111,20 @@ class LanceService:
         timeout = self.settings.request_timeout_s
         if isinstance(req, ImageRequest):
             if parsed.stream:
-                async with _deadline(timeout):
-                    handoff = await self.pipeline.prefill(req)   # errors here are still 4xx
-                return self._sse(self._image_events(req, handoff, model, parsed.include_usage))
+                # prefill and the DiT's first step before the headers: a 4xx, or a stage that is
+                # overloaded (503 + Retry-After), is still an HTTP status, not an event in a 200 stream
+                items = None
+                try:
+                    async with _deadline(timeout):
+                        handoff = await self.pipeline.prefill(req)
+                        items = self.pipeline.denoise(handoff)
+                        first = await anext(items)
+                except BaseException:
+                    if items is not None:
+                        await items.aclose()   # stops the DiT job
+                    raise
+                return self._sse(self._image_events(req, handoff, model, parsed.include_usage,
+                                                    items, first))
             async with _deadline(timeout):
                 image, handoff = await self.pipeline.generate_image(req)
             return oai.chat_completion(req.request_id, model,
@@ -160,11 +171,18 @@ class LanceService:
         return StreamingResponse(body(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
 
-    async def _image_events(self, req: ImageRequest, handoff, model: str, include_usage: bool):
+    async def _image_events(self, req: ImageRequest, handoff, model: str, include_usage: bool,
+                            items, first: dict):
         rid = req.request_id
         yield oai.chat_chunk(rid, model, {"role": "assistant", "content": ""})
-        async with aclosing(self.pipeline.denoise(handoff)) as items:
+
+        async def all_items():
+            yield first
             async for item in items:
+                yield item
+
+        async with aclosing(items), aclosing(all_items()) as chunks:
+            async for item in chunks:
                 if "png" in item:
                     yield oai.chat_chunk(rid, model, {"content": oai.image_content(
                         png_data_url(item["png"]))})

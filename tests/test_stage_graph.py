@@ -38,6 +38,20 @@ def test_shipped_graph_validates_and_ray_accepts_its_options(path):
         serve.deployment(type("Probe", (), {})).options(**stage.deployment_options())
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_graphs_bound_every_queue(path):
+    """Overload is answered (503 + Retry-After), never queued without end; the ingress holds at least
+    what the stages can (ongoing + queued), so the stages' 503s (OpenAI error body) come first."""
+    s = load_stage_graph(path).stages
+    for stage in (s.ingress, s.thinker, s.dit):
+        assert stage.max_queued_requests > 0
+    max_dit = s.dit.autoscaling.max_replicas if s.dit.autoscaling else (s.dit.num_replicas or 1)
+    max_thinker = s.thinker.autoscaling.max_replicas if s.thinker.autoscaling else (s.thinker.num_replicas or 1)
+    held = (max_thinker * s.thinker.max_ongoing_requests + s.thinker.max_queued_requests
+            + max_dit * s.dit.max_ongoing_requests + s.dit.max_queued_requests)
+    assert s.ingress.max_ongoing_requests >= held
+
+
 def test_shipped_graphs_place_stages_as_their_names_say():
     cpu, single, multi = (load_stage_graph(SHIPPED_GRAPHS_DIR / f"{n}.yaml")
                           for n in ("cpu", "single_gpu", "multi_gpu"))
