@@ -52,6 +52,17 @@ class OpenAIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
+class StageUnavailable(OpenAIError):
+    """A stage replica died or is unreachable: the request may be retried (generation is a pure
+    function of the request and its seed). `handoff_lost`: the context hand-off is gone with the
+    thinker replica that owned it, so a retry starts from the prefill."""
+
+    def __init__(self, stage: str, reason: str, handoff_lost: bool = False):
+        super().__init__(f"the {stage} stage is unavailable ({reason}); retry later", status=503,
+                         type="service_unavailable", code="stage_unavailable")
+        self.stage, self.handoff_lost = stage, handoff_lost
+
+
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
     return OpenAIError(message, status=400, param=param, code=code)
 
@@ -149,8 +160,11 @@ def stage_error(exc: BaseException, stage: str) -> OpenAIError:
                            type="server_overloaded", code="overloaded")
     if isinstance(exc, (serve_exc.DeploymentUnavailableError, ray_exc.RayActorError,
                         ray_exc.ActorUnavailableError)):
-        return OpenAIError(f"the {stage} stage is unavailable ({type(exc).__name__}); retry later",
-                           status=503, type="service_unavailable", code="stage_unavailable")
+        return StageUnavailable(stage, type(exc).__name__)
+    for e in _exception_chain(exc):
+        # the context's KV objects died with their owner (the thinker replica that put them)
+        if isinstance(e, ray_exc.ObjectLostError):
+            return StageUnavailable(stage, type(e).__name__, handoff_lost=True)
     logger.error("%s stage failed", stage, exc_info=exc)
     root = next(_exception_chain(exc), exc)   # the stage's own exception, not Ray's traceback
     return OpenAIError(f"the {stage} stage failed: {type(root).__name__}: {root}", status=500,

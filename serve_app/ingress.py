@@ -116,7 +116,7 @@ class LanceService:
                 items = None
                 try:
                     async with _deadline(timeout):
-                        handoff = await self.pipeline.prefill(req)
+                        handoff = await self.pipeline.prefill_with_retries(req)
                         items = self.pipeline.denoise(handoff)
                         first = await anext(items)
                 except BaseException:
