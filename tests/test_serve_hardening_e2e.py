@@ -1,7 +1,7 @@
 """End to end: API keys, request limits, overload, timeout and disconnect on the real `serve run` app.
 
 One deployment for the module: `serve run` of configs/lance_2stage.yaml with two API keys in the env
-`LANCE_SERVE_API_KEY` (as the k8s manifests pass them) and `request_timeout_s` lowered to 20 s (the
+`LANCE_SERVE_API_KEY` (as the k8s manifests pass them) and `request_timeout_s` lowered to 60 s (the
 only change to the shipped config, written to a temp file), on a fresh local Ray cluster whose temp
 dir is private to the module, so that the test can join that cluster as a driver and ask the stages
 themselves (`ThinkerStage.engine_stats`, `DiTStage.stats`) whether cancelled work was freed.
@@ -34,10 +34,13 @@ import yaml
 from test_serve_e2e import REPO_ROOT, SERVE_CONFIG, VENV_BIN, _config_port, _port_in_use, _stop
 
 KEYS = ("sk-lance-hardening-first", "sk-lance-hardening-second")
-REQUEST_TIMEOUT_S = 20
+REQUEST_TIMEOUT_S = 60
 STARTUP_TIMEOUT_S = 600
-# a t2i request the tiny CPU model needs far longer than REQUEST_TIMEOUT_S for
+# a t2i request the tiny CPU model needs far longer than REQUEST_TIMEOUT_S for (about 1.2 s per
+# 1024x1024 step on one core)
 SLOW_T2I = {"prompt": "a slow red cube", "size": "1024x1024", "num_inference_steps": 200}
+# one that takes some seconds, long enough to kill a replica under it
+MEDIUM_T2I = {"prompt": "a green sphere", "size": "512x512", "num_inference_steps": 30, "seed": 7}
 
 
 def auth(key=KEYS[0]) -> dict:
@@ -52,6 +55,7 @@ class Cluster:
         from ray import serve
 
         ray.init(address=address, log_to_driver=False)
+        self.serve = serve
         self.ray = ray
         self.thinker = serve.get_deployment_handle("ThinkerStage", app_name="lance")
         self.dit = serve.get_deployment_handle("DiTStage", app_name="lance")
@@ -73,6 +77,15 @@ class Cluster:
             if time.monotonic() > deadline:
                 pytest.fail(f"stages not idle after {timeout_s}s: thinker {t}, dit {d}")
             time.sleep(0.5)
+
+    def kill_replica(self, deployment: str) -> str:
+        """Kill one replica actor of a deployment, as a crash would (Serve starts a new one)."""
+        names = [a for a in self.ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("SERVE_REPLICA") and f"#{deployment}#" in a["name"]]
+        assert names, f"no {deployment} replica found"
+        actor = self.ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
+        self.ray.kill(actor, no_restart=True)
+        return names[0]["name"]
 
     def close(self):
         self.ray.shutdown()
@@ -364,3 +377,32 @@ def test_client_disconnect_aborts_the_thinker(base_url, cluster):
     assert max(running) >= 1
     t, _ = cluster.wait_idle(REQUEST_TIMEOUT_S - (time.monotonic() - start) - 2)
     assert t["aborted_requests"] > before
+
+
+# -- fault recovery -----------------------------------------------------------------------------------
+
+def test_dit_replica_killed_mid_request_loses_nothing(http, cluster):
+    """The ingress hands the same context to the restarted DiT: same image as an undisturbed run."""
+    cluster.wait_idle(120)
+    reference = http.post("/v1/images/generations", json=MEDIUM_T2I, headers=auth(),
+                          timeout=REQUEST_TIMEOUT_S + 30)
+    assert reference.status_code == 200, reference.text[:300]
+
+    def kill_when_busy():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            stats = cluster.dit_stats()
+            if stats["active"] >= 1:
+                time.sleep(0.5)
+                return cluster.kill_replica("DiTStage")
+            time.sleep(0.2)
+        return None
+
+    with ThreadPoolExecutor(1) as pool:
+        killed = pool.submit(kill_when_busy)
+        r = http.post("/v1/images/generations", json=MEDIUM_T2I, headers=auth(),
+                      timeout=REQUEST_TIMEOUT_S + 30)
+        assert killed.result() is not None, "the DiT never picked the request up"
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["data"][0]["b64_json"] == reference.json()["data"][0]["b64_json"]
+    cluster.wait_idle(60)
