@@ -278,7 +278,6 @@ def test_headers_over_the_limit_are_431(http):
 
 def test_flood_is_answered_with_503_and_retry_after_never_a_hang(base_url, cluster):
     cluster.wait_idle(120)
-    aborted_before = cluster.thinker_stats()["aborted_requests"]
     n = 40
 
     def one(_):
@@ -303,8 +302,7 @@ def test_flood_is_answered_with_503_and_retry_after_never_a_hang(base_url, clust
             assert r.json()["error"]["code"] == "timeout"
             assert took < REQUEST_TIMEOUT_S + 30, took
     # the timed-out requests' DiT jobs are dropped and nothing is left in either stage
-    t, _ = cluster.wait_idle(60)
-    assert t["aborted_requests"] >= aborted_before
+    cluster.wait_idle(60)
 
 
 def _watch_dit(cluster, stop: threading.Event, seen: list):
