@@ -129,8 +129,9 @@ def server(tmp_path_factory):
             except httpx.HTTPError:
                 pass
             time.sleep(2)
-        address = (ray_tmp / "ray" / "ray_current_cluster").read_text().strip()
-        cluster = Cluster(address)
+        # the GCS port of the one cluster in our private temp dir (it listens on every interface)
+        port_file = next((ray_tmp / "ray" / "session_latest").glob("gcs_server_port_*"))
+        cluster = Cluster(f"127.0.0.1:{port_file.read_text().strip()}")
         yield base_url, cluster, log_path
     finally:
         if cluster is not None:
