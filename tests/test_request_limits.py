@@ -4,10 +4,12 @@ JSON that is too deep or has absurd numbers, and short error bodies without path
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from serve_app.errors import stage_error
 from serve_app.http_limits import MAX_HEADER_BYTES, MAX_HEADERS
@@ -134,6 +136,18 @@ def test_bad_json_is_a_short_400(client, name, route):
     body = BAD_JSON[name]
     r = client.post(route, content=body if isinstance(body, bytes) else body.encode(),
                     headers={"content-type": "application/json"})
+    assert_error(r, 400)
+
+
+@pytest.mark.parametrize("field,value", [("cfg_interval", "[" * 100_000 + "]" * 100_000),
+                                         ("seed", "9" * 5000), ("n", "nan"),
+                                         ("extra_body", '{"a":' * 5000 + "1" + "}" * 5000)])
+def test_bad_form_fields_are_400(client, field, value):
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32)).save(buf, format="PNG")
+    png = buf.getvalue()
+    r = client.post("/v1/images/edits", files={"image": ("a.png", png, "image/png")},
+                    data={"prompt": "x", field: value})
     assert_error(r, 400)
 
 
