@@ -131,14 +131,19 @@ def server(tmp_path_factory):
             time.sleep(2)
         # the GCS port of the one cluster in our private temp dir (it listens on every interface)
         port_file = next((ray_tmp / "ray" / "session_latest").glob("gcs_server_port_*"))
-        # Ray's token auth: the cluster's token was written to the server's HOME
+        # Ray's token auth: the cluster's token was written to the server's HOME; this process
+        # sends it (what ray's own _enable_token_auth does for a cluster it starts)
         os.environ["RAY_AUTH_TOKEN_PATH"] = str(home / ".ray" / "auth_token")
+        os.environ["RAY_AUTH_MODE"] = "token"
+        from ray._raylet import Config
+        Config.initialize("")
         cluster = Cluster(f"127.0.0.1:{port_file.read_text().strip()}")
         yield base_url, cluster, log_path
     finally:
         if cluster is not None:
             cluster.close()
         os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+        os.environ.pop("RAY_AUTH_MODE", None)
         _stop(proc)
         deadline = time.monotonic() + 30
         while _port_in_use(port) and time.monotonic() < deadline:
