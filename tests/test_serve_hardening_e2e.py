@@ -114,7 +114,6 @@ def server(tmp_path_factory):
         proc = subprocess.Popen(["serve", "run", str(config_path)], cwd=REPO_ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
-    cluster = None
     try:
         while True:
             if proc.poll() is not None:
@@ -129,21 +128,8 @@ def server(tmp_path_factory):
             except httpx.HTTPError:
                 pass
             time.sleep(2)
-        # the GCS port of the one cluster in our private temp dir (it listens on every interface)
-        port_file = next((ray_tmp / "ray" / "session_latest").glob("gcs_server_port_*"))
-        # Ray's token auth: the cluster's token was written to the server's HOME; this process
-        # sends it (what ray's own _enable_token_auth does for a cluster it starts)
-        os.environ["RAY_AUTH_TOKEN_PATH"] = str(home / ".ray" / "auth_token")
-        os.environ["RAY_AUTH_MODE"] = "token"
-        from ray._raylet import Config
-        Config.initialize("")
-        cluster = Cluster(f"127.0.0.1:{port_file.read_text().strip()}")
-        yield base_url, cluster, log_path
+        yield base_url, home, ray_tmp, log_path
     finally:
-        if cluster is not None:
-            cluster.close()
-        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-        os.environ.pop("RAY_AUTH_MODE", None)
         _stop(proc)
         deadline = time.monotonic() + 30
         while _port_in_use(port) and time.monotonic() < deadline:
@@ -158,7 +144,23 @@ def base_url(server):
 
 @pytest.fixture(scope="module")
 def cluster(server):
-    return server[1]
+    """This process joined to the server's cluster as a driver (only the tests that ask for it)."""
+    _, home, ray_tmp, _ = server
+    # the GCS port of the one cluster in our private temp dir (it listens on every interface)
+    port_file = next((ray_tmp / "ray" / "session_latest").glob("gcs_server_port_*"))
+    # Ray's token auth: the cluster's token was written to the server's HOME; this process sends
+    # it (what ray's own _enable_token_auth does for a cluster it starts)
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(home / ".ray" / "auth_token")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    from ray._raylet import Config
+    Config.initialize("")
+    c = Cluster(f"127.0.0.1:{port_file.read_text().strip()}")
+    try:
+        yield c
+    finally:
+        c.close()
+        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+        os.environ.pop("RAY_AUTH_MODE", None)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +203,7 @@ def test_every_route_needs_a_key_but_health(http, server):
                 assert r.status_code != 401, (method, variant, r.text[:300])
     for path in ("/", "/v2/models", "/v1/models/../models", "/nothing-here"):
         assert_401(http.get(path))
-    log = server[2].read_text(errors="replace")
+    log = server[3].read_text(errors="replace")
     assert not any(k in log for k in KEYS)          # keys are never logged
     assert "!! NO API KEY" not in log
 
