@@ -71,7 +71,7 @@ class Cluster:
         deadline = time.monotonic() + timeout_s
         while True:
             t, d = self.thinker_stats(), self.dit_stats()
-            if (t["num_running"] == t["num_waiting"] == t["pending_exports"] == 0
+            if (t["num_running"] == t["num_waiting"] == len(t["pending_exports"]) == 0
                     and d["active"] == d["waiting"] == 0):
                 return t, d
             if time.monotonic() > deadline:
