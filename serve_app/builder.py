@@ -160,13 +160,15 @@ def build_app(args: dict) -> Application:
     stages = plan.graph.stages
     logger.info("lance-serve: stage graph %s (%s), model %s (from %s)", plan.graph.name,
                 plan.graph_path, plan.served.path, plan.served.source)
+    # a replica being replaced (redeploy, downscale) finishes what it runs: the longest request
+    drain = {"graceful_shutdown_timeout_s": plan.settings.request_timeout_s + 30}
     thinker = _stage_deployment(stages.thinker.deployment_class, "ThinkerStage",
-                                stages.thinker.deployment_options()).bind(**plan.thinker_init)
-    dit = _stage_deployment(stages.dit.deployment_class, "DiTStage", dit_deployment_options(stages.dit)).bind(
-        **plan.dit_init)
+                                stages.thinker.deployment_options() | drain).bind(**plan.thinker_init)
+    dit = _stage_deployment(stages.dit.deployment_class, "DiTStage",
+                            dit_deployment_options(stages.dit) | drain).bind(**plan.dit_init)
     # a full ingress queue is answered by Serve's proxy: 503 with Retry-After (the stages' 503s,
     # raised in the ingress, carry an OpenAI error body)
     ingress = serve.deployment(LanceIngress).options(
         name="LanceIngress", backpressure_config=BackpressureConfig(status_code=503, retry_after_s=1),
-        **stages.ingress.deployment_options())
+        **stages.ingress.deployment_options() | drain)
     return ingress.bind(thinker, dit, plan.settings)

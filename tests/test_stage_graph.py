@@ -217,3 +217,19 @@ def test_plan_for_gpu_graph_uses_the_graphs_model(monkeypatch):
     plan = plan_app({"stage_graph": "single_gpu", "served_model_name": "lance"}, num_gpus=1)
     assert plan.served.path == DEFAULT_HUB_MODEL and plan.settings.served_model_name == "lance"
     assert plan.thinker_init["engine_args"]["gpu_memory_utilization"] == 0.45
+
+
+def test_built_app_drains_requests_and_answers_overload():
+    """Every bound deployment waits out the longest request on shutdown (a redeploy loses none) and
+    has a bounded queue; the ingress's own overflow carries Retry-After."""
+    from ray.serve._private.build_app import build_app as build_serve_app
+
+    built = build_serve_app(build_app({"stage_graph": "single_gpu", "request_timeout_s": 120}),
+                            name="lance")
+    deployments = {d.name: d for d in built.deployments}
+    assert set(deployments) == {"LanceIngress", "ThinkerStage", "DiTStage"}
+    for d in deployments.values():
+        assert d._deployment_config.graceful_shutdown_timeout_s == 150
+        assert d.max_queued_requests > 0
+    bp = deployments["LanceIngress"].backpressure_config
+    assert (bp.status_code, bp.retry_after_s) == (503, 1)
