@@ -22,6 +22,16 @@ MAX_RETRIES = 2
 RETRY_BACKOFF_S = (0.5, 2.0)
 
 
+def _cancel(response) -> None:
+    """Cancel a handle call that may still run. Best effort and quiet: Serve's `cancel()` re-raises
+    a failed assignment's error (e.g. BackPressureError), which must not replace the error the
+    request is already answering with."""
+    try:
+        response.cancel()
+    except Exception:
+        pass
+
+
 def _not_connected() -> OpenAIError:
     return OpenAIError("the model stages are not connected to this ingress", status=503,
                        type="service_unavailable", code="stage_unavailable")
@@ -42,11 +52,12 @@ class StagePipeline:
             try:
                 handoff = await response
             except asyncio.CancelledError:
-                response.cancel()
+                _cancel(response)
                 raise
             except Exception as e:
                 raise stage_error(e, "thinker") from e
-        self.metrics.kv_bytes.inc(max(int(handoff.kv_bytes), 0))
+        if handoff.kv_bytes > 0:   # Ray counters refuse 0
+            self.metrics.kv_bytes.inc(int(handoff.kv_bytes))
         return handoff
 
     async def denoise(self, handoff: ContextHandoff) -> AsyncIterator[dict]:
@@ -67,7 +78,7 @@ class StagePipeline:
                 raise stage_error(e, "dit") from e
             finally:
                 if not finished:
-                    stream.cancel()
+                    _cancel(stream)
             if not finished:
                 raise OpenAIError("the DiT stage ended without an image", status=500,
                                   type="server_error", code="stage_error")
@@ -123,7 +134,7 @@ class StagePipeline:
                 raise stage_error(e, "thinker") from e
             finally:
                 if not done:
-                    stream.cancel()
+                    _cancel(stream)
 
     async def _first_text_item(self, req: TextRequest):
         """The thinker's stream and its first item; a dead replica before any output is retried
@@ -138,7 +149,7 @@ class StagePipeline:
                 raise OpenAIError("the thinker ended without any output", status=500,
                                   type="server_error", code="stage_error") from None
             except asyncio.CancelledError:
-                stream.cancel()
+                _cancel(stream)
                 raise
             except Exception as e:
                 error = stage_error(e, "thinker")
