@@ -45,6 +45,9 @@ def configure_render(parser: argparse.ArgumentParser) -> None:
                         help="PVC holding the Hugging Face cache ('' for an emptyDir per pod)")
     parser.add_argument("--hf-token-secret", default=d.hf_token_secret,
                         help="Secret with the hub token under key 'token' (optional at run time)")
+    parser.add_argument("--api-key-secret", default=d.api_key_secret,
+                        help="Secret with the API key(s) clients must send, under key 'key' "
+                             "(comma-separated for several); required at run time. '' : no API key")
     parser.add_argument("--initializing-timeout", default=d.initializing_timeout,
                         help="ray.io/initializing-timeout: how long the first start may take")
     parser.add_argument("--memory-per-gpu-gib", type=int, default=d.memory_per_gpu_gib,

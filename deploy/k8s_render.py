@@ -39,6 +39,11 @@ HF_CACHE_MOUNT = "/data/hf"
 DEFAULT_HF_CACHE_PVC = "lance-hf-cache"
 DEFAULT_HF_TOKEN_SECRET = "lance-hf-token"
 HF_TOKEN_SECRET_KEY = "token"
+# The API key clients must send (env LANCE_SERVE_API_KEY, read by the ingress replica). Not optional:
+# the manifests listen beyond loopback, so a pod without the Secret does not start (fail closed).
+DEFAULT_API_KEY_SECRET = "lance-api-key"
+API_KEY_SECRET_KEY = "key"
+API_KEY_ENV = "LANCE_SERVE_API_KEY"   # = serve_app.auth.API_KEY_ENV (no Serve import here)
 GPU_RESOURCE = "nvidia.com/gpu"
 # CPUs beyond the Ray CPUs of a pod: raylet, dashboard agent, object transfers (and on the head the
 # GCS and Serve controller), which Ray does not count but the container has to run.
@@ -63,6 +68,7 @@ class RenderOptions:
     serve_config: str = SERVE_CONFIG              # relative to repo_root
     hf_cache_pvc: str = DEFAULT_HF_CACHE_PVC      # "" : an emptyDir per pod (downloads every start)
     hf_token_secret: str = DEFAULT_HF_TOKEN_SECRET
+    api_key_secret: str = DEFAULT_API_KEY_SECRET   # "": no API key (anyone reaching the port serves)
     initializing_timeout: str = "2h"              # first start: download (~29 GB) + load + compile
     memory_per_gpu_gib: int = 64
     idle_timeout_s: int = 300                     # an idle autoscaled pod lives this long
@@ -84,7 +90,7 @@ class RenderOptions:
 # (flag, RenderOptions attribute) of the optional command-line flags, in command-line order.
 CLI_FLAGS = (("--name", "name"), ("--namespace", "namespace"), ("--model", "model"),
              ("--serve-config", "serve_config"), ("--hf-cache-pvc", "hf_cache_pvc"),
-             ("--hf-token-secret", "hf_token_secret"),
+             ("--hf-token-secret", "hf_token_secret"), ("--api-key-secret", "api_key_secret"),
              ("--initializing-timeout", "initializing_timeout"),
              ("--memory-per-gpu-gib", "memory_per_gpu_gib"), ("--idle-timeout-s", "idle_timeout_s"),
              ("--image-pull-policy", "image_pull_policy"))
@@ -309,10 +315,14 @@ def _ray_start_params(group: GroupPlan, is_head: bool) -> dict[str, str]:
 
 
 def _env(opts: RenderOptions) -> list[dict]:
-    return [{"name": "HF_HOME", "value": HF_CACHE_MOUNT},
-            # optional: Lance is public; a token lifts the hub's rate limits
-            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
-                "name": opts.hf_token_secret, "key": HF_TOKEN_SECRET_KEY, "optional": True}}}]
+    env = [{"name": "HF_HOME", "value": HF_CACHE_MOUNT},
+           # optional: Lance is public; a token lifts the hub's rate limits
+           {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {
+               "name": opts.hf_token_secret, "key": HF_TOKEN_SECRET_KEY, "optional": True}}}]
+    if opts.api_key_secret:
+        env.append({"name": API_KEY_ENV, "valueFrom": {"secretKeyRef": {
+            "name": opts.api_key_secret, "key": API_KEY_SECRET_KEY, "optional": False}}})
+    return env
 
 
 def _volumes(opts: RenderOptions) -> list[dict]:

@@ -139,7 +139,6 @@ async def load_image(img: InputImage, limits: RequestLimits):
             raise bad_request("image URLs are disabled on this server; send the image as a "
                               "data:image/...;base64 URL", param=img.param,
                               code="remote_images_disabled")
-        return await fetch_remote_image(url, img.param, limits.max_image_bytes,
-                                        limits.remote_image_timeout_s)
+        return await fetch_remote_image(url, img.param, limits)   # safe_fetch: allowlist, no SSRF
     raise bad_request("image_url.url must be a data: URL (or http(s) if the operator enabled it)",
                       param=img.param, code="invalid_image_url")

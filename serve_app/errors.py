@@ -6,6 +6,7 @@ deadline 504. A 500 is only ever a bug in our own code, and it still carries the
 from __future__ import annotations
 
 import logging
+import re
 import sys
 
 from fastapi import FastAPI, Request
@@ -16,11 +17,29 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 logger = logging.getLogger("ray.serve")
 
 
+MAX_MESSAGE_CHARS = 2000   # error bodies stay far below 32 kB whatever an exception says
+# absolute file paths (/a/b..., C:\\a\\b...) and traceback lines: never shown to a client
+_PATH = re.compile(r"(?<![\w.:/])(?:/[\w.@+~-]+){2,}/?|\b[A-Za-z]:\\[^\s'\"]+")
+_TRACEBACK = re.compile(r"Traceback \(most recent call last\):.*", re.DOTALL)
+
+
+def client_message(message: str, status: int) -> str:
+    """What a client may see of a message: short, and for server errors without paths or
+    tracebacks (the full text goes to the log)."""
+    message = str(message)
+    if status >= 500:
+        message = _PATH.sub("<path>", _TRACEBACK.sub("(traceback in the server log)", message))
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[:MAX_MESSAGE_CHARS - 16] + " ... (truncated)"
+    return message
+
+
 class OpenAIError(Exception):
     """An error that is returned to the client as an OpenAI error body."""
 
     def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
                  param: str | None = None, code: str | None = None):
+        message = client_message(message, status)
         super().__init__(message)
         self.message, self.status, self.type, self.param, self.code = message, status, type, param, code
 
@@ -31,6 +50,17 @@ class OpenAIError(Exception):
     def response(self) -> JSONResponse:
         headers = {"Retry-After": "1"} if self.status in (429, 503) else None
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+class StageUnavailable(OpenAIError):
+    """A stage replica died or is unreachable: the request may be retried (generation is a pure
+    function of the request and its seed). `handoff_lost`: the context hand-off is gone with the
+    thinker replica that owned it, so a retry starts from the prefill."""
+
+    def __init__(self, stage: str, reason: str, handoff_lost: bool = False):
+        super().__init__(f"the {stage} stage is unavailable ({reason}); retry later", status=503,
+                         type="service_unavailable", code="stage_unavailable")
+        self.stage, self.handoff_lost = stage, handoff_lost
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> OpenAIError:
@@ -130,8 +160,11 @@ def stage_error(exc: BaseException, stage: str) -> OpenAIError:
                            type="server_overloaded", code="overloaded")
     if isinstance(exc, (serve_exc.DeploymentUnavailableError, ray_exc.RayActorError,
                         ray_exc.ActorUnavailableError)):
-        return OpenAIError(f"the {stage} stage is unavailable ({type(exc).__name__}); retry later",
-                           status=503, type="service_unavailable", code="stage_unavailable")
+        return StageUnavailable(stage, type(exc).__name__)
+    for e in _exception_chain(exc):
+        # the context's KV objects died with their owner (the thinker replica that put them)
+        if isinstance(e, ray_exc.ObjectLostError):
+            return StageUnavailable(stage, type(e).__name__, handoff_lost=True)
     logger.error("%s stage failed", stage, exc_info=exc)
     root = next(_exception_chain(exc), exc)   # the stage's own exception, not Ray's traceback
     return OpenAIError(f"the {stage} stage failed: {type(root).__name__}: {root}", status=500,

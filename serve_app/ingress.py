@@ -37,6 +37,9 @@ from stages.lance.requests import (DEFAULT_T2I_SIZE, DenoiseParams, ImageRequest
                                    TextTask)
 
 from . import openai_protocol as oai
+from .auth import (PUBLIC_PATHS, APIKeyMiddleware, KeyChecker, protected_routes, resolve_api_keys,
+                   warn_if_open)
+from .http_limits import RequestLimitMiddleware
 from .errors import OpenAIError, bad_request, install_error_handlers, stage_error
 from .media import decode_image_bytes, image_base64, image_data_url
 from .metrics import StageMetrics
@@ -60,6 +63,7 @@ class IngressSettings:
     request_timeout_s: float = 600.0
     limits: RequestLimits = field(default_factory=RequestLimits)
     tasks: tuple[str, ...] = ROUTED_TASKS
+    api_keys: tuple[str, ...] = ()   # the app arg's; LANCE_SERVE_API_KEY is added on the replica
 
     @property
     def max_body_bytes(self) -> int:
@@ -130,10 +134,20 @@ class LanceService:
         timeout = self.settings.request_timeout_s
         if isinstance(req, ImageRequest):
             if parsed.stream:
-                async with _deadline(timeout):
-                    handoff = await self.pipeline.prefill(req)   # errors here are still 4xx
-                return self._sse(self._image_events(req, handoff, model, parsed.include_usage, lance),
-                                 headers)
+                # prefill and the DiT's first step before the headers: a 4xx, or a stage that is
+                # overloaded (503 + Retry-After), is still an HTTP status, not an event in a 200 stream
+                items = None
+                try:
+                    async with _deadline(timeout):
+                        handoff = await self.pipeline.prefill_with_retries(req)
+                        items = self.pipeline.denoise(handoff, req.encoding)
+                        first = await anext(items)
+                except BaseException:
+                    if items is not None:
+                        await items.aclose()   # stops the DiT job
+                    raise
+                return self._sse(self._image_events(req, handoff, model, parsed.include_usage, lance,
+                                                    items, first), headers)
             results = await self._generate_images(parsed.requests)
             choices = [oai.chat_choice(i, oai.image_content(image_data_url(image)), "stop")
                        for i, (image, _) in enumerate(results)]
@@ -186,11 +200,17 @@ class LanceService:
                                  headers={"Cache-Control": "no-cache", **headers})
 
     async def _image_events(self, req: ImageRequest, handoff, model: str, include_usage: bool,
-                            lance: dict):
+                            lance: dict, items, first: dict):
         rid = req.request_id
         yield oai.chat_chunk(rid, model, {"role": "assistant", "content": ""}, lance=lance)
-        async with aclosing(self.pipeline.denoise(handoff)) as items:
+
+        async def all_items():
+            yield first
             async for item in items:
+                yield item
+
+        async with aclosing(items), aclosing(all_items()) as chunks:
+            async for item in chunks:
                 if "image" in item:
                     yield oai.chat_chunk(rid, model, {"content": oai.image_content(
                         image_data_url(item))})
@@ -334,6 +354,10 @@ PLAYGROUND_HEADERS = {
                                "media-src 'self' data: blob:; object-src 'none'; base-uri 'none'; "
                                "frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff"}
+# Public under API keys: the page asks the user for the key itself, so loading it must not need one.
+# Exact paths only (an unknown /playground/... file still needs a key, like every other path).
+PLAYGROUND_PATHS = frozenset({"/", "/playground", "/playground/",
+                              *(f"/playground/{name}" for name in PLAYGROUND_FILES)})
 
 
 def add_playground_routes(app: FastAPI) -> None:
@@ -357,9 +381,16 @@ def add_playground_routes(app: FastAPI) -> None:
     app.get("/playground/{name}", include_in_schema=False)(asset)
 
 
-def build_fastapi_app(service: LanceService) -> FastAPI:
+def build_fastapi_app(service: LanceService, api_keys: list[str] | None = None) -> FastAPI:
+    """The app; with `api_keys`, every route but auth.PUBLIC_PATHS and the playground's files needs
+    one of them."""
     app = FastAPI(title="lance-serve", version="0.1.0")
     install_error_handlers(app)
+    # the last added runs first: count_requests (below) -> API keys -> request limits -> routes
+    app.add_middleware(RequestLimitMiddleware, max_body_bytes=service.settings.max_body_bytes)
+    if api_keys:
+        app.add_middleware(APIKeyMiddleware, checker=KeyChecker(api_keys),
+                           public_paths=PUBLIC_PATHS | PLAYGROUND_PATHS)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -374,7 +405,19 @@ def build_fastapi_app(service: LanceService) -> FastAPI:
     app.get("/v1/models")(service.models)
     app.get("/health")(service.health)
     add_playground_routes(app)
+    if api_keys:
+        logger.info("lance-serve: %d API key(s); routes needing one: %s", len(api_keys),
+                    ", ".join(protected_routes(app, PUBLIC_PATHS | PLAYGROUND_PATHS)))
     return app
+
+
+def _http_host() -> str | None:
+    """Where Serve's HTTP proxies listen (http_options.host), if the controller says."""
+    try:
+        from ray.serve.context import _get_global_client
+        return _get_global_client().http_config.host
+    except Exception:
+        return None
 
 
 @serve.ingress()
@@ -383,9 +426,11 @@ class LanceIngress:
 
     def __init__(self, thinker, dit, settings: IngressSettings):
         self.service = LanceService(settings, thinker=thinker, dit=dit)
+        self.api_keys = resolve_api_keys(settings.api_keys)   # the replica's env: LANCE_SERVE_API_KEY
+        warn_if_open(self.api_keys, _http_host())
         if settings.tiny_random_weights:
             logger.warning("SERVING THE TINY RANDOM-WEIGHTS CHECKPOINT %s: IMAGES WILL BE NOISE",
                            settings.model_path)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return build_fastapi_app(self.service)
+        return build_fastapi_app(self.service, self.api_keys)

@@ -45,6 +45,7 @@ class RequestLimits:
     max_image_bytes: int = 20 * 2**20
     allow_remote_images: bool = False
     remote_image_timeout_s: float = 10.0
+    remote_image_hosts: tuple[str, ...] = ()   # allowlist (safe_fetch.py); empty: nothing fetched
 
 
 class GenerationKnobs(StrictModel):

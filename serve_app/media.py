@@ -60,27 +60,21 @@ def decode_data_url(url: str, param: str, max_bytes: int) -> Image.Image:
     return decode_image_bytes(raw, param)
 
 
-async def fetch_remote_image(url: str, param: str, max_bytes: int, timeout_s: float) -> Image.Image:
-    """Download an http(s) image (only when the operator enabled remote images)."""
-    import httpx
+async def fetch_remote_image(url: str, param: str, limits, fetcher=None) -> Image.Image:
+    """Download an http(s) image through the SSRF-safe fetcher (only when the operator enabled
+    remote images; `limits.remote_image_hosts` lists where they may come from)."""
+    from .safe_fetch import FetchFailed, FetchRefused, SafeFetcher
 
+    if fetcher is None:
+        fetcher = SafeFetcher(allowed_hosts=limits.remote_image_hosts,
+                              max_bytes=limits.max_image_bytes,
+                              timeout_s=limits.remote_image_timeout_s)
     try:
-        async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=True) as client:
-            async with client.stream("GET", url) as resp:
-                if resp.status_code != 200:
-                    raise bad_request(f"fetching the image returned HTTP {resp.status_code}",
-                                      param=param, code="image_fetch_failed")
-                chunks, size = [], 0
-                async for chunk in resp.aiter_bytes():
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise bad_request(f"the image at the URL is larger than {max_bytes} bytes",
-                                          param=param, code="image_too_large")
-                    chunks.append(chunk)
-    except httpx.HTTPError as e:
-        raise bad_request(f"the image URL could not be fetched ({type(e).__name__})", param=param,
-                          code="image_fetch_failed")
-    return decode_image_bytes(b"".join(chunks), param)
+        data = await fetcher.fetch(url)
+    except (FetchRefused, FetchFailed) as e:
+        raise bad_request(f"the image URL was not fetched: {e.reason}", param=param,
+                          code=e.code) from None
+    return decode_image_bytes(data, param)
 
 
 def image_base64(data: bytes) -> str:

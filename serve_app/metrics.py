@@ -34,6 +34,10 @@ class StageMetrics:
         self.requests = metrics.Counter(
             "lance_requests", description="Finished HTTP requests by route and status code.",
             tag_keys=("route", "status"))
+        self.retries = metrics.Counter(
+            "lance_stage_retries",
+            description="Stage calls run again because a stage replica died or was unreachable.",
+            tag_keys=("stage",))
         self._counts = {"thinker": 0, "dit": 0}
 
     @contextmanager

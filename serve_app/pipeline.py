@@ -3,16 +3,33 @@ thinker.generate_text. Stage exceptions become OpenAI errors here (errors.stage_
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional
 
 from stages.lance.handoff import ContextHandoff
 from stages.lance.requests import ImageEncoding, ImageRequest, TextRequest
 
-from .errors import OpenAIError, stage_error
+from .errors import OpenAIError, StageUnavailable, client_message, stage_error
 from .metrics import StageMetrics
 
+logger = logging.getLogger("ray.serve")
 HEALTH_TIMEOUT_S = 10.0
+# A request whose stage replica died is run again (bounded; never for a 4xx): the DiT gets the same
+# hand-off again (its KV objects live on in the object store while the thinker replica does), a
+# dead thinker means a fresh prefill. Serve restarts the replica; a retry waits for it in the queue.
+MAX_RETRIES = 2
+RETRY_BACKOFF_S = (0.5, 2.0)
+
+
+def _cancel(response) -> None:
+    """Cancel a handle call that may still run. Best effort and quiet: Serve's `cancel()` re-raises
+    a failed assignment's error (e.g. BackPressureError), which must not replace the error the
+    request is already answering with."""
+    try:
+        response.cancel()
+    except Exception:
+        pass
 
 
 def _not_connected() -> OpenAIError:
@@ -35,11 +52,12 @@ class StagePipeline:
             try:
                 handoff = await response
             except asyncio.CancelledError:
-                response.cancel()
+                _cancel(response)
                 raise
             except Exception as e:
                 raise stage_error(e, "thinker") from e
-        self.metrics.kv_bytes.inc(max(int(handoff.kv_bytes), 0))
+        if handoff.kv_bytes > 0:   # Ray counters refuse 0
+            self.metrics.kv_bytes.inc(int(handoff.kv_bytes))
         return handoff
 
     async def denoise(self, handoff: ContextHandoff, encoding: ImageEncoding | None = None) -> AsyncIterator[dict]:
@@ -60,42 +78,85 @@ class StagePipeline:
                 raise stage_error(e, "dit") from e
             finally:
                 if not finished:
-                    stream.cancel()
+                    _cancel(stream)
             if not finished:
                 raise OpenAIError("the DiT stage ended without an image", status=500,
                                   type="server_error", code="stage_error")
 
+    async def _retry_wait(self, failures: int, error: StageUnavailable) -> None:
+        """Raise `error` once the retries are used up; else count the retry and back off."""
+        if failures > MAX_RETRIES:
+            raise error
+        self.metrics.retries.inc(tags={"stage": error.stage})
+        logger.warning("retrying a request (%d/%d): %s", failures, MAX_RETRIES, error.message)
+        await asyncio.sleep(RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S)) - 1])
+
+    async def prefill_with_retries(self, req: ImageRequest) -> ContextHandoff:
+        failures = 0
+        while True:
+            try:
+                return await self.prefill(req)
+            except StageUnavailable as e:
+                failures += 1
+                await self._retry_wait(failures, e)
+
     async def generate_image(self, req: ImageRequest) -> tuple[dict, ContextHandoff]:
-        handoff = await self.prefill(req)
-        async with aclosing(self.denoise(handoff, req.encoding)) as items:
-            async for item in items:
-                if "image" in item:
-                    return item, handoff
-        raise AssertionError("unreachable: denoise() raises when no image arrives")
+        handoff, failures = None, 0
+        while True:
+            try:
+                if handoff is None:
+                    handoff = await self.prefill(req)
+                async with aclosing(self.denoise(handoff, req.encoding)) as items:
+                    async for item in items:
+                        if "image" in item:
+                            return item, handoff
+                raise AssertionError("unreachable: denoise() raises when no image arrives")
+            except StageUnavailable as e:
+                failures += 1
+                if e.stage == "thinker" or e.handoff_lost:
+                    handoff = None   # start again from the prefill
+                await self._retry_wait(failures, e)
 
     async def generate_text(self, req: TextRequest) -> AsyncIterator[dict]:
         """Token deltas {"text", "token_ids", "finish_reason", "prompt_tokens", ...}."""
         if self.thinker is None:
             raise _not_connected()
         with self.metrics.stage_call("thinker"):
-            stream = self.thinker.options(stream=True).generate_text.remote(req)
+            stream, first = await self._first_text_item(req)
             done = False
             try:
-                with self.metrics.timed(self.metrics.prefill_latency, req.task):
-                    first = await stream.__anext__()
                 yield first
                 done = first.get("finish_reason") is not None
                 async for item in stream:
                     yield item
                     done = item.get("finish_reason") is not None
-            except StopAsyncIteration:
-                raise OpenAIError("the thinker ended without any output", status=500,
-                                  type="server_error", code="stage_error") from None
             except Exception as e:
                 raise stage_error(e, "thinker") from e
             finally:
                 if not done:
-                    stream.cancel()
+                    _cancel(stream)
+
+    async def _first_text_item(self, req: TextRequest):
+        """The thinker's stream and its first item; a dead replica before any output is retried
+        (nothing has reached the client yet)."""
+        failures = 0
+        while True:
+            stream = self.thinker.options(stream=True).generate_text.remote(req)
+            try:
+                with self.metrics.timed(self.metrics.prefill_latency, req.task):
+                    return stream, await stream.__anext__()
+            except StopAsyncIteration:
+                raise OpenAIError("the thinker ended without any output", status=500,
+                                  type="server_error", code="stage_error") from None
+            except asyncio.CancelledError:
+                _cancel(stream)
+                raise
+            except Exception as e:
+                error = stage_error(e, "thinker")
+                if not isinstance(error, StageUnavailable):
+                    raise error from e
+            failures += 1
+            await self._retry_wait(failures, error)
 
     async def check_health(self) -> dict[str, str]:
         """{"thinker": "ok" | reason, "dit": ...}; both stages are asked concurrently."""
@@ -111,7 +172,7 @@ class StagePipeline:
                 return name, f"{type(e).__name__}: {e}"
 
         results = await asyncio.gather(one("thinker", self.thinker), one("dit", self.dit))
-        return dict(results)
+        return {name: client_message(state, 503) for name, state in results}
 
     async def dit_jobs(self) -> int | None:
         """The denoising jobs held by the DiT replica that answers; None if it does not answer."""

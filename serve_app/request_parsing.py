@@ -321,7 +321,7 @@ def form_fields(items: list[tuple[str, str]]) -> dict:
         if value.startswith("["):
             try:
                 value = json.loads(value)
-            except ValueError:
+            except (ValueError, RecursionError):   # too deep is as undecodable as malformed
                 pass
         m = re.fullmatch(r"([^\[\]]+)\[([^\[\]]*)\]", key)
         name, kind = (key, None) if m is None else (m.group(1), list if m.group(2) == "" else dict)

@@ -205,6 +205,17 @@ def test_head_takes_no_gpu_work(name):
 
 
 @pytest.mark.parametrize("name", SHIPPED_MANIFESTS)
+def test_every_pod_takes_the_api_key_from_a_secret_that_must_exist(name):
+    _, manifest = committed(name)
+    for group in groups(manifest).values():
+        env = {e["name"]: e for e in group["template"]["spec"]["containers"][0]["env"]}
+        # no pod serves without the Secret: an absent key would leave the API open
+        assert env[k8s_render.API_KEY_ENV]["valueFrom"]["secretKeyRef"] == {
+            "name": k8s_render.DEFAULT_API_KEY_SECRET, "key": k8s_render.API_KEY_SECRET_KEY,
+            "optional": False}
+
+
+@pytest.mark.parametrize("name", SHIPPED_MANIFESTS)
 def test_ray_autoscaler_reads_the_groups_as_rendered(name):
     from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 
@@ -285,7 +296,7 @@ BROKEN = {
         lambda m: _worker(m, "dit")["rayStartParams"].update(resources='{"lance_dit": 1}'),
         ["workerGroupSpecs[1] (dit): Ray's autoscaler cannot read this group's resources"]),
     "duplicate env var": (lambda m: _container(m, "dit")["env"].append({"name": "HF_HOME", "value": "/tmp"}),
-                          ["env: items [0] and [2] have the same name='HF_HOME'"]),
+                          ["env: items [0] and [3] have the same name='HF_HOME'"]),
     "different images": (lambda m: _container(m, "dit").update(image="other:1"),
                          ["the Ray containers use different images"]),
     "wrong kind": (lambda m: m.update(kind="RayCluster"), ["kind: 'RayService' was expected"]),

@@ -162,6 +162,7 @@ def test_readme_serve_command_serves_the_tiny_checkpoint(server, http, model_inf
     assert model_info["lance"]["tiny_random_weights"] is True
     assert model_info["lance"]["stage_graph"] == "cpu"
     assert "TINY RANDOM-WEIGHTS" in server.log()
+    assert "!! NO API KEY" in server.log()   # it listens on 0.0.0.0 without a key: said loudly
     health = http.get("/health")
     assert health.status_code == 200 and health.json() == {
         "status": "ok", "stages": {"thinker": "ok", "dit": "ok"}, "dit_jobs": 0}

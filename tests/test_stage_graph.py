@@ -41,6 +41,20 @@ def test_shipped_graph_validates_and_ray_accepts_its_options(path):
         serve.deployment(type("Probe", (), {})).options(**stage.deployment_options())
 
 
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_graphs_bound_every_queue(path):
+    """Overload is answered (503 + Retry-After), never queued without end; the ingress holds at least
+    what the stages can (ongoing + queued), so the stages' 503s (OpenAI error body) come first."""
+    s = load_stage_graph(path).stages
+    for stage in (s.ingress, s.thinker, s.dit):
+        assert stage.max_queued_requests > 0
+    max_dit = s.dit.autoscaling.max_replicas if s.dit.autoscaling else (s.dit.num_replicas or 1)
+    max_thinker = s.thinker.autoscaling.max_replicas if s.thinker.autoscaling else (s.thinker.num_replicas or 1)
+    held = (max_thinker * s.thinker.max_ongoing_requests + s.thinker.max_queued_requests
+            + max_dit * s.dit.max_ongoing_requests + s.dit.max_queued_requests)
+    assert s.ingress.max_ongoing_requests >= held
+
+
 def test_shipped_graphs_place_stages_as_their_names_say():
     cpu, single, multi = (load_stage_graph(SHIPPED_GRAPHS_DIR / f"{n}.yaml")
                           for n in ("cpu", "single_gpu", "multi_gpu"))
@@ -251,3 +265,19 @@ def test_plan_for_gpu_graph_uses_the_graphs_model(monkeypatch):
     plan = plan_app({"stage_graph": "single_gpu", "served_model_name": "lance"}, num_gpus=1)
     assert plan.served.path == HUB_REPO_ID and plan.settings.served_model_name == "lance"
     assert plan.thinker_init["engine_args"]["gpu_memory_utilization"] == 0.45
+
+
+def test_built_app_drains_requests_and_answers_overload():
+    """Every bound deployment waits out the longest request on shutdown (a redeploy loses none) and
+    has a bounded queue; the ingress's own overflow carries Retry-After."""
+    from ray.serve._private.build_app import build_app as build_serve_app
+
+    built = build_serve_app(build_app({"stage_graph": "single_gpu", "request_timeout_s": 120}),
+                            name="lance")
+    deployments = {d.name: d for d in built.deployments}
+    assert set(deployments) == {"LanceIngress", "ThinkerStage", "DiTStage"}
+    for d in deployments.values():
+        assert d._deployment_config.graceful_shutdown_timeout_s == 150
+        assert d.max_queued_requests > 0
+    bp = deployments["LanceIngress"].backpressure_config
+    assert (bp.status_code, bp.retry_after_s) == (503, 1)
