@@ -29,7 +29,7 @@ from typing import Any, Iterable, Optional, Union, get_args
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from serve_app.app_config import DEPLOYMENT_NAMES, parse_app_args
+from serve_app.app_config import deployment_name, parse_app_args
 from serve_app.stage_graph import REPO_ROOT, StageGraphError, load_stage_graph, resolve_stage_graph_path
 from serve_app.strict_model import error_lines, suggest
 
@@ -300,7 +300,7 @@ def serve_problems(serve_config_text: str, repo_root: Path = REPO_ROOT
     except StageGraphError as e:
         return problems + [f"{where}: args.stage_graph: {e}"], []
 
-    options = {DEPLOYMENT_NAMES[s]: o for s, o in graph.deployment_options().items()}
+    options = {deployment_name(s): o for s, o in graph.deployment_options().items()}
     for override in app.get("deployments") or []:
         name = override.get("name")
         if name not in options:

@@ -26,7 +26,7 @@ from typing import Optional
 
 import yaml
 
-from serve_app.app_config import BUILDER_IMPORT_PATH, DEPLOYMENT_NAMES
+from serve_app.app_config import BUILDER_IMPORT_PATH, deployment_name
 from serve_app.stage_graph import REPO_ROOT, StageGraph, load_stage_graph, resolve_stage_graph_path
 
 SERVE_CONFIG = "configs/lance_2stage.yaml"      # relative to the repository root
@@ -104,6 +104,12 @@ class ReplicaRange:
     min: int
     initial: int
     max: int
+
+
+def _k8s_suffix(key: str) -> str:
+    """A stage key's suffix in Kubernetes names: "" for the first variant, "-lance-3b-video" after."""
+    _, _, variant = key.partition("@")
+    return "-" + variant.lower().replace("_", "-") if variant else ""
 
 
 def replica_range(options: dict) -> ReplicaRange:
@@ -196,22 +202,35 @@ def plan_cluster(stage_opts: dict[str, dict]) -> ClusterPlan:
                           "which takes no GPU work: set stages.ingress.resources.num_gpus to 0")
     head = _group("head", {"ingress": (options["ingress"], ranges["ingress"].max)}, ReplicaRange(1, 1, 1))
 
-    t, d = ranges["thinker"], ranges["dit"]
-    if gpus["thinker"] + gpus["dit"] <= 1:
-        # One replica of each shares a pod (and its one GPU, if any), as on a single machine.
-        pods = ReplicaRange(max(t.min, d.min), max(t.initial, d.initial), max(t.max, d.max))
-        group = _group(COLOCATED_GROUP, {s: (options[s], 1) for s in ("thinker", "dit")}, pods)
-        return ClusterPlan(head=head, workers=[group], options=options)
-
-    workers = []
-    for stage in ("thinker", "dit"):
-        options[stage] = pinned_options(options[stage], {PIN_RESOURCE[stage]: 1.0})
-        share, rng = gpus[stage], ranges[stage]
-        # fractional GPU shares: as many replicas as fit one GPU; whole GPUs: one replica per pod
-        per_pod = math.floor(1 / share + 1e-9) if 0 < share < 1 else 1
-        pods = ReplicaRange(*(math.ceil(n / per_pod) for n in (rng.min, rng.initial, rng.max)))
-        workers.append(_group(stage, {stage: (options[stage], per_pod)}, pods))
-    return ClusterPlan(head=head, workers=workers, options=options, pinned=("thinker", "dit"))
+    # one (thinker, DiT) pair per checkpoint variant; with several, every pair is pinned to its own
+    # groups so that two variants' replicas never share a pod (or a GPU) sized for one pair
+    pairs = [(k, "dit" + k[len("thinker"):]) for k in options if k.partition("@")[0] == "thinker"]
+    several = len(pairs) > 1
+    workers, pinned = [], []
+    for thinker_key, dit_key in pairs:
+        suffix = _k8s_suffix(thinker_key)
+        t, d = ranges[thinker_key], ranges[dit_key]
+        if gpus[thinker_key] + gpus[dit_key] <= 1:
+            # One replica of each shares a pod (and its one GPU, if any), as on a single machine.
+            name = COLOCATED_GROUP + suffix
+            if several:
+                for key in (thinker_key, dit_key):
+                    options[key] = pinned_options(options[key], {f"lance_pair{suffix}": 1.0})
+                pinned += [thinker_key, dit_key]
+            pods = ReplicaRange(max(t.min, d.min), max(t.initial, d.initial), max(t.max, d.max))
+            workers.append(_group(name, {s: (options[s], 1) for s in (thinker_key, dit_key)}, pods))
+            continue
+        for key in (thinker_key, dit_key):
+            stage = key.partition("@")[0]
+            pin = PIN_RESOURCE[stage] + suffix.replace("-", "_")
+            options[key] = pinned_options(options[key], {pin: 1.0})
+            share, rng = gpus[key], ranges[key]
+            # fractional GPU shares: as many replicas as fit one GPU; whole GPUs: one replica per pod
+            per_pod = math.floor(1 / share + 1e-9) if 0 < share < 1 else 1
+            pods = ReplicaRange(*(math.ceil(n / per_pod) for n in (rng.min, rng.initial, rng.max)))
+            workers.append(_group(stage + suffix, {key: (options[key], per_pod)}, pods))
+            pinned.append(key)
+    return ClusterPlan(head=head, workers=workers, options=options, pinned=tuple(pinned))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -267,7 +286,7 @@ def render_serve_config(opts: RenderOptions, graph_file: Path, plan: ClusterPlan
     if plan.pinned:
         # Serve replaces a deployment's ray_actor_options (and bundles) with the config's: repeat
         # the graph's and add the pin, so the stages land on their worker groups.
-        app["deployments"] = [{"name": DEPLOYMENT_NAMES[stage],
+        app["deployments"] = [{"name": deployment_name(stage),
                                **{k: plan.options[stage][k] for k in PLACEMENT_OPTIONS
                                   if k in plan.options[stage]}}
                               for stage in plan.pinned]

@@ -18,6 +18,19 @@ BUILDER_IMPORT_PATH = "serve_app.builder:build_app"
 DEPLOYMENT_NAMES = {"ingress": "LanceIngress", "thinker": "ThinkerStage", "dit": "DiTStage"}
 
 
+def stage_key(stage: str, variant_index: int, variant: str) -> str:
+    """A stage's key in a graph serving several variants: "thinker" / "dit" for its first variant,
+    "thinker@<variant>" / "dit@<variant>" for the others (StageGraph.deployment_options uses them)."""
+    return stage if variant_index == 0 else f"{stage}@{variant}"
+
+
+def deployment_name(key: str) -> str:
+    """The Serve deployment build_app gives a stage key: the first variant's stages keep the plain
+    names, another variant's get its name appended (ThinkerStage_Lance_3B_Video)."""
+    stage, _, variant = key.partition("@")
+    return DEPLOYMENT_NAMES[stage] + (f"_{variant}" if variant else "")
+
+
 class AppArgs(StrictModel):
     """`args` of the application (documented in serve_app/builder.py)."""
 
@@ -27,6 +40,10 @@ class AppArgs(StrictModel):
     allow_remote_images: bool = False
     request_timeout_s: PositiveFloat = 600.0
     max_image_bytes: PositiveInt = 20 * 2**20
+    max_video_bytes: PositiveInt = 64 * 2**20       # an uploaded video (video_edit / x2t_video)
+    video_store_max_jobs: PositiveInt = 64          # /v1/videos jobs kept (queued, running, finished)
+    video_store_max_bytes: PositiveInt = 2 * 2**30  # bytes of finished MP4s the /v1/videos store holds
+    video_ttl_s: PositiveFloat = 3600.0             # a finished /v1/videos job is deleted after this
     api_keys: list[str] = []
     remote_image_hosts: list[str] = []
     remote_image_timeout_s: PositiveFloat = 10.0

@@ -1,10 +1,12 @@
-"""What Lance reads from a chat completion's messages: system prompts, turns, input images.
+"""What Lance reads from a chat completion's messages: system prompts, turns, input images and videos.
 
 Prompts are plain text, or text that clients wrapped in `<|im_start|>` markers (the BAGEL client's
-`<|im_start|>cat<|im_end|>`, or a whole rendered Lance template); images come as image_url parts.
+`<|im_start|>cat<|im_end|>`, or a whole rendered Lance template); images come as image_url parts,
+videos as video_url parts (vLLM's shape).
 """
 from __future__ import annotations
 
+import asyncio
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -13,8 +15,8 @@ from stages.lance.requests import ChatTurn
 
 from .errors import bad_request
 from .knobs import RequestLimits
-from .media import decode_data_url, fetch_remote_image
-from .openai_protocol import ChatMessage, ImagePart, TextPart
+from .media import data_url_bytes, decode_data_url, decode_video_bytes, fetch_remote_bytes, fetch_remote_image
+from .openai_protocol import ChatMessage, ImagePart, TextPart, VideoPart
 
 _TURN = re.compile(r"<\|im_start\|>(?:(system|user|assistant)\n)?(.*?)(?:<\|im_end\|>|\Z)", re.S)
 _VISUAL = re.compile(r"<\|vision_start\|>(?:<\|(?:video_pad|image_pad)\|>)*<\|vision_end\|>")
@@ -78,6 +80,7 @@ class Conversation:
     system_prompts: list[tuple[str, str]] = field(default_factory=list)   # (where, text)
     turns: list[ChatTurn] = field(default_factory=list)                   # user / assistant
     images: list[InputImage] = field(default_factory=list)
+    videos: list[InputImage] = field(default_factory=list)   # video_url parts (same fields)
     first_user_message: int = 0   # index in messages
 
     def user_text(self) -> str:
@@ -102,6 +105,11 @@ def _message_text(msg: ChatMessage, i: int, conv: Conversation) -> str:
                 raise bad_request("images are accepted in user messages only", param=param,
                                   code="invalid_image_position")
             conv.images.append(InputImage(part.image_url.url, param, i))
+        elif isinstance(part, VideoPart):
+            if msg.role != "user":
+                raise bad_request("videos are accepted in user messages only", param=param,
+                                  code="invalid_video_position")
+            conv.videos.append(InputImage(part.video_url.url, param, i))
         elif msg.role == "user":
             template_system, text = unwrap_prompt(part.text, param)
             if template_system is not None:
@@ -142,3 +150,20 @@ async def load_image(img: InputImage, limits: RequestLimits):
         return await fetch_remote_image(url, img.param, limits)   # safe_fetch: allowlist, no SSRF
     raise bad_request("image_url.url must be a data: URL (or http(s) if the operator enabled it)",
                       param=img.param, code="invalid_image_url")
+
+
+async def load_video(video: InputImage, limits: RequestLimits):
+    """A video_url part -> the `VideoClip` Lance sees; decoded in a worker thread."""
+    url = video.url.strip()
+    if url.startswith("data:"):
+        data = data_url_bytes(url, video.param, limits.max_video_bytes, "video")
+    elif url.startswith(("http://", "https://")):
+        if not limits.allow_remote_images:
+            raise bad_request("media URLs are disabled on this server; send the video as a "
+                              "data:video/mp4;base64 URL", param=video.param,
+                              code="remote_media_disabled")
+        data = await fetch_remote_bytes(url, video.param, limits, limits.max_video_bytes, "video")
+    else:
+        raise bad_request("video_url.url must be a data: URL (or http(s) if the operator enabled "
+                          "it)", param=video.param, code="invalid_video_url")
+    return await asyncio.to_thread(decode_video_bytes, data, video.param)

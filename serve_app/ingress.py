@@ -1,12 +1,21 @@
 """HTTP ingress: OpenAI-compatible routes over the thinker and DiT deployments (no model code).
 
-  POST /v1/chat/completions   t2i / image_edit / x2t_image / chat (request_parsing.py routes)
+  POST /v1/chat/completions   t2i / image_edit / x2t_image / chat, t2v / i2v / video_edit / x2t_video
+                              (request_parsing.py routes)
   POST /v1/images/generations OpenAI images API (JSON), b64_json
   POST /v1/images/edits       OpenAI images API (multipart: image + prompt), b64_json
+  POST /v1/videos             OpenAI Videos API: an async job (JSON or multipart; videos_api.py)
+  GET  /v1/videos[/{id}]      list (after, limit, order) / one job
+  GET  /v1/videos/{id}/content  the MP4 (variant=thumbnail: the first frame, WebP)
+  DELETE /v1/videos/{id}      cancels a running job in both stages, removes its content
+  POST /v1/videos/{id}/remix  video_edit of a finished video with a new prompt
   GET  /v1/models             the served model, its tasks, limits and defaults, and whether it is the
                               tiny random checkpoint
-  GET  /health                200 only when both stages answer check_health; the DiT's job count
+  GET  /health                200 only when every stage answers check_health; the DiT job count
   GET  /, /playground         the browser playground (serve_app/playground/), a client of the routes above
+
+A stage graph may serve Lance_3B and Lance_3B_Video, each with its own thinker and DiT (variants.py
+picks one per task). Video jobs live in a detached store actor (video_jobs.py), not in the replica.
 
 Streaming (`stream: true`) is SSE in OpenAI's chunk format ending with `data: [DONE]`: text deltas,
 or for images chunks with an empty delta and `lance_progress: {step, total}`, then one chunk whose
@@ -33,25 +42,35 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from stages.lance.requests import (DEFAULT_T2I_SIZE, DenoiseParams, ImageRequest, ImageTask, TextRequest,
-                                   TextTask)
+from stages.lance.requests import (DEFAULT_T2I_SIZE, I2V_DEFAULT_FRAMES, T2V_DEFAULT_FRAMES,
+                                   T2V_DEFAULT_SIZE, DenoiseParams, ImageRequest, ImageTask, TextRequest, VideoEncoding,
+                                   VideoRequest, VideoTask)
 
 from . import openai_protocol as oai
 from .auth import (PUBLIC_PATHS, APIKeyMiddleware, KeyChecker, protected_routes, resolve_api_keys,
                    warn_if_open)
 from .http_limits import RequestLimitMiddleware
 from .errors import OpenAIError, bad_request, install_error_handlers, stage_error
-from .media import decode_image_bytes, image_base64, image_data_url
+from .media import decode_image_bytes, decode_video_bytes, image_base64, image_data_url, video_data_url
 from .metrics import StageMetrics
 from .pipeline import StagePipeline
 from .knobs import RequestLimits
 from .request_parsing import form_fields, parse_chat_request, parse_edit_form, parse_generation_json
+from .variants import VIDEO_TASKS, variant_for_task
+from .video_jobs import VideoStoreLimits
 
 logger = logging.getLogger("ray.serve")
 
 # The tasks request_parsing routes (`/v1/models` lists them as lance.tasks; clients such as the
 # playground offer exactly these).
-ROUTED_TASKS = (*get_args(ImageTask), *get_args(TextTask))
+ROUTED_TASKS = (*get_args(ImageTask), "x2t_image", "chat")
+VIDEO_ROUTED_TASKS = (*get_args(VideoTask), "x2t_video")   # with Lance_3B_Video served
+
+
+def served_tasks(variants: tuple[str, ...]) -> tuple[str, ...]:
+    """Every variant does the image tasks; the video tasks need Lance_3B_Video (variants.py)."""
+    from .variants import VIDEO_VARIANT
+    return ROUTED_TASKS + (VIDEO_ROUTED_TASKS if VIDEO_VARIANT in variants else ())
 
 
 @dataclass(frozen=True)
@@ -62,13 +81,15 @@ class IngressSettings:
     stage_graph: str = ""
     request_timeout_s: float = 600.0
     limits: RequestLimits = field(default_factory=RequestLimits)
-    tasks: tuple[str, ...] = ROUTED_TASKS
+    variants: tuple[str, ...] = ("Lance_3B",)     # served checkpoint variants, in stage order
+    video_store: VideoStoreLimits = field(default_factory=VideoStoreLimits)
+    tasks: tuple[str, ...] | None = None          # None: those of the served variants
     api_keys: tuple[str, ...] = ()   # the app arg's; LANCE_SERVE_API_KEY is added on the replica
 
     @property
     def max_body_bytes(self) -> int:
-        # one base64 image (4/3 of its bytes) plus generous room for text
-        return self.limits.max_image_bytes * 4 // 3 + 4 * 2**20
+        # one base64 image or video (4/3 of its bytes) plus generous room for text
+        return max(self.limits.max_image_bytes, self.limits.max_video_bytes) * 4 // 3 + 4 * 2**20
 
 
 def _timeout_error(seconds: float) -> OpenAIError:
@@ -85,6 +106,31 @@ async def _deadline(seconds: float):
         raise _timeout_error(seconds) from None
 
 
+def _video_notes(lance: dict, video: dict) -> dict:
+    """The lance object of a finished video: also its frame count, frame rate and size."""
+    return dict(lance, num_frames=video.get("num_frames"), fps=video.get("fps"),
+                size=f"{video.get('width')}x{video.get('height')}")
+
+
+def _store_result(result: dict) -> dict:
+    """A VideoJobStore answer, or the OpenAI error it carries."""
+    if "http_status" in result:
+        err = result["error"]
+        raise OpenAIError(err["message"], status=result["http_status"], type=err.get("type") or
+                          "invalid_request_error", param=err.get("param"), code=err.get("code"))
+    return result
+
+
+def _validated_json(model_cls, raw: bytes):
+    from pydantic import ValidationError
+
+    from .errors import validation_error
+    try:
+        return model_cls.model_validate_json(raw, strict=True)
+    except ValidationError as e:
+        raise validation_error(e) from None
+
+
 def _lance_notes(task: str, ignored_params: list[str]) -> tuple[dict, dict]:
     """The response's `lance` object and headers: the routed task and the ignored parameters."""
     headers = {oai.IGNORED_PARAMS_HEADER: ", ".join(ignored_params)} if ignored_params else {}
@@ -94,10 +140,22 @@ def _lance_notes(task: str, ignored_params: list[str]) -> tuple[dict, dict]:
 class LanceService:
     """What the routes do; holds the stage pipeline and the settings."""
 
-    def __init__(self, settings: IngressSettings, thinker=None, dit=None):
+    def __init__(self, settings: IngressSettings, thinker=None, dit=None,
+                 other_variants: dict | None = None, video_store=None):
+        """`thinker`, `dit`: the first served variant's stages; `other_variants`: {variant: (thinker,
+        dit)} of the others; `video_store`: the VideoJobStore actor (None: /v1/videos is a 503)."""
         self.settings = settings
         self.metrics = StageMetrics()
         self.pipeline = StagePipeline(thinker, dit, self.metrics)
+        self.pipelines = {settings.variants[0]: self.pipeline}
+        for variant in settings.variants[1:]:
+            t, d = (other_variants or {}).get(variant, (None, None))   # None: not connected (503)
+            self.pipelines[variant] = StagePipeline(t, d, self.metrics)
+        self.video_store = video_store
+
+    def pipeline_for(self, task: str, param: str | None = "modalities") -> StagePipeline:
+        variant = variant_for_task(task, tuple(self.pipelines), self.settings.stage_graph, param)
+        return self.pipelines[variant]
 
     # -- helpers ------------------------------------------------------------------------------------
     def _check_model(self, model: str | None) -> None:
@@ -132,6 +190,9 @@ class LanceService:
         model, req = self.settings.served_model_name, parsed.request
         lance, headers = _lance_notes(parsed.task, parsed.ignored_params)
         timeout = self.settings.request_timeout_s
+        pipeline = self.pipeline_for(parsed.task)
+        if isinstance(req, VideoRequest):
+            return await self._chat_video(req, pipeline, parsed, model, lance, headers)
         if isinstance(req, ImageRequest):
             if parsed.stream:
                 # prefill and the DiT's first step before the headers: a 4xx, or a stage that is
@@ -139,8 +200,8 @@ class LanceService:
                 items = None
                 try:
                     async with _deadline(timeout):
-                        handoff = await self.pipeline.prefill_with_retries(req)
-                        items = self.pipeline.denoise(handoff, req.encoding)
+                        handoff = await pipeline.prefill_with_retries(req)
+                        items = pipeline.denoise(handoff, req.encoding)
                         first = await anext(items)
                 except BaseException:
                     if items is not None:
@@ -148,20 +209,20 @@ class LanceService:
                     raise
                 return self._sse(self._image_events(req, handoff, model, parsed.include_usage, lance,
                                                     items, first), headers)
-            results = await self._generate_images(parsed.requests)
+            results = await self._generate_images(parsed.requests, pipeline)
             choices = [oai.chat_choice(i, oai.image_content(image_data_url(image)), "stop")
                        for i, (image, _) in enumerate(results)]
             body = oai.chat_completion(req.request_id, model, choices,
                                        self._image_usage([h for _, h in results]), lance)
             return JSONResponse(body, headers=headers)
         if parsed.stream:
-            tokens = self.pipeline.generate_text(req)
+            tokens = pipeline.generate_text(req)
             async with _deadline(timeout):
                 first = await anext(tokens)   # context overflow surfaces here, as a 400
             return self._sse(self._text_events(req, tokens, first, model, parsed.include_usage,
                                                lance, parsed.return_token_ids), headers)
         text, token_ids, finish, last = [], [], "stop", {}
-        async with _deadline(timeout), aclosing(self.pipeline.generate_text(req)) as tokens:
+        async with _deadline(timeout), aclosing(pipeline.generate_text(req)) as tokens:
             async for item in tokens:
                 text.append(item.get("text", ""))
                 token_ids.extend(item.get("token_ids", ()))
@@ -172,6 +233,42 @@ class LanceService:
                                    oai.usage(last.get("prompt_tokens", 0),
                                              last.get("completion_tokens", 0)), lance)
         return JSONResponse(body, headers=headers)
+
+    async def _chat_video(self, req: VideoRequest, pipeline: StagePipeline, parsed, model: str,
+                          lance: dict, headers: dict):
+        timeout = self.settings.request_timeout_s
+        if parsed.stream:
+            async with _deadline(timeout):
+                handoff = await pipeline.prefill(req)   # errors here are still 4xx
+            return self._sse(self._video_events(req, handoff, model, parsed.include_usage, lance,
+                                                pipeline), headers)
+        async with _deadline(timeout):
+            video, handoff = await pipeline.generate_video(req)
+        url = await asyncio.to_thread(video_data_url, video)   # MBs of base64: off the event loop
+        choice = oai.chat_choice(0, oai.video_content(url), "stop")
+        body = oai.chat_completion(req.request_id, model, [choice],
+                                   self._image_usage([handoff]), _video_notes(lance, video))
+        return JSONResponse(body, headers=headers)
+
+    async def _video_events(self, req: VideoRequest, handoff, model: str, include_usage: bool,
+                            lance: dict, pipeline: StagePipeline):
+        """Progress chunks of every phase ({stage: denoise | decode | encode, step, total}), then
+        the video part; the video's frame count and fps ride in the last chunk's lance object."""
+        rid = req.request_id
+        yield oai.chat_chunk(rid, model, {"role": "assistant", "content": ""}, lance=lance)
+        async with aclosing(pipeline.denoise_video(handoff, req.encoding)) as items:
+            async for item in items:
+                if "video" in item:
+                    url = await asyncio.to_thread(video_data_url, item)
+                    yield oai.chat_chunk(rid, model, {"content": oai.video_content(url)},
+                                         lance=_video_notes(lance, item))
+                else:
+                    yield oai.chat_chunk(rid, model, {}, lance_progress={
+                        "stage": item.get("stage", "denoise"), "step": item.get("step"),
+                        "total": item.get("total")})
+        yield oai.chat_chunk(rid, model, {}, finish_reason="stop")
+        if include_usage:
+            yield oai.usage_chunk(rid, model, self._image_usage([handoff]))
 
     def _sse(self, events, headers: dict) -> StreamingResponse:
         # A client that goes away (the playground's Stop) makes Serve cancel this request: closing
@@ -288,9 +385,9 @@ class LanceService:
                               param="image", code="image_too_large")
         return decode_image_bytes(data, "image")
 
-    async def _generate_images(self, requests: list[ImageRequest]) -> list:
+    async def _generate_images(self, requests: list[ImageRequest], pipeline: StagePipeline) -> list:
         """(image, handoff) per request, generated concurrently; one failure fails them all."""
-        tasks = [asyncio.ensure_future(self.pipeline.generate_image(r)) for r in requests]
+        tasks = [asyncio.ensure_future(pipeline.generate_image(r)) for r in requests]
         try:
             async with _deadline(self.settings.request_timeout_s):
                 return await asyncio.gather(*tasks)
@@ -301,13 +398,139 @@ class LanceService:
 
     async def _run_images(self, parsed):
         self._check_model(parsed.model)
-        results = await self._generate_images(parsed.requests)
+        results = await self._generate_images(parsed.requests, self.pipeline_for(parsed.task, None))
         images = [img for img, _ in results]
         size = f"{images[0]['width']}x{images[0]['height']}"
         lance, headers = _lance_notes(parsed.task, parsed.ignored_params)
         body = oai.images_response([image_base64(img["image"]) for img in images], size,
-                                   self._image_usage([h for _, h in results]), lance, images[0]["format"])
+                                   self._image_usage([h for _, h in results]), lance,
+                                   images[0]["format"])
         return JSONResponse(body, headers=headers)
+
+    # -- /v1/videos ----------------------------------------------------------------------------------
+    def _store(self):
+        if self.video_store is None:
+            raise OpenAIError("the video job store is not available on this server", status=503,
+                              type="service_unavailable", code="video_store_unavailable")
+        return self.video_store
+
+    async def _call_store(self, method: str, *args) -> dict:
+        from .errors import stage_error
+        try:
+            result = await getattr(self._store(), method).remote(*args)
+        except OpenAIError:
+            raise
+        except Exception as e:
+            raise stage_error(e, "video store") from e
+        return _store_result(result)
+
+    async def videos_create(self, request: Request):
+        from .videos_api import VideoCreateRequest, parse_video_create, validated_create
+        limits = self.settings.limits
+        image = video = None
+        ctype = request.headers.get("content-type", "")
+        if ctype.startswith("multipart/form-data"):
+            declared = request.headers.get("content-length", "")
+            if declared.isdigit():
+                self._check_body_size(int(declared))
+            async with request.form(max_files=4, max_fields=200) as form:
+                texts, files = [], []
+                for key, value in form.multi_items():
+                    (texts if isinstance(value, str) else files).append((key, value))
+                image, video = await self._reference_upload(files)
+            fields = form_fields(texts)
+            req = validated_create(fields)
+            from_form = True
+        else:
+            req = _validated_json(VideoCreateRequest, await self._read_body(request))
+            from_form = False
+            if req.input_reference is not None:
+                image = await self._reference_json(req.input_reference)
+        self._check_model(req.model)
+        parsed = parse_video_create(req, image, video, limits, from_form=from_form,
+                                    reserved=("input_reference",))
+        return await self._submit_video(parsed, param="model")
+
+    async def _reference_upload(self, files):
+        unknown = [key for key, _ in files if key != "input_reference"]
+        if unknown:
+            raise bad_request(f"unexpected file field {unknown[0]!r}; send the reference as "
+                              "'input_reference'", param=unknown[0], code="unknown_parameter")
+        if not files:
+            return None, None
+        if len(files) > 1:
+            raise bad_request("send one input_reference", param="input_reference",
+                              code="too_many_images")
+        upload = files[0][1]
+        limits = self.settings.limits
+        is_video = (upload.content_type or "").startswith("video/")
+        cap = limits.max_video_bytes if is_video else limits.max_image_bytes
+        data = await upload.read(cap + 1)
+        if len(data) > cap:
+            raise bad_request(f"input_reference is larger than {cap} bytes", param="input_reference",
+                              code="image_too_large")
+        if is_video:   # a video reference: video_edit
+            return None, await asyncio.to_thread(decode_video_bytes, data, "input_reference")
+        return decode_image_bytes(data, "input_reference"), None
+
+    async def _reference_json(self, ref: dict):
+        from .chat_messages import InputImage, load_image
+        if "file_id" in ref:
+            raise bad_request("file ids are not served (no Files API): send input_reference as "
+                              "{\"image_url\": \"data:image/png;base64,...\"} or upload it as a file",
+                              param="input_reference.file_id", code="unsupported_parameter")
+        url = ref.get("image_url")
+        if not isinstance(url, str):
+            raise bad_request("input_reference must be {\"image_url\": \"data:image/...\"} in JSON, "
+                              "or a file in multipart/form-data", param="input_reference",
+                              code="invalid_value")
+        return await load_image(InputImage(url, "input_reference.image_url", 0),
+                                self.settings.limits)
+
+    async def _submit_video(self, parsed, param: str | None = None, remix_of: str | None = None):
+        from .variants import variant_for_task
+        variant = variant_for_task(parsed.task, tuple(self.pipelines), self.settings.stage_graph,
+                                   param)
+        lance = oai.lance_extension(parsed.task, parsed.ignored_params)
+        obj = await self._call_store("create", parsed.request, variant,
+                                     self.settings.served_model_name, parsed.size, parsed.seconds,
+                                     lance, remix_of)
+        headers = {oai.IGNORED_PARAMS_HEADER: ", ".join(parsed.ignored_params)} \
+            if parsed.ignored_params else {}
+        return JSONResponse(obj, headers=headers)
+
+    async def videos_get(self, video_id: str):
+        return await self._call_store("get", video_id)
+
+    async def videos_list(self, after: str | None = None, limit: int = 20, order: str = "desc"):
+        if not 1 <= limit <= 100:
+            raise bad_request(f"limit {limit} is outside [1, 100]", param="limit",
+                              code="invalid_value")
+        if order not in ("asc", "desc"):
+            raise bad_request(f"order {order!r} must be 'asc' or 'desc'", param="order",
+                              code="invalid_value")
+        return await self._call_store("list", after, limit, order)
+
+    async def videos_content(self, video_id: str, variant: str = "video"):
+        from fastapi.responses import Response
+        if variant not in ("video", "thumbnail"):
+            raise bad_request(f"variant {variant!r} is not served: use 'video' (the MP4) or "
+                              "'thumbnail' (the first frame)", param="variant",
+                              code="invalid_value")
+        result = await self._call_store("content", video_id, variant)
+        return Response(result["content"], media_type=result["media_type"])
+
+    async def videos_delete(self, video_id: str):
+        return await self._call_store("delete", video_id)
+
+    async def videos_remix(self, video_id: str, request: Request):
+        from .videos_api import VideoCreateRequest, parse_video_create
+        req = _validated_json(VideoCreateRequest, await self._read_body(request))
+        self._check_model(req.model)
+        source = await self._call_store("remix_source", video_id)
+        clip = await asyncio.to_thread(decode_video_bytes, source["content"], "video_id")
+        parsed = parse_video_create(req, None, clip, self.settings.limits, from_form=False)
+        return await self._submit_video(parsed, param="video_id", remix_of=video_id)
 
     # -- /v1/models, /health ------------------------------------------------------------------------
     async def models(self):
@@ -319,23 +542,38 @@ class LanceService:
             "lance": {"tiny_random_weights": s.tiny_random_weights, "stage_graph": s.stage_graph,
                       "max_image_side": limits.max_image_side,
                       "max_model_len": limits.max_new_tokens,
-                      "tasks": list(s.tasks),
+                      "tasks": list(s.tasks or served_tasks(s.variants)),
+                      "variants": list(s.variants),
                       "limits": {"min_image_side": limits.min_image_side,
                                  "size_multiple": limits.size_multiple,
                                  "max_inference_steps": limits.max_inference_steps,
                                  "max_images_per_request": limits.max_n,
-                                 "max_image_bytes": limits.max_image_bytes},
+                                 "max_image_bytes": limits.max_image_bytes,
+                                 "max_num_frames": limits.max_num_frames,
+                                 "max_video_bytes": limits.max_video_bytes},
                       "defaults": {"size": f"{DEFAULT_T2I_SIZE}x{DEFAULT_T2I_SIZE}",
                                    "num_inference_steps": denoise.num_inference_steps,
                                    "seed": denoise.seed, "cfg_text_scale": denoise.cfg_text_scale,
                                    "timestep_shift": denoise.timestep_shift,
                                    "cfg_interval": list(denoise.cfg_interval),
                                    "resolution": ImageRequest.resolution,
-                                   "max_tokens": text.max_tokens, "temperature": text.temperature}}}]}
+                                   "max_tokens": text.max_tokens, "temperature": text.temperature,
+                                   "video_size": f"{T2V_DEFAULT_SIZE[1]}x{T2V_DEFAULT_SIZE[0]}",
+                                   "num_frames": T2V_DEFAULT_FRAMES,
+                                   "i2v_num_frames": I2V_DEFAULT_FRAMES,
+                                   "fps": VideoEncoding.fps,
+                                   "video_resolution": VideoRequest.resolution}}}]}
 
     async def health(self):
-        stages, dit_jobs = await asyncio.gather(self.pipeline.check_health(),
-                                                self.pipeline.dit_jobs())
+        stages: dict[str, str] = {}
+        checks = await asyncio.gather(*(p.check_health() for p in self.pipelines.values()),
+                                      *(p.dit_jobs() for p in self.pipelines.values()))
+        n = len(self.pipelines)
+        for i, (variant, result) in enumerate(zip(self.pipelines, checks[:n])):
+            for name, state in result.items():
+                stages[name if i == 0 else f"{name}@{variant}"] = state   # k8s_render.stage_key
+        counts = [c for c in checks[n:] if c is not None]
+        dit_jobs = sum(counts) if counts else None
         if all(v == "ok" for v in stages.values()):
             return {"status": "ok", "stages": stages, "dit_jobs": dit_jobs}
         bad = ", ".join(f"{k}: {v}" for k, v in stages.items() if v != "ok")
@@ -402,6 +640,12 @@ def build_fastapi_app(service: LanceService, api_keys: list[str] | None = None) 
     app.post("/v1/chat/completions")(service.chat_completions)
     app.post("/v1/images/generations")(service.images_generations)
     app.post("/v1/images/edits")(service.images_edits)
+    app.post("/v1/videos")(service.videos_create)
+    app.get("/v1/videos")(service.videos_list)
+    app.get("/v1/videos/{video_id}")(service.videos_get)
+    app.get("/v1/videos/{video_id}/content")(service.videos_content)
+    app.delete("/v1/videos/{video_id}")(service.videos_delete)
+    app.post("/v1/videos/{video_id}/remix")(service.videos_remix)
     app.get("/v1/models")(service.models)
     app.get("/health")(service.health)
     add_playground_routes(app)
@@ -424,8 +668,14 @@ def _http_host() -> str | None:
 class LanceIngress:
     """Serve deployment owning the FastAPI app; the app is built on the replica (late-bound)."""
 
-    def __init__(self, thinker, dit, settings: IngressSettings):
-        self.service = LanceService(settings, thinker=thinker, dit=dit)
+    def __init__(self, thinker, dit, settings: IngressSettings, other_variants: dict | None = None):
+        from .video_jobs import get_video_store
+        app_name = serve.get_replica_context().app_name
+        store = get_video_store(app_name, settings.video_store)
+        stages = {settings.variants[0]: (thinker, dit), **(other_variants or {})}
+        store.attach.remote(stages)   # the handles its jobs run on (idempotent, every replica)
+        self.service = LanceService(settings, thinker=thinker, dit=dit,
+                                    other_variants=other_variants, video_store=store)
         self.api_keys = resolve_api_keys(settings.api_keys)   # the replica's env: LANCE_SERVE_API_KEY
         warn_if_open(self.api_keys, _http_host())
         if settings.tiny_random_weights:

@@ -10,7 +10,8 @@ is an error, never a silent pick; so are two names of one knob (`guidance_scale`
 Every knob's value is checked whatever the task; a valid knob that does not apply to the task the
 request is routed to (`KNOBS_BY_TASK`) is ignored and reported (`ignored_knobs`), never an error.
 Image sizes are multiples of 16 between 64 (a 4x4 latent grid; smaller is not a meaningful image) and
-the model's maximum, 1024 (max_latent_size 64 x VAE downsample 16).
+the model's maximum, 1024 (max_latent_size 64 x VAE downsample 16); videos use the same sides
+(default 848x480) and 4k+1 frames up to 121 (the 31 latent frames of the position table).
 """
 from __future__ import annotations
 
@@ -43,6 +44,10 @@ class RequestLimits:
     max_new_tokens: int = DEFAULT_MAX_MODEL_LEN   # the thinker's max_model_len
     max_n: int = 4                  # images per /v1/images request
     max_image_bytes: int = 20 * 2**20
+    max_video_bytes: int = 64 * 2**20   # an input video (data URL or upload)
+    max_num_frames: int = 121       # 4k+1 output frames; 31 latent frames of the position table
+    frame_stride: int = 4           # the VAE's temporal downsample: frame counts are 4k+1
+    max_fps: float = 120.0          # output frame rate (the frames are the same; only timing changes)
     allow_remote_images: bool = False
     remote_image_timeout_s: float = 10.0
     remote_image_hosts: tuple[str, ...] = ()   # allowlist (safe_fetch.py); empty: nothing fetched
@@ -71,10 +76,14 @@ class GenerationKnobs(StrictModel):
     cfg_renorm_min: Optional[float] = Field(None, ge=0, le=MAX_CFG_RENORM_MIN)
     cfg_img_scale: Optional[float] = None            # Lance's image CFG is off: only 1.0
     system_prompt: Optional[str] = None
-    resolution: Optional[Literal["image_768res", "image_512res", "image_256res"]] = None
+    resolution: Optional[Literal["image_768res", "image_512res", "image_256res",
+                                 "video_480p", "video_360p", "video_192p"]] = None
+    num_frames: Optional[int] = None                 # videos: 4k+1 output frames (checked by route)
+    fps: Optional[float] = Field(None, gt=0)         # videos: output frame rate (default 12)
+    lossless: Optional[bool] = None                  # videos: H.264 RGB qp 0 (exact frames, big)
     do_sample: Optional[bool] = None                 # vLLM-Omni x2t sampling switch
     text_temperature: Optional[float] = Field(None, ge=0, le=2)
-    modalities: Optional[list[str]] = None           # ["image"] or ["text"]; checked when routing
+    modalities: Optional[list[str]] = None    # ["image"], ["video"] or ["text"]; checked when routing
     n: Optional[int] = Field(None, ge=1)             # images per request (image output)
     num_outputs_per_prompt: Optional[int] = Field(None, ge=1)   # vLLM-Omni's name for n
 
@@ -100,8 +109,16 @@ _DENOISE = frozenset({"num_inference_steps", "cfg_text_scale", "guidance_scale",
                       "cfg_renorm_min", "cfg_img_scale"})
 _SAMPLING = frozenset({"do_sample", "text_temperature"})
 _EVERY_TASK = frozenset({"seed", "system_prompt", "modalities", "n", "num_outputs_per_prompt"})
+_VIDEO_OUT = frozenset({"fps", "lossless"})
 KNOBS_BY_TASK = {
     "t2i": _DENOISE | {"height", "width", "size", "negative_prompt"} | _EVERY_TASK,
+    "t2v": _DENOISE | _VIDEO_OUT | {"height", "width", "size", "negative_prompt", "num_frames"}
+    | _EVERY_TASK,
+    # i2v: the video takes the image's aspect ratio at the `resolution` bucket (as image_edit)
+    "i2v": _DENOISE | _VIDEO_OUT | {"resolution", "negative_prompt", "num_frames"} | _EVERY_TASK,
+    # video_edit: the output has the input's sampled frame count and bucketed size
+    "video_edit": _DENOISE | _VIDEO_OUT | {"resolution"} | _EVERY_TASK,
+    "x2t_video": _SAMPLING | {"resolution"} | _EVERY_TASK,
     # an edit's output takes the input's aspect ratio at the `resolution` bucket (upstream's, and
     # vLLM-Omni's, behaviour): size / height / width do not apply; nor does negative_prompt, which
     # replaces the caption of t2i's text-uncond branch (an edit's uncond branch keeps the image)
@@ -204,6 +221,41 @@ def target_size(k: GenerationKnobs, limits: RequestLimits) -> tuple[int | None, 
     _check_side(hw[0], "height", limits)
     _check_side(hw[1], "width", limits)
     return hw
+
+
+IMAGE_RESOLUTIONS = ("image_768res", "image_512res", "image_256res")
+VIDEO_RESOLUTIONS = ("video_480p", "video_360p", "video_192p")
+VIDEO_TASKS = ("t2v", "i2v", "video_edit", "x2t_video")
+
+
+def resolution_for(k: GenerationKnobs, task: str) -> Optional[str]:
+    """The bucket preset a task reads, checked against its family (image_* for images, video_* for
+    videos); None: the stage's default. A preset of the other family is a 400 naming the right ones."""
+    if k.resolution is None or "resolution" not in KNOBS_BY_TASK[task]:
+        return None
+    allowed = VIDEO_RESOLUTIONS if task in VIDEO_TASKS else IMAGE_RESOLUTIONS
+    if k.resolution not in allowed:
+        raise bad_request(f"resolution {k.resolution!r} is not a preset of {task}; use one of "
+                          f"{', '.join(allowed)}", param="resolution", code="invalid_value")
+    return k.resolution
+
+
+def check_num_frames(value: int, limits: "RequestLimits", param: str = "num_frames") -> int:
+    s, top = limits.frame_stride, limits.max_num_frames
+    if not 1 <= value <= top or (value - 1) % s:
+        raise bad_request(f"{param} {value} is not 4k+1 in [1, {top}]: send one of 1, 5, 9, ..., "
+                          f"{top} (frames = {s}*(latent frames - 1) + 1)", param=param,
+                          code="invalid_value")
+    return value
+
+
+def video_knobs(k: GenerationKnobs, limits: "RequestLimits") -> tuple[Optional[int], Optional[float]]:
+    """(num_frames, fps), checked whatever the task; None = the default."""
+    frames = None if k.num_frames is None else check_num_frames(k.num_frames, limits)
+    if k.fps is not None and k.fps > limits.max_fps:
+        raise bad_request(f"fps {k.fps} is outside (0, {limits.max_fps:g}]", param="fps",
+                          code="invalid_value")
+    return frames, k.fps
 
 
 def denoise_params(k: GenerationKnobs, limits: RequestLimits) -> DenoiseParams:

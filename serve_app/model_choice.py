@@ -49,16 +49,24 @@ def count_gpus() -> int:
         return 0
 
 
+TINY_VARIANTS = ("Lance_3B", "Lance_3B_Video")   # the tiny checkpoint serves every task
+
+
+def _has_variants(target: Path) -> bool:
+    return target.is_dir() and all((target / v).is_dir() for v in TINY_VARIANTS)
+
+
 def ensure_tiny_checkpoint(target: Path) -> Path:
-    """Create the tiny random checkpoint at `target` unless it is already there.
+    """Create the tiny random checkpoint (both variants) at `target` unless it is already there.
 
     Built in a temporary sibling directory and renamed into place, so concurrent builders never
-    see (or serve) a half-written checkpoint.
+    see (or serve) a half-written checkpoint. An older tiny checkpoint without the video variant
+    is replaced.
     """
-    if target.is_dir() and any(target.iterdir()):
+    if _has_variants(target):
         return target
     try:
-        from stages.lance.tiny import make_tiny_checkpoint
+        from stages.lance.tiny import TinyCheckpointSpec, make_tiny_checkpoint
     except ImportError as e:
         raise RuntimeError(
             "no model was given and there is no GPU, so lance-serve would serve the tiny random "
@@ -67,11 +75,18 @@ def ensure_tiny_checkpoint(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        make_tiny_checkpoint(tmp)
+        make_tiny_checkpoint(tmp, TinyCheckpointSpec(variants=TINY_VARIANTS))
+        if target.is_dir() and not _has_variants(target):   # an image-only one from before
+            stale = Path(tempfile.mkdtemp(prefix=".tiny-old-", dir=target.parent))
+            try:
+                os.rename(target, stale / "tiny")
+            except OSError:
+                pass   # another builder moved it already
+            shutil.rmtree(stale, ignore_errors=True)
         try:
             os.rename(tmp, target)
         except OSError:
-            if not (target.is_dir() and any(target.iterdir())):
+            if not _has_variants(target):
                 raise
             shutil.rmtree(tmp)   # another builder finished first; use its checkpoint
     except BaseException:

@@ -32,7 +32,17 @@ class ImagePart(_Lenient):
     image_url: ImageURL
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+class VideoURL(_Lenient):
+    url: str
+
+
+class VideoPart(_Lenient):
+    """vLLM's video input part: {"type": "video_url", "video_url": {"url": "data:video/mp4;..."}}."""
+    type: Literal["video_url"]
+    video_url: VideoURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
 
 
 class ChatMessage(_Lenient):
@@ -142,6 +152,10 @@ def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | No
 def usage_chunk(request_id: str, model: str, usage_: dict) -> dict:
     return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
             "model": model, "choices": [], "usage": usage_}
+
+
+def video_content(data_url: str) -> list[dict]:
+    return [{"type": "video_url", "video_url": {"url": data_url}}]
 
 
 def image_content(data_url: str) -> list[dict]:

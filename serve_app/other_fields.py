@@ -45,7 +45,7 @@ _LOGPROBS = "log probabilities are not returned: leave {k} out (return_token_ids
 _PENALTY = "{k} is not supported: leave it out or send {n} (temperature and top_p shape sampling)"
 _PROCESSORS = "custom logits processors are not supported: leave {k} out"
 _LORA = "LoRA adapters are not supported: leave {k} out"
-_VIDEO = "video generation is not served by this deployment (image checkpoint): leave {k} out"
+_VIDEO_SIZE = "send a video's size as size ('WIDTHxHEIGHT') or height and width: leave {k} out"
 _THINK = "think mode is not supported (Lance has none): leave {k} out"
 _IGNORED = None
 
@@ -158,10 +158,10 @@ OTHER_FIELDS: dict[str, OtherField] = {
     "lora": OtherField((dict, str), (None,), _LORA),
     "layers": OtherField((int,), (None,), "layers (layered image output) is not supported by Lance: "
                          "leave it out"),
-    "num_frames": OtherField((int,), (None,), _VIDEO),
-    "video_height": OtherField((int,), (None,), _VIDEO),
-    "video_width": OtherField((int,), (None,), _VIDEO),
-    "origin_fps": OtherField(NUMBER, (None,), _VIDEO),
+    "video_height": OtherField((int,), (None,), _VIDEO_SIZE),
+    "video_width": OtherField((int,), (None,), _VIDEO_SIZE),
+    # the input video's rate: Lance reads it from the file (the sampler resamples to 12 fps)
+    "origin_fps": OtherField(NUMBER, (None,), _IGNORED),
     "think": OtherField((bool,), (None, False), _THINK),
     "max_think_tokens": OtherField((int,), (None,), _THINK),
     "user_text": OtherField((str,), (None,), "send the user's text as the message content: leave "

@@ -1,5 +1,6 @@
-"""The path of a request through the stages: thinker.prefill_context -> dit.generate_image, or
-thinker.generate_text. Stage exceptions become OpenAI errors here (errors.stage_error)."""
+"""The path of a request through the stages: thinker.prefill_context -> dit.generate_image (images) or
+dit.generate_video (videos), or thinker.generate_text. Stage exceptions become OpenAI errors here
+(errors.stage_error)."""
 from __future__ import annotations
 
 import asyncio
@@ -8,7 +9,7 @@ from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional
 
 from stages.lance.handoff import ContextHandoff
-from stages.lance.requests import ImageEncoding, ImageRequest, TextRequest
+from stages.lance.requests import ImageEncoding, ImageRequest, TextRequest, VideoEncoding, VideoRequest
 
 from .errors import OpenAIError, StageUnavailable, client_message, stage_error
 from .metrics import StageMetrics
@@ -43,7 +44,7 @@ class StagePipeline:
     def __init__(self, thinker: Optional[Any], dit: Optional[Any], metrics: StageMetrics):
         self.thinker, self.dit, self.metrics = thinker, dit, metrics
 
-    async def prefill(self, req: ImageRequest) -> ContextHandoff:
+    async def prefill(self, req: ImageRequest | VideoRequest) -> ContextHandoff:
         if self.thinker is None:
             raise _not_connected()
         with self.metrics.stage_call("thinker"), \
@@ -116,6 +117,45 @@ class StagePipeline:
                 if e.stage == "thinker" or e.handoff_lost:
                     handoff = None   # start again from the prefill
                 await self._retry_wait(failures, e)
+
+    async def denoise_video(self, handoff: ContextHandoff, encoding: VideoEncoding | None = None
+                            ) -> AsyncIterator[dict]:
+        """Progress dicts {"stage": "denoise" | "decode" | "encode", "step", "total"}, then the final
+        {"video", "format", "media_type", "width", "height", "num_frames", "fps"}. Leaving early (the
+        client went away, a job was deleted) cancels the DiT job: its stream is cancelled, and the
+        DiT stage drops the job before its next step or decode chunk."""
+        if self.dit is None:
+            raise _not_connected()
+        with self.metrics.stage_call("dit"), \
+                self.metrics.timed(self.metrics.denoise_latency, handoff.task):
+            stream = self.dit.options(stream=True).generate_video.remote(handoff, encoding)
+            finished = False
+            try:
+                async for item in stream:
+                    finished = "video" in item
+                    yield item
+                    if finished:
+                        return
+            except Exception as e:
+                raise stage_error(e, "dit") from e
+            finally:
+                if not finished:
+                    stream.cancel()
+            if not finished:
+                raise OpenAIError("the DiT stage ended without a video", status=500,
+                                  type="server_error", code="stage_error")
+
+    async def generate_video(self, req: VideoRequest, on_progress=None
+                             ) -> tuple[dict, ContextHandoff]:
+        """(the encoded video, the hand-off); `on_progress(stage, step, total)` after every step."""
+        handoff = await self.prefill(req)
+        async with aclosing(self.denoise_video(handoff, req.encoding)) as items:
+            async for item in items:
+                if "video" in item:
+                    return item, handoff
+                if on_progress is not None:
+                    on_progress(item.get("stage", "denoise"), item.get("step"), item.get("total"))
+        raise AssertionError("unreachable: denoise_video() raises when no video arrives")
 
     async def generate_text(self, req: TextRequest) -> AsyncIterator[dict]:
         """Token deltas {"text", "token_ids", "finish_reason", "prompt_tokens", ...}."""

@@ -4,7 +4,8 @@ Knobs and limits: knobs.py. Other servers' fields: other_fields.py. Messages: ch
 
 Routing (`modalities`, a knob, defaults to ["text"] as OpenAI's):
   image out, no input image -> t2i     image out, one input image -> image_edit
-  text out, one input image -> x2t_image   text out, no image -> chat
+  video out, no input -> t2v           video out, an image -> i2v     video out, a video -> video_edit
+  text out, one input image -> x2t_image   text out, a video -> x2t_video   text out, neither -> chat
 
 Every value is checked, whatever the task (a wrong one is a 400 naming the field); a valid parameter
 that the routed task does not read is accepted and listed in `ignored_params`, which the response
@@ -21,14 +22,16 @@ from typing import Optional, Union
 
 from pydantic import ValidationError
 
-from stages.lance.requests import IMAGE_FORMATS, DenoiseParams, ImageEncoding, ImageRequest, TextRequest
+from stages.lance.requests import (I2V_DEFAULT_FRAMES, T2V_DEFAULT_FRAMES, T2V_DEFAULT_SIZE,
+                                   IMAGE_FORMATS, DenoiseParams, ImageEncoding, ImageRequest,
+                                   TextRequest, VideoEncoding, VideoRequest)
 
-from .chat_messages import (Conversation, collect_messages, load_image, no_special_tokens,
-                            one_system_prompt, unwrap_prompt)
+from .chat_messages import (Conversation, collect_messages, load_image, load_video,
+                            no_special_tokens, one_system_prompt, unwrap_prompt)
 from .errors import bad_request, validation_error
 from .knobs import (DEFAULT_X2T_TEMPERATURE, N_NAMES, GenerationKnobs, RequestLimits, denoise_params,
-                    ignored_knobs, knob_sources, merge_knob_sources, one_value, target_size,
-                    validate_knobs)
+                    ignored_knobs, knob_sources, merge_knob_sources, one_value, resolution_for,
+                    target_size, validate_knobs, video_knobs)
 from .openai_protocol import TEXT_OUTPUT_FIELDS, ChatCompletionRequest, ImageGenerationRequest
 from .other_fields import screen_other_fields, split_other_fields
 
@@ -54,11 +57,13 @@ class ImageKnobs:
     height: Optional[int]
     width: Optional[int]
     params: DenoiseParams
+    num_frames: Optional[int] = None   # videos (None: the default)
+    fps: Optional[float] = None
 
     @classmethod
     def of(cls, knobs: GenerationKnobs, limits: RequestLimits) -> "ImageKnobs":
         height, width = target_size(knobs, limits)
-        return cls(height, width, denoise_params(knobs, limits))
+        return cls(height, width, denoise_params(knobs, limits), *video_knobs(knobs, limits))
 
 
 # -- routing ----------------------------------------------------------------------------------------
@@ -66,17 +71,26 @@ class ImageKnobs:
 def output_modality(modalities: list[str] | None) -> str:
     if modalities is None:
         return "text"
-    if modalities in (["image"], ["text"]):
+    if modalities in (["image"], ["video"], ["text"]):
         return modalities[0]
     raise bad_request(f"unsupported modalities {modalities}: use [\"image\"] (generate or edit an "
-                      "image) or [\"text\"] (answer in text)", param="modalities",
-                      code="unsupported_modality")
+                      "image), [\"video\"] (generate or edit a video) or [\"text\"] (answer in "
+                      "text)", param="modalities", code="unsupported_modality")
 
 
-def route(output: str, has_image: bool) -> str:
+def route(output: str, has_image: bool, has_video: bool = False) -> str:
+    if has_image and has_video:
+        raise bad_request("send one image or one video per request, not both", param="messages",
+                          code="too_many_inputs")
     if output == "image":
+        if has_video:
+            raise bad_request("a video input makes a video: send modalities [\"video\"] to edit it "
+                              "or [\"text\"] to ask about it", param="modalities",
+                              code="unsupported_modality")
         return "image_edit" if has_image else "t2i"
-    return "x2t_image" if has_image else "chat"
+    if output == "video":
+        return "video_edit" if has_video else "i2v" if has_image else "t2v"
+    return "x2t_video" if has_video else "x2t_image" if has_image else "chat"
 
 
 # -- how many images --------------------------------------------------------------------------------
@@ -95,11 +109,11 @@ def image_count(knobs: GenerationKnobs, limits: RequestLimits, stream: bool) -> 
     return n
 
 
-def _one_text_answer(knobs: GenerationKnobs) -> None:
+def _one_text_answer(knobs: GenerationKnobs, what: str = "text output: one answer") -> None:
     n = one_value(knobs, N_NAMES)
     if n is not None and n != 1:
         name = "n" if knobs.n is not None else "num_outputs_per_prompt"
-        raise bad_request(f"{name} must be 1 for text output: one answer per chat completion "
+        raise bad_request(f"{name} must be 1 for {what} per chat completion "
                           "(send several requests)", param=name, code="unsupported_parameter")
 
 
@@ -120,7 +134,8 @@ def n_requests(first: ImageRequest, n: int) -> list[ImageRequest]:
 
 @dataclass
 class ParsedChat:
-    requests: list[Union[ImageRequest, TextRequest]]   # n images (seeds seed, seed+1, ...) or 1 text
+    # n images (seeds seed, seed+1, ...), or one video or one text
+    requests: list[Union[ImageRequest, VideoRequest, TextRequest]]
     stream: bool
     include_usage: bool
     model: Optional[str]
@@ -129,7 +144,7 @@ class ParsedChat:
     return_token_ids: bool = False
 
     @property
-    def request(self) -> Union[ImageRequest, TextRequest]:
+    def request(self) -> Union[ImageRequest, VideoRequest, TextRequest]:
         return self.requests[0]
 
 
@@ -180,6 +195,9 @@ def _check_image_count(conv: Conversation, limits: RequestLimits) -> None:
     if len(conv.images) > limits.max_input_images:
         raise bad_request(f"{len(conv.images)} images were sent; at most {limits.max_input_images} "
                           "per request", param=conv.images[-1].param, code="too_many_images")
+    if len(conv.videos) > 1:
+        raise bad_request(f"{len(conv.videos)} videos were sent; at most 1 per request",
+                          param=conv.videos[-1].param, code="too_many_videos")
 
 
 def _given_text_fields(req: ChatCompletionRequest) -> set[str]:
@@ -191,23 +209,31 @@ async def parse_chat_request(raw: bytes, limits: RequestLimits) -> ParsedChat:
     knobs, other_fields = read_knobs(knob_sources(req.model_extra or {}, req.extra_body,
                                                   req.extra_args))
     output = output_modality(knobs.modalities)
-    ignored = set(screen_other_fields(other_fields, image_output=output == "image"))
+    ignored = set(screen_other_fields(other_fields, image_output=output != "text"))
     conv = collect_messages(req.messages)
     system_prompt = _system_prompt(conv.system_prompts, knobs)
     _check_image_count(conv, limits)
     image_knobs, sampling = ImageKnobs.of(knobs, limits), _sampling(req, knobs, limits)
-    task = route(output, bool(conv.images))
+    task = route(output, bool(conv.images), bool(conv.videos))
+    resolution_for(knobs, task)
     image = await load_image(conv.images[0], limits) if conv.images else None
+    video = await load_video(conv.videos[0], limits) if conv.videos else None
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
 
-    if output == "image":
+    if output == "video":
+        _one_text_answer(knobs, "video output: one video")
+        requests = [video_request(task, conv.user_text(), "messages", image, video, knobs,
+                                  image_knobs, system_prompt, request_id)]
+        ignored |= _given_text_fields(req)
+    elif output == "image":
         first = _image_request(task, conv.user_text(), "messages", image, knobs, image_knobs,
                                system_prompt, request_id)
         requests = n_requests(first, image_count(knobs, limits, req.stream))
         ignored |= _given_text_fields(req)
     else:
         _one_text_answer(knobs)
-        requests = [_text_request(task, conv, image, knobs, sampling, system_prompt, request_id)]
+        requests = [_text_request(task, conv, image, video, knobs, sampling, system_prompt,
+                                  request_id)]
         if sampling["temperature"] == 0 and knobs.seed is not None:
             ignored.add("seed")   # greedy decoding draws nothing
     ignored |= ignored_knobs(knobs, task)
@@ -232,21 +258,49 @@ def _image_request(task: str, prompt: str, prompt_param: str, image, knobs: Gene
     return ImageRequest(image=image, **common, **extra)
 
 
-def _text_request(task: str, conv: Conversation, image, knobs: GenerationKnobs, sampling: dict,
-                  system_prompt: Optional[str], request_id: str) -> TextRequest:
+def video_request(task: str, prompt: str, prompt_param: str, image, video,
+                  knobs: GenerationKnobs, image_knobs: ImageKnobs, system_prompt: Optional[str],
+                  request_id: str) -> VideoRequest:
+    """t2v / i2v / video_edit with the offline pipeline's defaults (requests.VideoRequest)."""
+    if not prompt.strip():
+        raise bad_request("the prompt is empty", param=prompt_param, code="invalid_prompt")
+    encoding = VideoEncoding(fps=image_knobs.fps or VideoEncoding.fps, lossless=bool(knobs.lossless))
+    common = dict(task=task, prompt=prompt, system_prompt=system_prompt, params=image_knobs.params,
+                  request_id=request_id, encoding=encoding)
+    resolution = resolution_for(knobs, task)
+    if resolution:
+        common["resolution"] = resolution
+    if task == "t2v":   # upstream's defaults: 121 frames of 848x480 (t2v), 61 frames (i2v)
+        return VideoRequest(num_frames=image_knobs.num_frames or T2V_DEFAULT_FRAMES,
+                            height=image_knobs.height or T2V_DEFAULT_SIZE[0],
+                            width=image_knobs.width or T2V_DEFAULT_SIZE[1],
+                            negative_prompt=knobs.negative_prompt, **common)
+    if task == "i2v":
+        return VideoRequest(num_frames=image_knobs.num_frames or I2V_DEFAULT_FRAMES, image=image,
+                            negative_prompt=knobs.negative_prompt, **common)
+    return VideoRequest(video=video, **common)
+
+
+def _text_request(task: str, conv: Conversation, image, video, knobs: GenerationKnobs,
+                  sampling: dict, system_prompt: Optional[str], request_id: str) -> TextRequest:
     turns = conv.turns
-    if conv.images and conv.images[0].message_index != conv.first_user_message:
-        raise bad_request("the image must be in the first user message",
-                          param=conv.images[0].param, code="invalid_image_position")
+    for visual, what in ((conv.images, "image"), (conv.videos, "video")):
+        if visual and visual[0].message_index != conv.first_user_message:
+            raise bad_request(f"the {what} must be in the first user message",
+                              param=visual[0].param, code=f"invalid_{what}_position")
     if turns[-1].role != "user":
         raise bad_request("the last message must be the user's", param="messages",
                           code="invalid_value")
-    if image is None and not turns[-1].text.strip():
+    if image is None and video is None and not turns[-1].text.strip():
         raise bad_request("the last user message is empty", param="messages",
                           code="invalid_prompt")
-    extra = {"resolution": knobs.resolution} if knobs.resolution else {}
-    return TextRequest(task=task, turns=turns, image=image, system_prompt=system_prompt,
-                       seed=knobs.seed, request_id=request_id, **sampling, **extra)
+    resolution = resolution_for(knobs, task)
+    if resolution is None and task == "x2t_video":
+        resolution = VideoRequest.resolution
+    extra = {"resolution": resolution} if resolution else {}
+    return TextRequest(task=task, turns=turns, image=image, video=video,
+                       system_prompt=system_prompt, seed=knobs.seed, request_id=request_id,
+                       **sampling, **extra)
 
 
 # -- images API -------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from pydantic import (Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, Po
 
 from stages.lance.limits import DTYPE_NAMES
 
+from .app_config import stage_key
 from .strict_model import StrictModel, error_lines
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -298,12 +299,53 @@ class Stages(StrictModel):
     dit: DiTSpec
 
 
+class VariantStages(StrictModel):
+    """A variant's own thinker and DiT (when they differ from `stages.thinker` / `stages.dit`)."""
+
+    thinker: Optional[ThinkerSpec] = None
+    dit: Optional[DiTSpec] = None
+
+
+Variant = Literal["Lance_3B", "Lance_3B_Video"]
+
+
 class StageGraph(StrictModel):
     name: str
     description: str = ""
     model: Optional[str] = None    # local dir or hub id; None: LANCE_MODEL / app args / default
-    variant: str = "Lance_3B"
+    variant: Variant = "Lance_3B"
+    # several checkpoint variants behind one endpoint, each with its own thinker and DiT deployments
+    # (image tasks go to Lance_3B, video tasks to Lance_3B_Video; serve_app/variants.py); the first
+    # one's deployments keep the plain names ThinkerStage / DiTStage. Leave out: [variant].
+    variants: Optional[list[Variant]] = Field(None, min_length=1)
+    # per-variant thinker / DiT specs; a variant not listed uses stages.thinker and stages.dit
+    variant_stages: dict[Variant, VariantStages] = Field(default_factory=dict)
     stages: Stages
+
+    @model_validator(mode="after")
+    def _variants(self):
+        if self.variants is not None:
+            if len(set(self.variants)) != len(self.variants):
+                raise ValueError(f"variants {self.variants} lists a variant twice")
+            if "variant" in self.model_fields_set and self.variant != self.variants[0]:
+                raise ValueError("set either variant or variants, not both")
+        extra = sorted(set(self.variant_stages) - set(self.served_variants))
+        if extra:
+            raise ValueError(f"variant_stages names {extra}, which variants does not list "
+                             f"({self.served_variants})")
+        return self
+
+    @property
+    def served_variants(self) -> list[str]:
+        return list(self.variants) if self.variants is not None else [self.variant]
+
+    def thinker_spec(self, variant: str) -> "ThinkerSpec":
+        own = self.variant_stages.get(variant)
+        return own.thinker if own is not None and own.thinker is not None else self.stages.thinker
+
+    def dit_spec(self, variant: str) -> "DiTSpec":
+        own = self.variant_stages.get(variant)
+        return own.dit if own is not None and own.dit is not None else self.stages.dit
 
     @model_validator(mode="after")
     def _shared_gpu_fits(self):
@@ -315,12 +357,19 @@ class StageGraph(StrictModel):
 
     @property
     def uses_gpus(self) -> bool:
-        s = self.stages
-        return any(x.resources.num_gpus > 0 for x in (s.ingress, s.thinker, s.dit))
+        specs = [self.stages.ingress] + [x for v in self.served_variants
+                                         for x in (self.thinker_spec(v), self.dit_spec(v))]
+        return any(x.resources.num_gpus > 0 for x in specs)
 
     def deployment_options(self) -> dict[str, dict]:
-        """Each stage's Serve options (`Deployment.options()` keyword arguments), by stage."""
-        return {stage: getattr(self.stages, stage).deployment_options() for stage in STAGES}
+        """Each stage's Serve options (`Deployment.options()` keyword arguments), by stage key: "ingress",
+        then a thinker and a DiT per served variant (`app_config.stage_key`: "thinker" / "dit" for the
+        first variant, "thinker@<variant>" / "dit@<variant>" for the others)."""
+        options = {"ingress": self.stages.ingress.deployment_options()}
+        for i, variant in enumerate(self.served_variants):
+            options[stage_key("thinker", i, variant)] = self.thinker_spec(variant).deployment_options()
+            options[stage_key("dit", i, variant)] = self.dit_spec(variant).deployment_options()
+        return options
 
 
 def load_stage_graph(path: str | Path) -> StageGraph:

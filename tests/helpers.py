@@ -28,7 +28,16 @@ def data_url(raw: bytes, mime: str = "image/png") -> str:
 
 # --- hand-offs from the golden contexts ------------------------------------------------------------------
 
-REFERENCE_TOKENS = {"t2i": 0, "image_edit": 266}  # VAE tokens before the target in the upstream sample
+# VAE tokens before the target in the upstream sample (an edit's reference block)
+REFERENCE_TOKENS = {"t2i": 0, "image_edit": 266, "t2v": 0, "i2v": 0, "video_edit": 504}
+
+
+def golden_condition(g: dict, case: str) -> torch.Tensor | None:
+    """i2v's frame condition: the first latent frame (h*w rows) of the posterior-sampled condition latent."""
+    if case != "i2v":
+        return None
+    t, h, w, c = g["cond_latent_sampled"].shape
+    return g["cond_latent_sampled"][0].reshape(h * w, c)
 
 
 def golden_branch(g: dict, branch: str, length: int | None = None) -> BranchKV:
@@ -46,7 +55,13 @@ def golden_handoff(g: dict, case: str, params: DenoiseParams = DenoiseParams(), 
     return ContextHandoff(request_id or case, case, grid, params, golden_branch(g, "cond"),
                           golden_branch(g, "uncond") if with_uncond else None,
                           num_reference_tokens=REFERENCE_TOKENS[case],
-                          initial_noise=g["noise_all_vae_tokens"] if with_noise else None)
+                          initial_noise=g["noise_all_vae_tokens"] if with_noise else None,
+                          condition_latents=golden_condition(g, case))
+
+
+def golden_video_params(g: dict) -> DenoiseParams:
+    """The video goldens' knobs: their own step count, otherwise upstream's defaults."""
+    return DenoiseParams(num_inference_steps=g["dts"].numel())
 
 
 def grid_positions(anchor: int, grid: tuple[int, int, int]) -> torch.Tensor:

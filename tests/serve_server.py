@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,12 @@ class Server:
     log_path: Path
     home: Path
     startup_s: float
+    ray_tmp: Path | None = None   # the server's private RAY_TMPDIR (tests that join its cluster)
+
+    def ray_address(self) -> str:
+        """The GCS address of the server's local Ray cluster (the one cluster in its temp dir)."""
+        port_file = next((self.ray_tmp / "ray" / "session_latest").glob("gcs_server_port_*"))
+        return f"127.0.0.1:{port_file.read_text().strip()}"
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -93,9 +100,11 @@ def server(tmp_path_factory) -> Server:
                     "stop whatever listens there")
     home = tmp_path_factory.mktemp("home")
     log_path = home / "serve_run.log"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="lss", dir="/tmp"))   # short: Ray's socket paths
     env = {k: v for k, v in os.environ.items()
            if k not in ("LANCE_MODEL", "LANCE_SERVE_CACHE_DIR", "XDG_CACHE_HOME", "RAY_ADDRESS")}
     env.update(HOME=str(home), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+               RAY_TMPDIR=str(ray_tmp),                          # its own: tests can find its GCS
                RAY_ADDRESS="local",                              # a fresh cluster, never another's
                RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION="0.05")  # small object store
     start = time.monotonic()
@@ -119,7 +128,7 @@ def server(tmp_path_factory) -> Server:
             except httpx.HTTPError:
                 pass
             time.sleep(2)
-        yield Server(base_url, proc, log_path, home, time.monotonic() - start)
+        yield Server(base_url, proc, log_path, home, time.monotonic() - start, ray_tmp)
     finally:
         _running.remove((proc, port))
         _stop_and_free_port(proc, port)

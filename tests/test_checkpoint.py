@@ -83,7 +83,8 @@ def golden_files(tiny_ckpt_dir):
 
 @pytest.fixture(scope="module")
 def made_default(tmp_path_factory):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_default"))
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_default"),
+                                TinyCheckpointSpec(variants=("Lance_3B", "Lance_3B_Video")))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -99,6 +100,19 @@ def test_golden_tiny_checkpoint_accounts_for_every_tensor(golden_files):
     assert len(report.model.allowed_missing) == 30
     assert all(n.startswith("vit_model.") for n in report.model.allowed_missing)
     assert report.model.allowed_unexpected == ()
+
+
+def test_check_checkpoint_cli_covers_the_video_variant(tiny_ckpt_dir, tmp_path, capsys):
+    assert cli_main(["check-checkpoint", str(tiny_ckpt_dir), "--variant", "Lance_3B_Video"]) == 0
+    out = capsys.readouterr().out
+    # 69 LLM tensors + 30 vit_model.* (all required in the video file; real: 1021 + 390 = 1411)
+    assert "Lance_3B_Video/model.safetensors: 99 tensors matched, 0 missing, 0 unexpected" in out
+    # A video file without its own ViT copy is reported, not accepted.
+    shutil.copytree(tiny_ckpt_dir, tmp_path / "ckpt", ignore=shutil.ignore_patterns("Lance_3B"))
+    weights = tmp_path / "ckpt" / "Lance_3B_Video" / "model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if not k.startswith("vit_model.")}, str(weights))
+    assert cli_main(["check-checkpoint", str(tmp_path / "ckpt"), "--variant", "Lance_3B_Video"]) == 1
+    assert "69 tensors matched, 30 missing" in capsys.readouterr().out
 
 
 def test_golden_config_and_tokenizer_load(golden_files):
@@ -277,7 +291,7 @@ def test_hub_repo_id_downloads_with_allow_patterns(monkeypatch, tiny_ckpt_dir):
 # make-tiny-checkpoint
 # ----------------------------------------------------------------------------------------------------
 def test_make_tiny_default_reproduces_the_golden_checkpoint_bit_for_bit(made_default, golden_files):
-    for rel in ("Lance_3B/model.safetensors", "Qwen2.5-VL-ViT/vit.safetensors"):
+    for rel in ("Lance_3B/model.safetensors", "Lance_3B_Video/model.safetensors", "Qwen2.5-VL-ViT/vit.safetensors"):
         made, golden = load_file(str(made_default.root / rel)), load_file(str(golden_files.root / rel))
         assert made.keys() == golden.keys(), rel
         assert all(torch.equal(made[k], golden[k]) for k in golden), rel
@@ -285,7 +299,8 @@ def test_make_tiny_default_reproduces_the_golden_checkpoint_bit_for_bit(made_def
     golden_vae = torch.load(golden_files.vae_path, weights_only=True)
     assert made_vae.keys() == golden_vae.keys()
     assert all(torch.equal(made_vae[k], golden_vae[k]) for k in golden_vae)
-    for rel in ("Lance_3B/llm_config.json", "Qwen2.5-VL-ViT/config.json", "Lance_3B/generation_config.json"):
+    for rel in ("Lance_3B/llm_config.json", "Lance_3B_Video/llm_config.json", "Qwen2.5-VL-ViT/config.json",
+                "Lance_3B/generation_config.json"):
         made, golden = (json.loads((r / rel).read_text()) for r in (made_default.root, golden_files.root))
         golden.pop("transformers_version", None)
         assert made == golden, rel

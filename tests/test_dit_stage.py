@@ -162,8 +162,10 @@ def test_bad_handoff_is_a_400_before_any_step(stage, golden):
         asyncio.run(collect(stage, h))
     assert e.value.http_status == 400 and e.value.param == "num_inference_steps"
     video = golden_handoff(golden("t2i"), "t2i")
-    video.latent_grid = (2, 8, 8)
-    with pytest.raises(DiTRequestError, match="one latent frame"):
+    video.latent_grid = (2, 8, 8)  # a video's hand-off sent to the image method
+    for branch in (video.cond, video.uncond):
+        branch.query_positions = torch.zeros(3, 2 * 8 * 8 + 2, dtype=torch.long)
+    with pytest.raises(DiTRequestError, match="makes a video; call generate_video"):
         asyncio.run(collect(stage, video))
 
 

@@ -21,12 +21,12 @@ from deploy.cli import build_parser, main
 from deploy.k8s_check import check_file, check_manifest, node_types, serve_problems
 from deploy.k8s_cli import render_options
 from deploy.k8s_render import RenderOptions, build_rayservice, plan_cluster, render_manifest
-from serve_app.app_config import DEPLOYMENT_NAMES
+from serve_app.app_config import deployment_name
 from serve_app.stage_graph import SHIPPED_GRAPHS_DIR, StageGraph, load_stage_graph
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = REPO_ROOT / "k8s"
-SHIPPED_MANIFESTS = ("single_gpu", "multi_gpu")
+SHIPPED_MANIFESTS = ("single_gpu", "multi_gpu", "single_gpu_video", "multi_gpu_video")
 IMAGE = "lance-serve:0.1.0"
 
 
@@ -102,7 +102,8 @@ def test_serve_config_passes_ray_serve_schema_and_our_stage_graph_schema(name):
     assert load_stage_graph(k8s_render.repo_path(graph_arg)).name == name   # our schema
     problems, demands = serve_problems(manifest["spec"]["serveConfigV2"])
     assert problems == []
-    assert sorted(d.name for d in demands) == sorted(DEPLOYMENT_NAMES.values())
+    graph = load_stage_graph(k8s_render.repo_path(graph_arg))
+    assert sorted(d.name for d in demands) == sorted(deployment_name(k) for k in graph.deployment_options())
 
 
 @pytest.mark.parametrize("name", SHIPPED_MANIFESTS)
@@ -130,7 +131,7 @@ def test_checker_sees_the_deployments_build_app_binds(name):
     graph_file = k8s_render.repo_path(app["args"]["stage_graph"])
     built = build_serve_app(build_app({**app["args"], "stage_graph": str(graph_file)}), name=app["name"])
     bound = {d.name: d.ray_actor_options for d in built.deployments}
-    derived = {DEPLOYMENT_NAMES[stage]: options["ray_actor_options"]
+    derived = {deployment_name(stage): options["ray_actor_options"]
                for stage, options in load_stage_graph(graph_file).deployment_options().items()}
     assert bound == derived
 
@@ -391,8 +392,8 @@ OTHER_GRAPHS = {
     "half_gpu_thinkers": (_graph("multi_gpu", thinker={"num_replicas": 4, "resources": {"num_cpus": 2, "num_gpus": 0.5},
                                                        "engine": {"gpu_memory_utilization": 0.45}}),
                           {"thinker": 1, "dit": 1}),
-    # the CPU graph: one CPU worker group, no GPU anywhere
-    "cpu": (_graph("cpu"), {"thinker-dit": 0}),
+    # the CPU graph: a CPU worker group per checkpoint variant, no GPU anywhere
+    "cpu": (_graph("cpu"), {"thinker-dit": 0, "thinker-dit-lance-3b-video": 0}),
     # memory reservations and a named accelerator reach the group's resources
     "reserved_memory_h100": (_graph("multi_gpu", dit={"resources": {"num_cpus": 4, "num_gpus": 1, "memory_gib": 100,
                                                                     "accelerator_type": "H100"}}),
@@ -469,7 +470,7 @@ def test_cli_render_writes_the_manifest_and_records_its_command(tmp_path, capsys
 
 def test_cli_render_unknown_graph_is_an_error_not_a_traceback(capsys):
     assert main(["k8s", "render", "--stage-graph", "two_gpu", "--image", IMAGE]) == 2
-    assert "no shipped stage graph 'two_gpu' (shipped: cpu, multi_gpu, single_gpu)" in capsys.readouterr().err
+    assert "no shipped stage graph 'two_gpu' (shipped: cpu, multi_gpu, multi_gpu_video, single_gpu, single_gpu_video)" in capsys.readouterr().err
 
 
 def test_cli_check_passes_good_and_fails_broken_manifests(tmp_path, capsys, crd):

@@ -20,7 +20,7 @@ MAX_ERROR_BODY = 32 * 1024
 
 
 SETTINGS = IngressSettings(served_model_name="lance-test", model_path="/models/lance",
-                           limits=RequestLimits(max_image_bytes=1000))   # body cap ~4 MiB
+                           limits=RequestLimits(max_image_bytes=1000, max_video_bytes=1000))   # body cap ~4 MiB
 
 
 def make_app():

@@ -158,6 +158,7 @@ def test_readme_serve_command_serves_the_tiny_checkpoint(server, http, model_inf
     """No model and no GPU: the tiny checkpoint is created in HOME's cache, served, and announced."""
     tiny_dir = server.home / ".cache" / "lance-serve" / "tiny"
     assert (tiny_dir / "Lance_3B" / "model.safetensors").is_file()
+    assert (tiny_dir / "Lance_3B_Video" / "model.safetensors").is_file()   # both variants
     assert model_info["id"] == "lance-tiny-random" and model_info["root"] == str(tiny_dir)
     assert model_info["lance"]["tiny_random_weights"] is True
     assert model_info["lance"]["stage_graph"] == "cpu"
@@ -165,7 +166,8 @@ def test_readme_serve_command_serves_the_tiny_checkpoint(server, http, model_inf
     assert "!! NO API KEY" in server.log()   # it listens on 0.0.0.0 without a key: said loudly
     health = http.get("/health")
     assert health.status_code == 200 and health.json() == {
-        "status": "ok", "stages": {"thinker": "ok", "dit": "ok"}, "dit_jobs": 0}
+        "status": "ok", "stages": {"thinker": "ok", "dit": "ok", "thinker@Lance_3B_Video": "ok",
+                                   "dit@Lance_3B_Video": "ok"}, "dit_jobs": 0}
     print(f"\n`serve run {SERVE_CONFIG}` healthy after {server.startup_s:.1f}s")
 
 
@@ -674,6 +676,10 @@ def test_readme_http_api_examples(server, tmp_path):
         for name in re.findall(r"[\w-]+\.png", code):   # every PNG an example names was written
             with Image.open(tmp_path / name) as img:
                 assert img.format == "PNG", name
+        for name in re.findall(r"[\w-]+\.mp4", code):   # and every MP4 plays (PyAV decodes it)
+            import av
+            with av.open(str(tmp_path / name)) as container:
+                assert sum(1 for _ in container.decode(video=0)) >= 1, name
         # an answer the README quotes as a `# {...}` comment is exactly what the server sent
         for quoted in re.findall(r"^# (\{.*\})$", code, re.M):
             assert quoted in proc.stdout, f"README example #{i} quotes {quoted}, got:\n{proc.stdout}"

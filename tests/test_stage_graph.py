@@ -192,7 +192,8 @@ def test_stage_graph_arg_takes_names_and_repo_relative_paths():
     assert resolve_stage_graph_path("multi_gpu", 0) == SHIPPED_GRAPHS_DIR / "multi_gpu.yaml"
     rel = resolve_stage_graph_path("configs/stage_graphs/cpu.yaml", 0)
     assert rel.resolve() == (SHIPPED_GRAPHS_DIR / "cpu.yaml").resolve()
-    with pytest.raises(StageGraphError, match=r"no shipped stage graph 'two_gpu' \(shipped: cpu, multi_gpu, single_gpu"):
+    shipped = "cpu, multi_gpu, multi_gpu_video, single_gpu, single_gpu_video"
+    with pytest.raises(StageGraphError, match=rf"no shipped stage graph 'two_gpu' \(shipped: {shipped}\)"):
         resolve_stage_graph_path("two_gpu")
     with pytest.raises(StageGraphError, match="name the graph"):
         resolve_stage_graph_path("auto")    # without a GPU count
@@ -258,6 +259,44 @@ def test_plan_for_cpu_hands_graph_engine_args_to_the_stages(tmp_path, monkeypatc
     assert plan.thinker_init["engine_args"]["cpu_kv_cache_space_gib"] == 2
     assert "cfg_parallel" not in plan.dit_init and plan.dit_init["engine_args"] == graph.stages.dit.engine.model_dump()
     assert plan.dit_init["max_batch_size"] == graph.stages.dit.batching.max_batch_size
+
+
+def test_the_cpu_graph_serves_both_variants_and_a_folder_serves_those_it_holds(tmp_path, monkeypatch):
+    monkeypatch.setenv("LANCE_SERVE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("LANCE_MODEL", raising=False)
+    plan = plan_app({"stage_graph": "cpu"}, num_gpus=0)     # the tiny checkpoint holds both
+    assert plan.variants == ("Lance_3B", "Lance_3B_Video") == plan.settings.variants
+    assert plan.stage_inits["Lance_3B_Video"][0]["variant"] == "Lance_3B_Video"
+    assert plan.stage_inits["Lance_3B_Video"][1]["variant"] == "Lance_3B_Video"
+    assert all((Path(plan.served.path) / v / "model.safetensors").is_file() for v in plan.variants)
+    video_only = tmp_path / "video_only"
+    video_only.mkdir()
+    (video_only / "Lance_3B_Video").symlink_to(Path(plan.served.path) / "Lance_3B_Video")
+    plan = plan_app({"stage_graph": "cpu", "model": str(video_only)}, num_gpus=0)
+    assert plan.variants == ("Lance_3B_Video",)             # it serves every task
+    assert plan.thinker_init["variant"] == "Lance_3B_Video"
+
+
+def test_an_image_only_tiny_checkpoint_is_replaced_by_one_with_both_variants(tmp_path):
+    from stages.lance.tiny import make_tiny_checkpoint
+    old = tmp_path / "tiny"
+    make_tiny_checkpoint(old)                                 # Lance_3B only, as before
+    assert not (old / "Lance_3B_Video").exists()
+    assert ensure_tiny_checkpoint(old) == old
+    assert (old / "Lance_3B_Video" / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tiny")]
+
+
+def test_variants_are_checked():
+    base = yaml.safe_load((SHIPPED_GRAPHS_DIR / "cpu.yaml").read_text())
+    for edit, message in [({"variants": ["Lance_3B", "Lance_3B"]}, "twice"),
+                          ({"variants": ["Lance_3B"], "variant": "Lance_3B_Video"}, "not both"),
+                          ({"variants": ["Lance_3B"], "variant_stages": {"Lance_3B_Video": {}}},
+                           "variants does not list"),
+                          ({"variants": ["Lance_4B"]}, "Lance_3B")]:
+        with pytest.raises(Exception, match=message):
+            from serve_app.stage_graph import StageGraph
+            StageGraph.model_validate({**base, **edit})
 
 
 def test_plan_for_gpu_graph_uses_the_graphs_model(monkeypatch):

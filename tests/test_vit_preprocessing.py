@@ -9,9 +9,10 @@ from safetensors.torch import save_file
 
 from stages.lance.checkpoint import CheckpointKeyError
 from stages.lance.preprocessing import (
-    RESOLUTION_PRESETS, bucket_crop_box, get_preset, video_frame_indices, vae_image_tensor, vae_video_tensor,
+    RESOLUTION_PRESETS, bucket_crop_box, get_preset, vae_image_tensor, vae_video_tensor,
     vit_image_tensor, vit_video_tensor,
 )
+from stages.lance.video_io import video_frame_indices
 from stages.lance.vit import LanceViT, attention_backend, patchify_video_with_merge
 
 
@@ -126,6 +127,10 @@ def test_video_frame_sampling_at_12fps_capped_at_6s_with_4k_plus_1_frames():
     assert len(video_frame_indices(25, 25)) == 9  # 1 s: 12 frames -> 9
     assert len(video_frame_indices(50, 25)) == 21  # 2 s: 24 frames, a multiple of 4 -> 21
     assert video_frame_indices(1, 24) == [0]
+    # The frame rate is rounded to an integer first (upstream), and round() is half to even.
+    assert len(video_frame_indices(90, 29.5)) == 33  # fps 30: 3 s -> 36 -> 33 (29.5 itself would give 37)
+    assert len(video_frame_indices(25, 24)) == 9     # 12.5 rounds to 12 -> 9 (half up would give 13)
+    assert len(video_frame_indices(16, 24)) == 5     # the golden clip: [0, 3, 7, 11, 15]
 
 
 # --- ViT loading -------------------------------------------------------------------------------

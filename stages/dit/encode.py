@@ -55,6 +55,10 @@ class EncoderPool:
         self.workers = workers or default_encode_workers()
         self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="dit-encode")
 
+    def run(self, fn, *args) -> "asyncio.Future":
+        """Awaitable result of fn(*args) on an encoder thread (video encoding: one call per chunk)."""
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
     def encode(self, image, encoding: ImageEncoding) -> "asyncio.Future[bytes]":
         """Awaitable encoded bytes of a `DecodedImage` (waits for its pixels' device copy first)."""
         return asyncio.get_running_loop().run_in_executor(self._pool, image.encode, encoding)

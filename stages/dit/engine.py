@@ -52,6 +52,8 @@ class DenoiseJob:
     uncond: BranchContext | None
     x: torch.Tensor                                  # [n, channels] fp32, the current latents
     on_step: Callable[[int, int], None] | None = None  # (steps done, total) after every step
+    on_decode: Callable[[int, int], None] | None = None  # videos: (latent frames decoded, total) in the VAE
+    video: bool = False                              # decode to a video (MP4), not an image
     step: int = 0
     cancelled: bool = False
     error: BaseException | None = None
@@ -92,7 +94,11 @@ class DenoiseJob:
             v = self.scheduler.guide(velocities[0], velocities[1])
         else:
             v = velocities[0]
-        self.x = self.scheduler.step(self.x, v, self.step)
+        clean = self.cond.clean_rows   # i2v's pinned first frame: predicted (it enters the renorm), never moved
+        if clean:
+            self.x = torch.cat([self.x[:clean], self.scheduler.step(self.x[clean:], v[clean:], self.step)])
+        else:
+            self.x = self.scheduler.step(self.x, v, self.step)
         self.step += 1
 
 
@@ -131,13 +137,16 @@ class DenoiseEngine:
         """Validate a hand-off (with its fetched K/V) and turn it into a job on this engine's device."""
         p = handoff.params
         grid = self.check_request(handoff.latent_grid, p, has_uncond=handoff.uncond is not None)
-        cond = self.prepare_branch(handoff.cond, cond_kv, grid, "cond")
+        clean = handoff.clean_rows
+        cond = self.prepare_branch(handoff.cond, cond_kv, grid, "cond", clean)
         uncond = None
         if handoff.uncond is not None and p.uses_cfg:
             if uncond_kv is None:
                 raise DiTRequestError("the hand-off has an uncond branch but no K/V was given for it", param="uncond")
-            uncond = self.prepare_branch(handoff.uncond, uncond_kv, grid, "uncond")
+            uncond = self.prepare_branch(handoff.uncond, uncond_kv, grid, "uncond", clean)
         x = self.initial_latents(grid, p.seed, handoff.initial_noise, handoff.num_reference_tokens)
+        if handoff.condition_latents is not None:  # i2v: the clean first latent frame pins the first rows
+            x = self.pin_condition(x, grid, handoff.condition_latents)
         return DenoiseJob(handoff.request_id, grid, FlowMatchEulerScheduler(p), cond, uncond, x, on_step)
 
     # The three steps of `prepare`, public for callers that hold only some branches of a request
@@ -157,8 +166,9 @@ class DenoiseEngine:
         return grid
 
     def prepare_branch(self, branch: BranchKV, kv: tuple[torch.Tensor, torch.Tensor], grid: tuple[int, int, int],
-                       name: str) -> BranchContext:
-        """One CFG branch's context on this engine's device; its K/V and query positions must fit the grid."""
+                       name: str, clean_rows: int = 0) -> BranchContext:
+        """One CFG branch's context on this engine's device; its K/V and query positions must fit the grid.
+        `clean_rows`: i2v's leading latent rows of clean conditioning (embedded at timestep 0)."""
         llm = self.cfg.llm
         k, v = kv
         want = (llm.num_hidden_layers, branch.context_len, llm.num_key_value_heads, llm.head_dim)
@@ -172,7 +182,7 @@ class DenoiseEngine:
             raise DiTRequestError(f"{name} query_positions has shape {list(pos.shape)}, expected [3, {n + 2}]",
                                   param=f"{name}.query_positions")
         return BranchContext(k.to(self.device, self.dtype), v.to(self.device, self.dtype),
-                             pos.to(self.device, torch.long), grid)
+                             pos.to(self.device, torch.long), grid, clean_rows=clean_rows)
 
     def initial_latents(self, grid: tuple[int, int, int], seed: int, initial_noise: torch.Tensor | None = None,
                         num_reference_tokens: int = 0) -> torch.Tensor:
@@ -187,6 +197,15 @@ class DenoiseEngine:
         if num_reference_tokens < 0:
             raise DiTRequestError("num_reference_tokens must be >= 0", param="num_reference_tokens")
         return initial_noise_draw(n, num_reference_tokens, seed, channels, self.device, self.dtype).float()
+
+    def pin_condition(self, x: torch.Tensor, grid: tuple[int, int, int], condition: torch.Tensor) -> torch.Tensor:
+        """i2v: the first latent frame's rows of x replaced by the clean condition [h*w, channels]."""
+        channels = self.cfg.latent.channels
+        if tuple(condition.shape) != (grid[1] * grid[2], channels) or grid[0] < 2:
+            raise DiTRequestError(f"condition_latents has shape {list(condition.shape)}; it is one latent frame "
+                                  f"[{grid[1] * grid[2]}, {channels}] of a video of >= 2 latent frames",
+                                  param="condition_latents")
+        return torch.cat([condition.to(x), x[condition.shape[0]:]])
 
     def _check_grid(self, grid) -> tuple[int, int, int]:
         try:

@@ -43,6 +43,7 @@ class BranchContext:
     values: torch.Tensor      # [num_layers, L, Hkv, d]
     positions: torch.Tensor   # [3, n + 2] int64: vision_start, latents (t, h, w order), vision_end
     grid: tuple[int, int, int]
+    clean_rows: int = 0       # i2v: leading latent rows that are clean conditioning (embedded at timestep 0)
     uid: int = field(default_factory=lambda: next(_uids))
     _cache: KVCache | None = field(default=None, repr=False)
 
@@ -99,7 +100,7 @@ class ReferenceForward:
             sigma = torch.stack([r.sigma.reshape(()) for r in group]).to(x)
             positions = torch.stack([r.branch.positions for r in group])
             v = predict_velocity(self.model, x, sigma, group[0].branch.grid, self.markers, positions,
-                                 self._cache([r.branch for r in group]))
+                                 self._cache([r.branch for r in group]), group[0].branch.clean_rows)
             for j, i in enumerate(idx):
                 out[i] = v[j].float()
         return out
@@ -142,6 +143,7 @@ class _Plan:
     sin: torch.Tensor
     pos_embed: torch.Tensor       # [T_lat, hidden] latent position embeddings
     tokens: int
+    clean_index: torch.Tensor | None = None  # [C] latent tokens embedded at timestep 0 (i2v's first frame)
     uid: int = field(default_factory=lambda: next(_uids))
 
     @property
@@ -153,7 +155,7 @@ class _Plan:
         groups = [_Group(g.token_start, g.token_end, g.rows, g.query_len, g.keys.clone(), g.values.clone())
                   for g in self.groups]
         return _Plan(self.order, self.latent_counts, self.latent_index.clone(), self.latent_row, self.marker_index.clone(), groups,
-                     self.cos.clone(), self.sin.clone(), self.pos_embed, self.tokens)
+                     self.cos.clone(), self.sin.clone(), self.pos_embed, self.tokens, self.clean_index)
 
     def load_into(self, static: "_Plan") -> None:
         """Copy this plan's per-request data into a captured graph's static plan of the same signature."""
@@ -223,8 +225,12 @@ class FastForward:
     """All rows in one packed forward (see the module docstring). Same function as ReferenceForward."""
 
     def __init__(self, model: LanceModel, kernels: str = "torch", attention_backends=None, cuda_graphs: bool = False,
-                 max_plans: int = 8, max_graphs: int = 16, overlap_markers: bool = True):
-        """`overlap_markers` (GPU): the und expert's marker rows on a second stream (see run_layers)."""
+                 max_plans: int = 8, max_graphs: int = 16, overlap_markers: bool = True,
+                 max_graph_tokens: int = 40000):
+        """`overlap_markers` (GPU): the und expert's marker rows on a second stream (see run_layers).
+        `max_graph_tokens`: larger forwards run eagerly, never captured (a 121-frame 480p video is 49,292
+        tokens per CFG branch; 8 CFG requests at 768^2 are 36,896): such a forward takes seconds, so launch
+        overhead is nothing next to it, and its graph would keep gigabytes of activations reserved."""
         self.model = model
         self.overlap_markers = overlap_markers
         self.cfg = model.config.llm
@@ -241,6 +247,7 @@ class FastForward:
         # first eager run compiles kernels and settles the attention backend); all share one pool.
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.max_graphs = max_graphs
+        self.max_graph_tokens = max_graph_tokens
         self._graphs: OrderedDict[tuple, _Graph] = OrderedDict()
         self._seen: dict[tuple, int] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
@@ -260,8 +267,8 @@ class FastForward:
     def _build_plan(self, rows: list[Row]) -> _Plan:
         shape_of = [(r.branch.length, r.branch.num_latents) for r in rows]
         order = sorted(range(len(rows)), key=lambda i: shape_of[i])   # stable: equal shapes stay in order
-        lat_index, mk_index, cos, sin, pos, groups = [], [], [], [], [], []
-        at = 0
+        lat_index, mk_index, cos, sin, pos, groups, clean = [], [], [], [], [], [], []
+        at = lat_at = 0
         for shape, members in itertools.groupby(order, key=lambda i: shape_of[i]):
             members = list(members)
             length, n = shape
@@ -276,7 +283,10 @@ class FastForward:
                 cos.append(c[0])
                 sin.append(s[0])
                 pos.append(self.model.latent_positions(b.grid))
+                if b.clean_rows:
+                    clean.append(torch.arange(lat_at, lat_at + b.clean_rows))
                 at += n + 2
+                lat_at += n
             keys = torch.stack([rows[i].branch.keys for i in members], dim=1)
             values = torch.stack([rows[i].branch.values for i in members], dim=1)
             groups.append(_Group(start, at, len(members), n + 2, keys, values))
@@ -285,7 +295,8 @@ class FastForward:
                      latent_row=torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(self.device),
                      marker_index=torch.cat(mk_index).to(self.device),
                      groups=groups, cos=torch.cat(cos).contiguous(), sin=torch.cat(sin).contiguous(),
-                     pos_embed=torch.cat(pos), tokens=at)
+                     pos_embed=torch.cat(pos), tokens=at,
+                     clean_index=torch.cat(clean).to(self.device) if clean else None)
 
     # --- the forward --------------------------------------------------------------------------------
 
@@ -293,7 +304,8 @@ class FastForward:
     def __call__(self, rows: list[Row]) -> list[torch.Tensor]:
         plan = self.plan(rows)
         x = self.embed(plan, rows)
-        v = self._graphed_layers(plan, x) if self.cuda_graphs else self.run_layers(plan, x)
+        graphed = self.cuda_graphs and plan.tokens <= self.max_graph_tokens
+        v = self._graphed_layers(plan, x) if graphed else self.run_layers(plan, x)
         out: list[torch.Tensor | None] = [None] * len(rows)
         for i, part in zip(plan.order, v.split(plan.latent_counts)):
             out[i] = part.to(torch.float32, copy=True)   # a graph's output buffer is reused
@@ -339,6 +351,9 @@ class FastForward:
         sigmas = torch.stack([r.sigma.reshape(()) for r in ordered]).to(self.device, self.dtype)  # as the core does
         temb = m.time_embedder(sigmas).to(self.dtype)
         temb = temb.index_select(0, plan.latent_row)   # no host sync: the step before may still be running
+        if plan.clean_index is not None:                 # i2v's clean first frame: timestep 0 at every step
+            zero = m.time_embedder(sigmas.new_zeros(1)).to(self.dtype)
+            temb = temb.index_copy(0, plan.clean_index, zero.expand(len(plan.clean_index), -1))
         lat = embed_latent_tokens(m.vae2llm, latents, temb, plan.pos_embed)
         x = lat.new_empty(plan.tokens, lat.shape[1])
         x.index_copy_(0, plan.latent_index, lat)

@@ -3,7 +3,10 @@
 Synchronous and single-threaded by design (the deployment calls it from one worker thread): `prepare`
 validates a hand-off, `submit` queues it, `step` advances every active request by one denoising step
 and returns the finished ones decoded (`DecodedImage`: pixels; encoding to PNG/WebP/JPEG is
-the caller's, off this thread: encode.py).
+the caller's, off this thread: encode.py). A finished video is decoded one latent frame per `step`
+(video.py), interleaved with the other requests' denoising; its frames go to the request's frame sink
+as they are decoded (encoding to MP4 is the caller's too), and `step` returns its `DecodedVideo` after
+the last one.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from .engine import DenoiseEngine, DenoiseJob, DiTRequestError
 from .model import load_dit_model, memory_report
 from .quantize import quantize_dit_model
 from .vae_decode import FrameDecoder
+from .video import DecodedVideo, FrameSink, VideoDecode
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +60,7 @@ def fast_path_options(compile: bool, device: torch.device) -> dict:
 
 
 def require_image_grid(latent_grid) -> None:
-    """The DiT stage decodes images: one latent frame."""
+    """Image-only paths (the CFG-parallel DiT) decode one latent frame."""
     grid = tuple(latent_grid)
     if len(grid) == 3 and grid[0] != 1:
         raise DiTRequestError(f"the DiT stage makes images (one latent frame); got latent_grid {grid}",
@@ -131,6 +135,8 @@ class DiTRunner:
         self.decoder = FrameDecoder(vae)
         self.engine = DenoiseEngine(model, forward, max_batch_size=max_batch_size,
                                     **fast_path_options(compile, self.device))
+        self._frame_sinks: dict[DenoiseJob, FrameSink | None] = {}   # video jobs -> where their frames go
+        self.decoding: list[VideoDecode] = []
 
     def memory(self) -> dict:
         """Bytes held by this stage: DiT weights, VAE decoder weights, and (GPU) allocator figures."""
@@ -142,27 +148,38 @@ class DiTRunner:
             out["cuda_peak_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return out
 
-    def prepare(self, handoff: ContextHandoff, cond_kv, uncond_kv=None, on_step=None) -> DenoiseJob:
-        require_image_grid(handoff.latent_grid)
-        return self.engine.prepare(handoff, cond_kv, uncond_kv, on_step)
+    def prepare(self, handoff: ContextHandoff, cond_kv, uncond_kv=None, on_step=None,
+                on_frames: FrameSink | None = None) -> DenoiseJob:
+        """A job for the hand-off. Videos (`handoff.is_video`) are decoded chunk by chunk after denoising:
+        `on_frames(latent frames done, total, uint8 frames)` gets each chunk (None: the frames are
+        collected into the `DecodedVideo`)."""
+        job = self.engine.prepare(handoff, cond_kv, uncond_kv, on_step)
+        if handoff.is_video:
+            self._frame_sinks[job] = on_frames
+        return job
 
     def submit(self, job: DenoiseJob) -> None:
         self.engine.submit(job)
 
     @property
     def has_work(self) -> bool:
-        return self.engine.has_work
+        return self.engine.has_work or bool(self.decoding)
 
-    def step(self) -> list[tuple[DenoiseJob, DecodedImage | BaseException]]:
-        """One engine step; finished jobs come back decoded (jobs of one grid in one VAE call)."""
+    def step(self) -> list[tuple[DenoiseJob, DecodedImage | DecodedVideo | BaseException]]:
+        """One engine step, then one latent frame of each video being decoded; finished jobs come back
+        decoded (images of one grid in one VAE call)."""
         finished = self.engine.step()
-        results: list[tuple[DenoiseJob, DecodedImage | BaseException]] = []
+        results: list[tuple[DenoiseJob, DecodedImage | DecodedVideo | BaseException]] = []
         by_grid: dict[tuple, list[DenoiseJob]] = {}
         for job in finished:
+            is_video = job in self._frame_sinks
+            sink = self._frame_sinks.pop(job, None)
             if job.error is not None:
                 results.append((job, job.error))
             elif job.cancelled:
                 results.append((job, RuntimeError(f"request {job.request_id} was cancelled")))
+            elif is_video:
+                self.decoding.append(VideoDecode.start(self.vae, job, self.dtype, sink))
             else:
                 by_grid.setdefault(job.grid, []).append(job)
         for grid, jobs in by_grid.items():
@@ -170,6 +187,27 @@ class DiTRunner:
                 results += zip(jobs, self.decode(grid, [j.x for j in jobs]))
             except Exception as e:
                 results += [(j, e) for j in jobs]
+        results += self._advance_decodes()
+        return results
+
+    def _advance_decodes(self) -> list[tuple[DenoiseJob, DecodedVideo | BaseException]]:
+        results, still = [], []
+        for d in self.decoding:
+            if d.job.cancelled:
+                d.chunks.close()
+                results.append((d.job, RuntimeError(f"request {d.job.request_id} was cancelled")))
+                continue
+            try:
+                video = d.advance()
+            except Exception as e:   # a failed decode fails its request, not the engine
+                d.chunks.close()
+                results.append((d.job, e))
+                continue
+            if video is None:
+                still.append(d)
+            else:
+                results.append((d.job, video))
+        self.decoding = still
         return results
 
     def decode(self, grid, latents: list[torch.Tensor]) -> list[DecodedImage]:

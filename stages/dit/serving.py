@@ -7,6 +7,13 @@ free. Finished images leave the engine thread as uint8 pixels still being copied
 `EncoderPool` waits for the copy and encodes them (PNG by default, WebP/JPEG on request) while the
 engine thread already runs the next step. Each request gets {"step": i, "total": n} after every step,
 then {"image": bytes, "format", "media_type", "width", "height"}.
+
+Videos (`generate_video`) take the same engine steps; after denoising, the runner decodes one latent
+frame per step and hands each chunk's uint8 frames over; an encoder thread appends them to the
+request's MP4 (`Mp4Encoder`) in order, so decode and encode overlap and only the file leaves the
+replica. Progress covers the three phases: {"stage": "denoise" | "decode" | "encode", "step", "total"}
+(decode and encode count latent frames), then {"video": bytes, "format", "media_type", "width",
+"height", "num_frames", "fps"}.
 """
 from __future__ import annotations
 
@@ -17,11 +24,12 @@ from dataclasses import dataclass
 from typing import AsyncIterator
 
 from stages.lance.handoff import ContextHandoff
-from stages.lance.requests import ImageEncoding
+from stages.lance.requests import ImageEncoding, VideoEncoding
 
 from .encode import EncoderPool, with_png_level
-from .engine import DenoiseJob
+from .engine import DenoiseJob, DiTRequestError
 from .runner import DecodedImage, DiTRunner
+from .video import DecodedVideo, Mp4Encoder
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +37,8 @@ log = logging.getLogger(__name__)
 @dataclass(eq=False)
 class _Waiter:
     queue: asyncio.Queue
-    encoding: ImageEncoding
+    encoding: ImageEncoding | VideoEncoding
+    frames: asyncio.Queue | None = None   # videos: decoded chunks, then the DecodedVideo, for the encoder
 
 
 class DiTServingLoop:
@@ -49,6 +58,9 @@ class DiTServingLoop:
     async def generate_image(self, handoff: ContextHandoff, cond_kv, uncond_kv,
                              encoding: ImageEncoding | None = None) -> AsyncIterator[dict]:
         """Progress after every step, then the encoded image (see the module docstring)."""
+        if handoff.is_video:
+            raise DiTRequestError(f"a {handoff.task} hand-off of latent grid {tuple(handoff.latent_grid)} makes a "
+                                  "video; call generate_video", param="task")
         encoding = with_png_level(encoding, self.png_compress_level)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
@@ -91,6 +103,90 @@ class DiTServingLoop:
                 job.cancelled = True   # the client left: the engine drops the job before its next step
             self._waiters.pop(job, None)
 
+    async def generate_video(self, handoff: ContextHandoff, cond_kv, uncond_kv,
+                             encoding: VideoEncoding | None = None) -> AsyncIterator[dict]:
+        """Progress of denoise, decode and encode, then the MP4 (see the module docstring)."""
+        if not handoff.is_video:
+            raise DiTRequestError(f"generate_video got an image hand-off (task {handoff.task!r}, latent_grid "
+                                  f"{tuple(handoff.latent_grid)}); images go through generate_image", param="task")
+        encoding = encoding or VideoEncoding()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        frames: asyncio.Queue = asyncio.Queue()
+
+        def put(q: asyncio.Queue, item) -> None:   # from the engine thread
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(q.put_nowait, item)
+
+        def on_step(done: int, total: int) -> None:
+            put(queue, {"stage": "denoise", "step": done, "total": total})
+
+        def on_frames(done: int, total: int, chunk) -> None:
+            put(queue, {"stage": "decode", "step": done, "total": total})
+            put(frames, (done, total, chunk))
+
+        waiter = _Waiter(queue, encoding, frames)
+
+        def prepare_and_submit() -> DenoiseJob:   # on the engine thread, as generate_image's
+            job = self.runner.prepare(handoff, cond_kv, uncond_kv, on_step, on_frames)
+            self._waiters[job] = waiter
+            self.runner.submit(job)
+            return job
+
+        prepared = self._executor.submit(prepare_and_submit)
+        try:
+            job = await asyncio.wrap_future(prepared)
+        except asyncio.CancelledError:   # the client left while its job was being prepared: drop the job
+            prepared.add_done_callback(self._drop_prepared)
+            raise
+        encoder = loop.create_task(self._encode_video(frames, queue, encoding))
+        self._ensure_driver()
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if "video" in item:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                job.cancelled = True   # the client left: dropped before its next step or decode chunk
+                encoder.cancel()
+            self._waiters.pop(job, None)
+
+    async def _encode_video(self, frames: asyncio.Queue, queue: asyncio.Queue, encoding: VideoEncoding) -> None:
+        """Append each decoded chunk to the MP4 on an encoder thread, in order; the file after the last."""
+        encoder: Mp4Encoder | None = None
+        try:
+            while True:
+                item = await frames.get()
+                if isinstance(item, DecodedVideo):
+                    if encoder is None:
+                        raise RuntimeError("the video finished decoding without any frames")
+                    data = await self.encoder.run(encoder.finish)
+                    encoder = None
+                    queue.put_nowait({"video": data, "format": encoding.format, "media_type": encoding.media_type,
+                                      "width": item.width, "height": item.height, "num_frames": item.num_frames,
+                                      "fps": encoding.fps})
+                    return
+                done, total, chunk = item
+                if encoder is None:
+                    encoder = await self.encoder.run(Mp4Encoder, chunk.shape[2], chunk.shape[1], encoding)
+                await self.encoder.run(encoder.write, chunk)
+                queue.put_nowait({"stage": "encode", "step": done, "total": total})
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.exception("encoding a finished video failed")
+            queue.put_nowait(e)
+        finally:
+            if encoder is not None:   # on the pool: it waits for a write still in flight
+                self.encoder.run(encoder.abort)
+
     def _drop_prepared(self, prepared) -> None:
         if not prepared.cancelled() and prepared.exception() is None:
             job = prepared.result()
@@ -99,7 +195,7 @@ class DiTServingLoop:
 
     def num_jobs(self) -> int:
         """Jobs held: queued, stepping, or cancelled and not yet dropped, plus requests awaiting delivery."""
-        return len({*self.runner.engine.jobs, *self._waiters})
+        return len({*self.runner.engine.jobs, *(d.job for d in self.runner.decoding), *self._waiters})
 
     def check_health(self) -> None:
         if self._driver is not None and self._driver.done():
@@ -137,6 +233,8 @@ class DiTServingLoop:
                     continue
                 if isinstance(result, BaseException):
                     waiter.queue.put_nowait(result)
+                elif isinstance(result, DecodedVideo):
+                    waiter.frames.put_nowait(result)   # after its last chunk: the encoder finishes the file
                 else:
                     loop.create_task(self._deliver(waiter, result))
 

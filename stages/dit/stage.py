@@ -8,6 +8,8 @@ steps; finished images encoded on a small pool, off the engine thread).
 
 Each request gets {"step": i, "total": n} after every step, then {"image": bytes, "format", "media_type",
 "width", "height"}, encoded as the request's `ImageEncoding` asks (PNG unless it asks otherwise).
+Videos (`DiTStage.generate_video`) stream progress of denoise, decode and encode, then the MP4
+(serving.py); the CFG-parallel class makes images only.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from stages.lance.handoff import BranchKV, ContextHandoff
-from stages.lance.requests import ImageEncoding
+from stages.lance.requests import ImageEncoding, VideoEncoding
 
 from .encode import with_png_level
+from .engine import DiTRequestError
 from .quantize import QUANTIZATIONS
 from .runner import DiTRunner
 from .serving import DiTServingLoop
@@ -83,6 +86,14 @@ class DiTStage:
         async for item in self.loop.generate_image(handoff, cond_kv, uncond_kv, encoding):
             yield item
 
+    async def generate_video(self, handoff: ContextHandoff, encoding: VideoEncoding | None = None
+                             ) -> AsyncIterator[dict]:
+        """t2v / i2v / video_edit: progress of denoise, decode and encode, then the encoded video (MP4,
+        12 fps by default; `encoding` picks fps, quality or lossless). Frames never leave the replica."""
+        cond_kv, uncond_kv = await asyncio.gather(fetch_kv(handoff.cond), fetch_kv(handoff.uncond))
+        async for item in self.loop.generate_video(handoff, cond_kv, uncond_kv, encoding):
+            yield item
+
     async def check_health(self) -> None:
         self.loop.check_health()
 
@@ -135,6 +146,12 @@ class CfgParallelDiTStage:
                        "width": image.width, "height": image.height}
         finally:
             self._jobs -= 1
+
+    async def generate_video(self, handoff: ContextHandoff, encoding: VideoEncoding | None = None
+                             ) -> AsyncIterator[dict]:
+        raise DiTRequestError("this DiT deployment runs CFG-parallel (stages.dit:CfgParallelDiTStage), which makes "
+                              "images only; serve videos from a stages.dit:DiTStage", param="task")
+        yield  # an async generator, as DiTStage.generate_video
 
     async def check_health(self) -> None:
         self.group.check_health()

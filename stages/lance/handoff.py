@@ -1,4 +1,4 @@
-"""What the thinker hands to the DiT stage for one image request (lance_spec.md §2.5).
+"""What the thinker hands to the DiT stage for one image or video request (lance_spec.md §2.5).
 
 Per CFG branch: the context's per-layer K (after qk-norm and mRoPE) and V, and the positions the target
 block must use in that branch. Plus the latent grid, the denoising knobs, and the number of reference
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .prompts import VIDEO_TASKS
 from .requests import DenoiseParams
 
 
@@ -40,16 +41,27 @@ class BranchKV:
 @dataclass
 class ContextHandoff:
     request_id: str
-    task: str                                  # "t2i" | "image_edit"
+    task: str                                  # "t2i" | "image_edit" | "t2v" | "i2v" | "video_edit"
     latent_grid: tuple[int, int, int]          # (t, h, w) of the target
     params: DenoiseParams
     cond: BranchKV
     uncond: BranchKV | None                    # None when cfg_text_scale == 1 (no CFG branch needed)
     num_reference_tokens: int = 0              # VAE tokens before the target in the sample (edit)
     initial_noise: torch.Tensor | None = None  # [target_tokens, 48]: caller-injected `latents=`
+    # i2v: the clean first latent frame [h*w, 48] (posterior sample of the image); it replaces the first
+    # rows of the target block, is embedded at timestep 0 and never integrated (spec §5.3)
+    condition_latents: torch.Tensor | None = None
     kv_bytes: int = 0                          # bytes moved through the object store (metrics)
+
+    @property
+    def clean_rows(self) -> int:
+        return 0 if self.condition_latents is None else self.condition_latents.shape[0]
 
     @property
     def num_target_tokens(self) -> int:
         t, h, w = self.latent_grid
         return t * h * w
+
+    @property
+    def is_video(self) -> bool:
+        return self.task in VIDEO_TASKS or self.latent_grid[0] > 1

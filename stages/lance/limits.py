@@ -20,6 +20,9 @@ IMAGE_SIDE_MULTIPLE = VAE_SPATIAL_DOWNSAMPLE
 MAX_IMAGE_SIDE = LatentConfig().max_image_side
 MIN_IMAGE_SIDE = 64     # what the API serves: smaller than 4x4 latents is not a meaningful image
 
+# Videos: 4k+1 frames, at most 121 (31 latent frames, the latent position table of Lance_3B_Video).
+MAX_NUM_FRAMES = LatentConfig().max_num_frames
+
 # Inputs: Lance_3B edits and understands one image per request.
 MAX_INPUT_IMAGES = 1
 
@@ -43,6 +46,26 @@ def check_image_size(height: int, width: int, latent: LatentConfig = LatentConfi
         raise LimitError(f"height and width must be multiples of {m}, got {height}x{width}", "size")
     if max(height, width) > latent.max_image_side:
         raise LimitError(f"at most {latent.max_image_side} px per side, got {height}x{width}", "size")
+
+
+def check_target_size(num_frames: int, height: int, width: int,
+                      latent: LatentConfig = LatentConfig()) -> tuple[int, int, int]:
+    """The latent grid (t, h, w) of a generated image or video, or a LimitError naming what is wrong.
+
+    Frame counts are 4k+1 (the VAE keeps frame 0 alone, then 4 frames per latent frame); another count
+    rounds down to 4k+1 as upstream's `t = (frames - 1) // 4 + 1` does. The latent position table covers
+    `max_latent_frames` (31: 121 frames) x `max_latent_size`^2."""
+    if num_frames < 1:
+        raise LimitError(f"num_frames must be at least 1, got {num_frames}", "num_frames")
+    if min(height, width) < latent.spatial_downsample:
+        raise LimitError(f"height and width must be positive multiples of {latent.spatial_downsample}, "
+                         f"got {height}x{width}", "size")
+    check_image_size(height, width, latent)
+    grid = latent.latent_grid(num_frames, height, width)
+    if grid[0] > latent.max_latent_frames:
+        raise LimitError(f"num_frames {num_frames} is more than the {latent.max_num_frames} frames "
+                         f"({latent.max_latent_frames} latent frames) the model supports", "num_frames")
+    return grid
 
 
 def check_denoise_params(p) -> None:

@@ -44,11 +44,21 @@ class LanceModel(nn.Module):
             self._pos_cache[key] = rows.to(self.vae2llm.weight.device, self.vae2llm.weight.dtype)
         return self._pos_cache[key]
 
-    def embed_latents(self, latents: torch.Tensor, sigma: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """latents [..., thw, 48], sigma scalar or [...] -> vae2llm(x) + time_embedder(sigma) + pos."""
+    def embed_latents(self, latents: torch.Tensor, sigma: torch.Tensor, grid: tuple[int, int, int],
+                      clean_rows: int = 0) -> torch.Tensor:
+        """latents [..., thw, 48], sigma scalar or [...] -> vae2llm(x) + time_embedder(sigma) + pos.
+
+        The first `clean_rows` latent rows are clean conditioning (i2v's first latent frame): they are
+        embedded at timestep 0 whatever sigma is, as upstream does for pinned frames."""
         temb = self.time_embedder(sigma.reshape(-1)).to(latents.dtype)  # [B or 1, hidden]
         temb = temb.view(*sigma.shape, 1, -1) if sigma.dim() else temb
-        return embed_latent_tokens(self.vae2llm, latents, temb, self.latent_positions(grid))
+        pos = self.latent_positions(grid)
+        if not clean_rows:
+            return embed_latent_tokens(self.vae2llm, latents, temb, pos)
+        zero = self.time_embedder(sigma.new_zeros(1)).to(latents.dtype)[0]
+        clean = embed_latent_tokens(self.vae2llm, latents[..., :clean_rows, :], zero, pos[:clean_rows])
+        noisy = embed_latent_tokens(self.vae2llm, latents[..., clean_rows:, :], temb, pos[clean_rows:])
+        return torch.cat([clean, noisy], dim=-2)
 
     def velocity(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.llm2vae(hidden)

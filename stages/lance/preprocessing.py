@@ -198,7 +198,7 @@ def vae_image_tensor(image: Image.Image, preset: str | ResolutionPreset) -> torc
 
 
 def vae_video_tensor(frames: list[Image.Image], preset: str | ResolutionPreset) -> torch.Tensor:
-    """[3, T, H, W] in [-1, 1] for the VAE (T should be 4k+1, see `video_frame_indices`)."""
+    """[3, T, H, W] in [-1, 1] for the VAE (T should be 4k+1, see `video_io.video_frame_indices`)."""
     return transform_frames(frames, get_preset(preset).vae)
 
 
@@ -213,15 +213,3 @@ def vit_video_tensor(frames: list[Image.Image], preset: str | ResolutionPreset) 
     if video.shape[1] % 2:
         video = torch.cat([video, video[:, -1:]], dim=1)
     return video
-
-
-def video_frame_indices(
-    total_frames: int, fps: float, sample_fps: int = 12, max_duration: float = 6.0, temporal: int = 4
-) -> list[int]:
-    """Frame indices upstream samples from a video: `sample_fps`, at most `max_duration` s, 4k+1 frames."""
-    if total_frames < 1 or fps <= 0:
-        raise ValueError(f"cannot sample frames from a video of {total_frames} frames at {fps} fps")
-    n = int(round(min(total_frames / fps, max_duration) * sample_fps))
-    n = n // temporal * temporal + 1 - (temporal if n % temporal == 0 else 0)
-    n = max(n, 1)
-    return np.linspace(0, total_frames - 1, n, dtype=int).tolist()

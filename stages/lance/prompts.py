@@ -23,17 +23,26 @@ _EDIT = ("Describe the key features of the input {v} (color, shape, size, textur
          "appropriate.")
 _CAPTION = ("Generate a detailed and accurate description of the {v}, including all the key moments and "
             "visual details.")
-_ANSWER = "Look at the {v} carefully and answer the question."
+# Upstream's x2t examples: "Look at the image carefully ..." / "Watch the video carefully ...".
+_ANSWER = {"image": "Look at the image carefully and answer the question.",
+           "video": "Watch the video carefully and answer the question."}
 _CHAT = "You are a helpful assistant."
 
 _SYSTEM_PROMPTS = {"t2i": _T2I, "t2v": _T2V, "i2v": _T2V, "image_edit": _EDIT, "video_edit": _EDIT,
-                   "caption": _CAPTION, "x2t": _ANSWER, "chat": _CHAT}
+                   "caption": _CAPTION, "chat": _CHAT}
 
 
-def default_system_prompt(task: str, vision_type: Literal["image", "video"] = "image") -> str:
-    """Upstream's default system prompt for a task (x2t: the examples' question-answering prompt)."""
+VIDEO_TASKS = frozenset({"t2v", "i2v", "video_edit", "x2t_video"})
+
+
+def default_system_prompt(task: str, vision_type: Literal["image", "video"] | None = None) -> str:
+    """Upstream's default system prompt for a task (x2t: the examples' question-answering prompt).
+
+    `vision_type` defaults to the task's own ("video" for t2v, i2v, video_edit and x2t_video)."""
+    if vision_type is None:
+        vision_type = "video" if task in VIDEO_TASKS else "image"
     if task.startswith("x2t"):
-        task = "x2t"
+        return _ANSWER[vision_type]
     return _SYSTEM_PROMPTS[task].format(v=vision_type)
 
 

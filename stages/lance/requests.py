@@ -6,14 +6,15 @@ upstream's (`inference_lance.sh`, lance_spec.md §3.8), so a request that sets n
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from PIL import Image
 
 from .limits import CFG_RENORM_TYPES
 
 ImageTask = Literal["t2i", "image_edit"]
-TextTask = Literal["x2t_image", "chat"]
+VideoTask = Literal["t2v", "i2v", "video_edit"]
+TextTask = Literal["x2t_image", "x2t_video", "chat"]
 DEFAULT_T2I_SIZE = 768  # upstream's t2i height and width (inference_lance.sh)
 
 
@@ -76,6 +77,11 @@ class ImageRequest:
     encoding: ImageEncoding = ImageEncoding()   # of the finished image (the DiT stage encodes)
 
 
+# Upstream's video defaults (README / inference_lance.sh): t2v 121 frames at 480x848, i2v 61 frames.
+T2V_DEFAULT_FRAMES, T2V_DEFAULT_SIZE = 121, (480, 848)
+I2V_DEFAULT_FRAMES = 61
+
+
 @dataclass
 class ChatTurn:
     role: Literal["system", "user", "assistant"]
@@ -89,11 +95,67 @@ class TextRequest:
     task: TextTask
     turns: list[ChatTurn]                # user/assistant turns in order; the last one is the user's
     image: Image.Image | None = None     # x2t_image: placed before the text of the first user turn
+    video: Any = None                    # x2t_video: a video file path or an object with .frames and .fps, placed alike
     system_prompt: str | None = None
-    resolution: str = "image_768res"
+    resolution: str = "image_768res"     # x2t_video: a video preset ("video_480p")
     max_tokens: int = 256
     temperature: float = 0.0             # 0 = greedy, as upstream
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     request_id: str = ""
+
+
+VIDEO_FORMATS = {"mp4": "video/mp4"}   # format -> media type
+DEFAULT_VIDEO_FPS = 12.0               # upstream saves generated videos at 12 fps (its frame sampler's rate)
+
+
+@dataclass(frozen=True)
+class VideoEncoding:
+    """How a finished video is encoded for the response: H.264 in MP4.
+
+    Default: yuv420p at `crf` (plays everywhere, lossy). `lossless`: H.264 RGB at qp 0 (libx264rgb),
+    which decodes to exactly the generated frames - the path for checking frames, not for browsers.
+    """
+
+    format: Literal["mp4"] = "mp4"
+    fps: float = DEFAULT_VIDEO_FPS
+    lossless: bool = False
+    crf: int = 18          # x264 constant rate factor 0..51 (lower = better); ignored when lossless
+    preset: str = "fast"   # x264 speed/size trade-off
+
+    def __post_init__(self):
+        if self.format not in VIDEO_FORMATS:
+            raise ValueError(f"unknown video format {self.format!r} ({', '.join(VIDEO_FORMATS)})")
+        if not 0 < self.fps <= 240:
+            raise ValueError(f"fps must be in (0, 240], got {self.fps}")
+        if not 0 <= self.crf <= 51:
+            raise ValueError(f"crf must be in [0, 51], got {self.crf}")
+        if self.preset not in X264_PRESETS:
+            raise ValueError(f"unknown x264 preset {self.preset!r} ({', '.join(X264_PRESETS)})")
+
+    @property
+    def media_type(self) -> str:
+        return VIDEO_FORMATS[self.format]
+
+
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
+
+@dataclass
+class VideoRequest:
+    """t2v (text only), i2v (a first-frame image) or video_edit (an input video)."""
+
+    task: VideoTask
+    prompt: str
+    num_frames: int | None = None       # t2v / i2v (4k+1); video_edit takes the sampled input's count
+    height: int | None = None           # t2v; i2v and video_edit take the bucketed input size
+    width: int | None = None
+    image: Image.Image | None = None    # i2v
+    video: Any = None                   # video_edit: a video file path or an object with .frames and .fps
+    resolution: str = "video_480p"      # bucket preset of the i2v image / video_edit input (spec §4.2)
+    negative_prompt: str | None = None
+    system_prompt: str | None = None
+    params: DenoiseParams = field(default_factory=DenoiseParams)
+    request_id: str = ""
+    encoding: VideoEncoding = VideoEncoding()   # of the finished video (the DiT stage encodes it)

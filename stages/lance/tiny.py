@@ -109,13 +109,18 @@ def _standard_normal(seed_name: str, shape: tuple[int, ...], seed: int) -> torch
     return torch.randn(shape, generator=generator)
 
 
+def variant_seed(seed: int, variant: str) -> int:
+    """Base seed of one variant's model.safetensors (the variants are separate fine-tunes)."""
+    return seed + VARIANTS.index(variant)
+
+
 def _is_norm_weight(name: str) -> bool:
     module = name.split(".")[-2]
     return "norm" in module or module == "ln_q"  # ln_q: the ViT merger's RMSNorm
 
 
-def transformer_tensor(name: str, shape: tuple[int, ...], seed: int, seed_name: str | None = None) -> torch.Tensor:
-    r = _standard_normal(seed_name or name, shape, seed)
+def transformer_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    r = _standard_normal(name, shape, seed)
     return 1 + 0.1 * r if _is_norm_weight(name) else 0.02 * r
 
 
@@ -209,14 +214,15 @@ def make_tiny_checkpoint(out_dir: str | Path, spec: TinyCheckpointSpec = TinyChe
         llm_dir = root / variant
         llm_dir.mkdir(exist_ok=True)
         cfg = LanceConfig(llm=LanceLLMConfig.from_dict(raw_llm), variant=variant, raw_llm_config=raw_llm)
-        # Variants are separate fine-tunes: seed the non-default ones' tensors apart from Lance_3B's.
-        tag = "" if variant == VARIANTS[0] else f"{variant}/"
-        tensors = {n: transformer_tensor(n, s, spec.seed, tag + n) for n, s in expected_llm_tensor_shapes(cfg).items()
+        # Variants are separate fine-tunes: each variant's tensors come from its own base seed (seed + the
+        # variant's index: Lance_3B_Video = seed + 1, as in the golden tiny checkpoint).
+        seed = variant_seed(spec.seed, variant)
+        tensors = {n: transformer_tensor(n, s, seed) for n, s in expected_llm_tensor_shapes(cfg).items()
                    if n != POSITION_TABLE_NAME}
         frames = stored_latent_pos_embed_frames(cfg)
         tensors[POSITION_TABLE_NAME] = latent_pos_embed_table(spec.hidden, frames, cfg.latent.max_latent_size)
         if variant in VIDEO_VARIANTS:  # the video file carries its own ViT copy (lance_spec.md §1.1)
-            tensors |= {BUNDLED_VIT_PREFIX + n: transformer_tensor(n, s, spec.seed, tag + BUNDLED_VIT_PREFIX + n)
+            tensors |= {BUNDLED_VIT_PREFIX + n: transformer_tensor(BUNDLED_VIT_PREFIX + n, s, seed)
                         for n, s in vit_shapes.items()}
         _save_safetensors(tensors, llm_dir / "model.safetensors")
         _write_json(llm_dir / LLM_CONFIG_NAME, raw_llm)

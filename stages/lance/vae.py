@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
+from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 from PIL import Image
 from torch import nn
 
@@ -253,10 +255,32 @@ class LanceVAE(nn.Module):
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Normalized latent [B, z, t, h, w] -> video [B, 3, 4(t-1)+1, 16h, 16w] clamped to [-1, 1]."""
+        chunks = list(self.decode_chunks(latent))
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=2)
+
+    @torch.no_grad()
+    def decode_chunks(self, latent: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Decode a clip one latent frame at a time: yields [B, 3, f, H, W] in [-1, 1] (f = 1 for latent
+        frame 0, then 4 per latent frame).
+
+        This is diffusers' `AutoencoderKLWan._decode` loop (the causal decoder with its feature cache
+        carried from chunk to chunk), yielding each chunk instead of concatenating: only one latent
+        frame's activations and the cache are alive at a time, and a caller can encode or report
+        progress per chunk. Concatenated, the chunks equal `_decode` exactly (unpatchify and clamp
+        act per frame). The feature cache belongs to the generator, not to the module (diffusers keeps
+        it on the module): several clips can be decoded interleaved on one VAE (the DiT stage does).
+        """
         if not self.has_decoder:
             raise RuntimeError("this LanceVAE was loaded without its decoder")
+        model = self.model
         z = latent.to(self.latents_mean.dtype) / self.latents_inv_std + self.latents_mean
-        return self.model._decode(z, return_dict=False)[0].clamp(-1, 1)
+        feat_cache = [None] * model._cached_conv_counts["decoder"]
+        x = model.post_quant_conv(z)
+        for i in range(x.shape[2]):
+            out = model.decoder(x[:, :, i:i + 1], feat_cache=feat_cache, feat_idx=[0], first_chunk=(i == 0))
+            if model.config.patch_size is not None:
+                out = unpatchify(out, patch_size=model.config.patch_size)
+            yield out.clamp_(-1, 1)
 
 
 def decode_to_uint8(video: torch.Tensor) -> torch.Tensor:
@@ -282,14 +306,36 @@ def posterior_eps(shape, seed: int, device, dtype) -> torch.Tensor:
     return torch.randn(shape, generator=g, device=device, dtype=dtype)
 
 
-def reference_latent(vae: LanceVAE, image: Image.Image, resolution: str, seed: int,
-                     eps: torch.Tensor | None = None) -> torch.Tensor:
-    """Lance's reference latent of an edit input: posterior *sample* of the bucketed image, [1, z, t, h, w]."""
-    video = vae_image_tensor(image, resolution)[None].to(vae.latents_mean.device, vae.latents_mean.dtype)
-    mean, logvar = vae.encode(video)
+def posterior_latent(vae: LanceVAE, pixels: torch.Tensor, seed: int, eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Lance's latent of a conditioning input: posterior *sample* of pixels [3, T, H, W], [1, z, t, h, w].
+    `eps` (else drawn from the seed) is the posterior noise, shaped like the latent."""
+    mean, logvar = vae.encode(pixels[None].to(vae.latents_mean.device, vae.latents_mean.dtype))
     if eps is None:
         eps = posterior_eps(mean.shape, seed, mean.device, mean.dtype)
     return vae.sample_posterior(mean, logvar, eps=eps)
+
+
+def first_frame_condition(vae: LanceVAE, pixels: torch.Tensor, grid: tuple[int, int, int], seed: int,
+                          eps: torch.Tensor | None = None) -> torch.Tensor:
+    """i2v's condition: the posterior-sampled latent frame 0 of a bucketed image [3, 1, H, W], [1, z, 1, h, w].
+
+    Upstream encodes a [3, T, H, W] video whose first 4 frames are the image and the rest noise, and keeps
+    latent frame 0; the Wan2.2 encoder is causal and encodes frame 0 alone, so encoding the image alone
+    gives the same latent frame. The posterior noise `eps` is the whole target latent's, [1, z, t, h, w] as
+    upstream draws it (or just its frame 0, [1, z, 1, h, w]); frame 0 of it is used. Default: the seed's."""
+    t, h, w = grid
+    z = vae.latents_mean.shape[1]
+    if eps is None:
+        eps = posterior_eps((1, z, t, h, w), seed, vae.latents_mean.device, vae.latents_mean.dtype)
+    elif eps.dim() != 5 or tuple(eps.shape[:2]) != (1, z) or tuple(eps.shape[3:]) != (h, w):
+        raise ValueError(f"reference_eps must be [1, {z}, t, {h}, {w}], got {list(eps.shape)}")
+    return posterior_latent(vae, pixels, seed, eps[:, :, :1])
+
+
+def reference_latent(vae: LanceVAE, image: Image.Image, resolution: str, seed: int,
+                     eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Lance's reference latent of an edit input: posterior *sample* of the bucketed image, [1, z, t, h, w]."""
+    return posterior_latent(vae, vae_image_tensor(image, resolution), seed, eps)
 
 
 def latent_tokens(latent: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,7 @@ from transformers.initialization import no_init_weights
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
 from .checkpoint import VIT_CONFIG_NAME, VIT_WEIGHTS_NAME, SafetensorsFile, check_keys
-from .preprocessing import vit_image_tensor
+from .preprocessing import vit_image_tensor, vit_video_tensor
 
 
 def attention_backend(requested: str | None, device: torch.device | str) -> str:
@@ -104,10 +104,19 @@ def patchify_video_with_merge(
     return patches, torch.tensor([[gt, gh, gw]], dtype=torch.long)
 
 
-def image_patches(image, resolution: str, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2):
-    """An image's ViT input: merge-window patches, their patch grid (T/2, H/14, W/14) and the LLM grid of
-    its block (T/2, H/28, W/28)."""
-    video = vit_image_tensor(image, resolution)
+def vit_patches(video: torch.Tensor, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2):
+    """A preprocessed ViT input [3, T, H, W] -> merge-window patches, their patch grid (T/2, H/14, W/14)
+    and the LLM grid of its block (T/2, H/28, W/28)."""
     patches, grid = patchify_video_with_merge(video, patch_size, temporal_patch_size, merge_size)
     t, h, w = grid[0].tolist()
     return patches, (t, h, w), (t, h // merge_size, w // merge_size)
+
+
+def image_patches(image, resolution: str, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2):
+    """An image's ViT input (the image repeated to one temporal patch): see `vit_patches`."""
+    return vit_patches(vit_image_tensor(image, resolution), patch_size, temporal_patch_size, merge_size)
+
+
+def video_patches(frames, resolution: str, patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2):
+    """Sampled video frames' ViT input (an odd last frame repeated, temporal groups of 2): see `vit_patches`."""
+    return vit_patches(vit_video_tensor(frames, resolution), patch_size, temporal_patch_size, merge_size)

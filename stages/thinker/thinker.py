@@ -1,11 +1,13 @@
 """`Thinker`: one vLLM AsyncLLM running Lance, with the two jobs of the thinker stage.
 
-* `prefill_context(ImageRequest)`: builds the cond and text-uncond contexts (`stages.lance.sequence`),
+* `prefill_context(ImageRequest | VideoRequest)`: builds the cond and text-uncond contexts (`stages.lance.sequence`),
   prefills them on vLLM with prefix caching (the uncond branch is submitted once the cond branch is done,
   so the prefix they share - system prompt, and for edits the ViT and reference blocks - is computed once
   and read from the cache), and returns a `ContextHandoff`: per branch the exported K/V as a Ray ObjectRef
   and the positions its target block must use, the latent grid, the knobs, the number of reference tokens.
-* `generate_text(TextRequest)`: understanding (image -> text) and chat, streamed token by token.
+  i2v adds its clean first latent frame (VAE-encoded here); video_edit samples the input video's frames for
+  the ViT and the VAE as upstream does.
+* `generate_text(TextRequest)`: understanding (image or video -> text) and chat, streamed token by token.
 
 `ThinkerStage` (stage.py) is this class as a Ray Serve deployment.
 """
@@ -24,13 +26,16 @@ import torch
 from stages.lance.checkpoint import load_lance_config, load_tokenizer, read_vit_config, resolve_checkpoint
 from stages.lance.config import SpecialTokens
 from stages.lance.handoff import BranchKV, ContextHandoff
-from stages.lance.limits import DTYPE_NAMES, LimitError, check_image_size
-from stages.lance.prompts import Visual, default_system_prompt
-from stages.lance.requests import DEFAULT_T2I_SIZE, ImageRequest, TextRequest
+from stages.lance.limits import DTYPE_NAMES, LimitError, check_image_size, check_target_size
+from stages.lance.preprocessing import vae_image_tensor, vae_video_tensor
+from stages.lance.prompts import VIDEO_TASKS, Visual, default_system_prompt
+from stages.lance.requests import (DEFAULT_T2I_SIZE, I2V_DEFAULT_FRAMES, T2V_DEFAULT_FRAMES, T2V_DEFAULT_SIZE,
+                                   ImageRequest, TextRequest, VideoRequest)
 from stages.lance.sequence import (BranchPlan, LanceSequence, build_understanding_sequence, mrope_positions,
                                    plan_generation_request)
-from stages.lance.vae import latent_tokens, reference_latent
-from stages.lance.vit import image_patches
+from stages.lance.vae import first_frame_condition, latent_tokens, posterior_latent, reference_latent
+from stages.lance.video_io import sample_video
+from stages.lance.vit import image_patches, video_patches
 
 from .engine_config import LanceTokenIds, engine_kwargs, write_vllm_config_dir
 from .errors import ContextTooLongError, KVExportError, ThinkerRequestError
@@ -48,6 +53,7 @@ class PreparedGeneration:
     latent_grid: tuple[int, int, int]
     visuals: VisualInputs
     num_reference_tokens: int
+    condition_latents: torch.Tensor | None = None  # i2v: the clean first latent frame [h*w, 48]
 
 
 class EngineStats:
@@ -115,14 +121,17 @@ class Thinker:
 
     # --- image tasks ------------------------------------------------------------------------------
 
-    async def prefill_context(self, req: ImageRequest, *, reference_eps: torch.Tensor | None = None) -> ContextHandoff:
+    async def prefill_context(self, req: ImageRequest | VideoRequest, *,
+                              reference_eps: torch.Tensor | None = None) -> ContextHandoff:
         """Prefill both CFG branches' contexts and hand them over (see the module docstring).
 
-        `reference_eps` injects the posterior noise of an edit's reference latent (upstream draws it from
-        its global RNG; by default we draw it from the request seed, as the offline pipeline does).
+        `reference_eps` injects the posterior noise of an edit's reference latent or i2v's first-frame
+        condition (upstream draws it from its global RNG; by default we draw it from the request seed, as
+        the offline pipeline does).
         """
         request_id = req.request_id or uuid.uuid4().hex
-        prep = await asyncio.to_thread(self._prepare_generation, req, reference_eps)
+        prepare = self._prepare_video if isinstance(req, VideoRequest) else self._prepare_generation
+        prep = await asyncio.to_thread(prepare, req, reference_eps)
         tag = uuid.uuid4().hex[:8]
         cond, cond_bytes = await self._prefill_branch(f"{_safe(request_id)}-cond-{tag}", prep.cond, prep.visuals)
         uncond, uncond_bytes = None, 0
@@ -131,7 +140,7 @@ class Thinker:
                                                               prep.visuals)
         return ContextHandoff(request_id=request_id, task=req.task, latent_grid=prep.latent_grid, params=req.params,
                               cond=cond, uncond=uncond, num_reference_tokens=prep.num_reference_tokens,
-                              kv_bytes=cond_bytes + uncond_bytes)
+                              kv_bytes=cond_bytes + uncond_bytes, condition_latents=prep.condition_latents)
 
     def _prepare_generation(self, req: ImageRequest, reference_eps) -> PreparedGeneration:
         if req.task not in ("t2i", "image_edit"):
@@ -161,6 +170,62 @@ class Thinker:
         for plan in (cond, uncond) if req.params.uses_cfg else (cond,):
             self._check_length(plan.context.input_ids.numel(), "context")
         return PreparedGeneration(cond, uncond if req.params.uses_cfg else None, tuple(grid), visuals, n_ref)
+
+    def _prepare_video(self, req: VideoRequest, reference_eps) -> PreparedGeneration:
+        """t2v / i2v / video_edit: the same sequences and positions as the offline pipeline's."""
+        if req.task not in VIDEO_TASKS - {"x2t_video"}:
+            raise ThinkerRequestError(f"unknown video task {req.task!r}", param="task")
+        if not req.prompt:
+            raise ThinkerRequestError("the prompt is empty", param="prompt")
+        visuals, context_visuals, n_ref, condition = VisualInputs(), [], 0, None
+        if req.task == "t2v":
+            height, width = req.height or T2V_DEFAULT_SIZE[0], req.width or T2V_DEFAULT_SIZE[1]
+            grid = self._target_grid(req.num_frames or T2V_DEFAULT_FRAMES, height, width)
+        elif req.task == "i2v":
+            if req.image is None:
+                raise ThinkerRequestError("i2v needs a first-frame image", param="image")
+            pixels = self._preprocess(vae_image_tensor, req.image, req.resolution)
+            grid = self._target_grid(req.num_frames or I2V_DEFAULT_FRAMES, *pixels.shape[-2:])
+            with self._vae_lock:
+                condition = latent_tokens(first_frame_condition(self._reference_encoder(), pixels, grid,
+                                                                req.params.seed, reference_eps))
+        else:
+            if req.video is None:
+                raise ThinkerRequestError("video_edit needs an input video", param="video")
+            try:
+                _, frames = sample_video(req.video)
+            except (ValueError, TypeError, IndexError) as e:
+                raise ThinkerRequestError(f"cannot read the input video: {e}", param="video") from None
+            cfg = self.vit_config
+            visuals.vit_patches, visuals.vit_patch_grid, vit_grid = self._preprocess(
+                video_patches, frames, req.resolution, cfg.get("patch_size", 14), cfg.get("temporal_patch_size", 2),
+                cfg.get("spatial_merge_size", 2))
+            pixels = self._preprocess(vae_video_tensor, frames, req.resolution)
+            self._target_grid(pixels.shape[1], *pixels.shape[-2:])
+            with self._vae_lock:
+                ref = posterior_latent(self._reference_encoder(), pixels, req.params.seed, reference_eps)
+            grid = tuple(ref.shape[2:])
+            visuals.ref_latents, visuals.latent_grid = latent_tokens(ref), grid
+            context_visuals, n_ref = [("vit", vit_grid), ("vae_ref", grid)], visuals.ref_latents.shape[0]
+        system = req.system_prompt if req.system_prompt is not None else default_system_prompt(req.task)
+        cond, uncond = plan_generation_request(self.tokenizer, self.tokens, system, req.prompt, context_visuals, grid,
+                                               req.negative_prompt, self.config.llm.tokens_per_second)
+        for plan in (cond, uncond) if req.params.uses_cfg else (cond,):
+            self._check_length(plan.context.input_ids.numel(), "context")
+        return PreparedGeneration(cond, uncond if req.params.uses_cfg else None, tuple(grid), visuals, n_ref, condition)
+
+    def _target_grid(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        try:
+            return check_target_size(num_frames, height, width, self.config.latent)
+        except LimitError as e:
+            raise ThinkerRequestError(e.message, param=e.param, code="invalid_size") from None
+
+    @staticmethod
+    def _preprocess(fn, *args):
+        try:
+            return fn(*args)
+        except ValueError as e:
+            raise ThinkerRequestError(str(e), param="resolution") from None
 
     def _vit_inputs(self, image, resolution: str):
         """Merge-window pixel patches, their patch grid and the block's LLM grid (T/2, H/28, W/28)."""
@@ -251,7 +316,7 @@ class Thinker:
                 await self._abort(request_id)
 
     def _prepare_text(self, req: TextRequest) -> tuple[LanceSequence, VisualInputs]:
-        if req.task not in ("x2t_image", "chat"):
+        if req.task not in ("x2t_image", "x2t_video", "chat"):
             raise ThinkerRequestError(f"unknown text task {req.task!r}", param="task")
         if not req.turns or req.turns[-1].role != "user":
             raise ThinkerRequestError("the last message must be the user's", param="messages")
@@ -259,11 +324,23 @@ class Thinker:
             raise ThinkerRequestError("need max_tokens >= 1, temperature >= 0 and 0 < top_p <= 1", param="max_tokens")
         visuals, grids = VisualInputs(), []
         turns: list[tuple[str, list]] = []
-        image_pending = req.task == "x2t_image"
-        if image_pending and req.image is None:
+        image_pending = req.task in ("x2t_image", "x2t_video")
+        if req.task == "x2t_image" and req.image is None:
             raise ThinkerRequestError("x2t_image needs an image", param="image")
-        if image_pending:
+        if req.task == "x2t_video" and req.video is None:
+            raise ThinkerRequestError("x2t_video needs a video", param="video")
+        if req.task == "x2t_image":
             visuals.vit_patches, visuals.vit_patch_grid, vit_grid = self._vit_inputs(req.image, req.resolution)
+            grids.append(vit_grid)
+        elif req.task == "x2t_video":
+            try:
+                _, frames = sample_video(req.video)
+            except (ValueError, TypeError, IndexError) as e:
+                raise ThinkerRequestError(f"cannot read the input video: {e}", param="video") from None
+            cfg = self.vit_config
+            visuals.vit_patches, visuals.vit_patch_grid, vit_grid = self._preprocess(
+                video_patches, frames, req.resolution, cfg.get("patch_size", 14), cfg.get("temporal_patch_size", 2),
+                cfg.get("spatial_merge_size", 2))
             grids.append(vit_grid)
         for turn in req.turns:
             if turn.role == "system":
@@ -298,7 +375,7 @@ class Thinker:
                 "kv_bytes_per_token_per_branch": llm.num_hidden_layers * 2 * llm.num_key_value_heads * llm.head_dim
                 * torch.tensor([], dtype=self.dtype).element_size(),
                 **self._cache_geometry,
-                "tasks": ["t2i", "image_edit", "x2t_image", "chat"]}
+                "tasks": ["t2i", "image_edit", "x2t_image", "chat", "t2v", "i2v", "video_edit", "x2t_video"]}
 
     def engine_stats(self) -> dict:
         return {"kv_cache_usage": self.stats.kv_cache_usage, "num_running": self.stats.num_running,
