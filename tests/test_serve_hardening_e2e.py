@@ -8,9 +8,10 @@ themselves (`ThinkerStage.engine_stats`, `DiTStage.stats`) whether cancelled wor
 
 Every route of the app's own table (its /openapi.json, plus /docs and /redoc) is tried without a
 key, with a wrong key and with a right one, with a trailing slash and as OPTIONS; the OpenAI SDK's
-`api_key=` must work. Then: a body over the cap is 413; a flood of slow image requests gets 503s
-with Retry-After and an OpenAI error body (never a hang); a request past the timeout is a 504, and a
-client that disconnects (non-streaming) frees the DiT and the thinker before the server timeout.
+`api_key=` must work. Then: a body over the cap is 413; a full /v1/videos store is a 429; a flood
+of slow image requests gets 503s with Retry-After and an OpenAI error body (never a hang); a request
+past the timeout is a 504, and a client that disconnects (non-streaming) frees the DiT and the
+thinker before the server timeout.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import pytest
 import yaml
 
 from serve_app.app_config import DEPLOYMENT_NAMES
+from ray_driver import RayDriver
 from serve_server import REPO_ROOT, SERVE_CONFIG, VENV_BIN, _port_in_use, _stop
 
 # `serve run` of its own app (own cluster, own port): never while the session's shared server
@@ -41,6 +43,7 @@ pytestmark = pytest.mark.heavy
 
 KEYS = ("sk-lance-hardening-first", "sk-lance-hardening-second")
 REQUEST_TIMEOUT_S = 60
+VIDEO_STORE_MAX_JOBS = 2
 STARTUP_TIMEOUT_S = 600
 # a t2i request the tiny CPU model needs far longer than REQUEST_TIMEOUT_S for (about 1.2 s per
 # 1024x1024 step on one core)
@@ -54,23 +57,17 @@ def auth(key=KEYS[0]) -> dict:
 
 
 class Cluster:
-    """The test process joined to the server's Ray cluster: the stages' own counters."""
+    """The server's Ray cluster through a driver process (tests/ray_driver.py): the stages' own
+    counters, and replica kills."""
 
-    def __init__(self, address: str):
-        import ray
-        from ray import serve
-
-        ray.init(address=address, log_to_driver=False)
-        self.serve = serve
-        self.ray = ray
-        self.thinker = serve.get_deployment_handle(DEPLOYMENT_NAMES["thinker"], app_name="lance")
-        self.dit = serve.get_deployment_handle(DEPLOYMENT_NAMES["dit"], app_name="lance")
+    def __init__(self, address: str, home: Path):
+        self.driver = RayDriver(address, home)
 
     def thinker_stats(self) -> dict:
-        return self.thinker.engine_stats.remote().result(timeout_s=60)
+        return self.driver.call(DEPLOYMENT_NAMES["thinker"], "engine_stats")
 
     def dit_stats(self) -> dict:
-        return self.dit.stats.remote().result(timeout_s=60)
+        return self.driver.call(DEPLOYMENT_NAMES["dit"], "stats")
 
     def wait_idle(self, timeout_s: float) -> tuple[dict, dict]:
         """Both stages with nothing running, waiting or parked; fails with their counters if not."""
@@ -85,16 +82,10 @@ class Cluster:
             time.sleep(0.5)
 
     def kill_replica(self, deployment: str) -> str:
-        """Kill one replica actor of a deployment, as a crash would (Serve starts a new one)."""
-        names = [a for a in self.ray.util.list_named_actors(all_namespaces=True)
-                 if a["name"].startswith("SERVE_REPLICA") and f"#{deployment}#" in a["name"]]
-        assert names, f"no {deployment} replica found"
-        actor = self.ray.get_actor(names[0]["name"], namespace=names[0]["namespace"])
-        self.ray.kill(actor, no_restart=True)
-        return names[0]["name"]
+        return self.driver.kill_replica(deployment)
 
     def close(self):
-        self.ray.shutdown()
+        self.driver.close()
 
 
 def _free_port() -> int:
@@ -109,7 +100,10 @@ def hardened_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("home")
     ray_tmp = Path(tempfile.mkdtemp(prefix="lsh", dir="/tmp"))   # short: Ray's socket paths
     config = yaml.safe_load((REPO_ROOT / SERVE_CONFIG).read_text())
-    config["applications"][0]["args"]["request_timeout_s"] = REQUEST_TIMEOUT_S
+    config["applications"][0]["args"].update(
+        request_timeout_s=REQUEST_TIMEOUT_S,
+        max_video_bytes=16 * 2**20,   # the body cap follows the largest media cap: keep it < 64 MiB
+        video_store_max_jobs=VIDEO_STORE_MAX_JOBS)
     config["http_options"]["port"] = port
     config_path = home / "lance_hardening.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -155,23 +149,15 @@ def base_url(hardened_server):
 
 @pytest.fixture(scope="module")
 def cluster(hardened_server):
-    """This process joined to the server's cluster as a driver (only the tests that ask for it)."""
+    """A driver joined to the server's cluster (only the tests that ask for it)."""
     _, home, ray_tmp, _ = hardened_server
     # the GCS port of the one cluster in our private temp dir (it listens on every interface)
     port_file = next((ray_tmp / "ray" / "session_latest").glob("gcs_server_port_*"))
-    # Ray's token auth: the cluster's token was written to the server's HOME; this process sends
-    # it (what ray's own _enable_token_auth does for a cluster it starts)
-    os.environ["RAY_AUTH_TOKEN_PATH"] = str(home / ".ray" / "auth_token")
-    os.environ["RAY_AUTH_MODE"] = "token"
-    from ray._raylet import Config
-    Config.initialize("")
-    c = Cluster(f"127.0.0.1:{port_file.read_text().strip()}")
+    c = Cluster(f"127.0.0.1:{port_file.read_text().strip()}", home)
     try:
         yield c
     finally:
         c.close()
-        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-        os.environ.pop("RAY_AUTH_MODE", None)
 
 
 @pytest.fixture(scope="module")
@@ -292,6 +278,26 @@ def test_body_over_the_cap_is_413_before_it_is_read(base_url):
     status, hdrs, _ = _raw_post(base_url, "/v1/chat/completions",
                                 {"Content-Type": "application/json", "Content-Length": str(64 * 2**20)})
     assert status == 401 and hdrs["www-authenticate"].lower().startswith("bearer")
+
+
+def test_a_full_video_store_is_429_with_retry_after(http):
+    small = {"prompt": "a dot", "num_frames": 1, "size": "64x64", "num_inference_steps": 1}
+    ids = []
+    for _ in range(VIDEO_STORE_MAX_JOBS):
+        r = http.post("/v1/videos", json=small, headers=auth())
+        assert r.status_code == 200, r.text[:300]
+        ids.append(r.json()["id"])
+    r = http.post("/v1/videos", json=small, headers=auth())
+    assert r.status_code == 429, r.text[:300]
+    assert int(r.headers["retry-after"]) > 0
+    assert r.json()["error"]["code"] == "too_many_videos"
+    # a deleted job (running or not) frees its place at once
+    assert http.delete(f"/v1/videos/{ids.pop(0)}", headers=auth()).json()["deleted"] is True
+    r = http.post("/v1/videos", json=small, headers=auth())
+    assert r.status_code == 200, r.text[:300]
+    ids.append(r.json()["id"])
+    for video_id in ids:
+        assert http.delete(f"/v1/videos/{video_id}", headers=auth()).json()["deleted"] is True
 
 
 def test_headers_over_the_limit_are_431(http):

@@ -1,0 +1,128 @@
+"""A Ray driver joined to a running `serve run` cluster, in its own process, and its client.
+
+Tests that ask the stages themselves (`ThinkerStage.engine_stats`, `DiTStage.stats`), call a named
+actor or kill a replica do it through `RayDriver`, which runs this file as a script and talks to it
+over stdin/stdout, one JSON object per line. The driver is out of the pytest process on purpose:
+joining a cluster with Ray's token auth sets process-wide Ray state (`ray._raylet.Config`) that no
+`ray.shutdown()` undoes, and a later `ray.init()` of another test module in the same process then
+fails to start its own local cluster.
+
+    python tests/ray_driver.py <gcs host:port>        (env: RAY_AUTH_TOKEN_PATH, RAY_AUTH_MODE)
+    -> {"ok": true} once joined; then for each request line {"op": ..., ...}
+    -> {"ok": true, "result": ...} or {"ok": false, "error": "..."}
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class RayDriverError(RuntimeError):
+    pass
+
+
+class RayDriver:
+    """The client: a driver process joined to the cluster whose GCS is at `address`; `home` is the
+    server's HOME, where Ray wrote the cluster's auth token."""
+
+    def __init__(self, address: str, home: Path, join_timeout_s: float = 120):
+        env = dict(os.environ, RAY_AUTH_TOKEN_PATH=str(home / ".ray" / "auth_token"),
+                   RAY_AUTH_MODE="token", PYTHONPATH=str(REPO_ROOT))
+        env.pop("RAY_ADDRESS", None)
+        self.proc = subprocess.Popen([sys.executable, __file__, address], cwd=REPO_ROOT, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     bufsize=1)
+        self.lock = threading.Lock()   # watcher threads and the test share the one pipe
+        self._read(join_timeout_s)
+
+    def _read(self, timeout_s: float):
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            raise RayDriverError(f"no answer from the Ray driver in {timeout_s}s "
+                                 f"(exit code {self.proc.poll()})")
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise RayDriverError(reply["error"])
+        return reply.get("result")
+
+    def _ask(self, timeout_s: float = 90, **request):
+        with self.lock:
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            return self._read(timeout_s)
+
+    def call(self, deployment: str, method: str, *args, app_name: str = "lance"):
+        """`method(*args)` of a Serve deployment (JSON arguments and result)."""
+        return self._ask(op="call", deployment=deployment, method=method, args=list(args),
+                         app_name=app_name)
+
+    def call_actor(self, name: str, namespace: str, method: str, *args):
+        """`method(*args)` of a named actor."""
+        return self._ask(op="call_actor", name=name, namespace=namespace, method=method,
+                         args=list(args))
+
+    def kill_replica(self, deployment: str) -> str:
+        """Kill one replica actor of a deployment, as a crash would (Serve starts a new one)."""
+        return self._ask(op="kill_replica", deployment=deployment)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def main(address: str) -> None:
+    # replies go to the real stdout; anything Ray or a library prints goes to stderr
+    replies, sys.stdout = sys.stdout, sys.stderr
+    import ray
+    from ray import serve
+
+    ray.init(address=address, log_to_driver=False)
+    handles: dict = {}
+
+    def call(deployment, method, args, app_name):
+        if (deployment, app_name) not in handles:
+            handles[deployment, app_name] = serve.get_deployment_handle(deployment,
+                                                                        app_name=app_name)
+        return getattr(handles[deployment, app_name], method).remote(*args).result(timeout_s=60)
+
+    def call_actor(name, namespace, method, args):
+        actor = ray.get_actor(name, namespace=namespace)
+        return ray.get(getattr(actor, method).remote(*args), timeout=60)
+
+    def kill_replica(deployment):
+        names = [a for a in ray.util.list_named_actors(all_namespaces=True)
+                 if a["name"].startswith("SERVE_REPLICA") and f"#{deployment}#" in a["name"]]
+        if not names:
+            raise LookupError(f"no {deployment} replica found")
+        ray.kill(ray.get_actor(names[0]["name"], namespace=names[0]["namespace"]),
+                 no_restart=True)
+        return names[0]["name"]
+
+    ops = {"call": call, "call_actor": call_actor, "kill_replica": kill_replica}
+    print(json.dumps({"ok": True}), file=replies, flush=True)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        try:
+            reply = {"ok": True, "result": ops[request.pop("op")](**request)}
+        except Exception as e:   # the test sees the failure; the driver stays up for the next one
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        print(json.dumps(reply, default=str), file=replies, flush=True)
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
