@@ -115,6 +115,11 @@ def _message_text(msg: ChatMessage, i: int, conv: Conversation) -> str:
             if template_system is not None:
                 conv.system_prompts.append((f"{param} (template)", template_system))
             texts.append(text)
+        elif msg.role == "assistant":
+            # an earlier answer, sent back as history: the model's own text may hold special-token
+            # strings (a random-weights model's certainly does); they are dropped, not refused,
+            # so that a client can always continue its conversation
+            texts.append(_SPECIAL.sub("", part.text))
         else:
             texts.append(no_special_tokens(part.text, param))
     return " ".join(t for t in texts if t)

@@ -56,7 +56,7 @@ from .metrics import StageMetrics
 from .pipeline import StagePipeline
 from .knobs import RequestLimits
 from .request_parsing import form_fields, parse_chat_request, parse_edit_form, parse_generation_json
-from .variants import VIDEO_TASKS, variant_for_task
+from .variants import variant_for_task
 from .video_jobs import VideoStoreLimits
 
 logger = logging.getLogger("ray.serve")

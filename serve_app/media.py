@@ -92,7 +92,7 @@ def decode_video_bytes(data: bytes, param: str):
             except IndexError:   # the container over-stated its frame count: count by decoding
                 frames = decode_video_frames(f.name)
                 frames = frames[video_frame_indices(len(frames), fps)]
-        except Exception as e:   # PyAV/FFmpeg errors of every kind for broken files
+        except Exception:   # PyAV/FFmpeg errors of every kind for broken files
             raise bad_request("the video could not be decoded: send an MP4 (or another file "
                               "FFmpeg reads) with a video stream", param=param,
                               code="invalid_video") from None

@@ -9,7 +9,9 @@ not hold its cluster while other heavy tests run.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -92,13 +94,11 @@ def _stop_and_free_port(proc: subprocess.Popen, port: int) -> None:
 _running: list[tuple[subprocess.Popen, int]] = []
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory) -> Server:
-    port = _config_port()
-    if _port_in_use(port):
-        pytest.fail(f"port {port} ({SERVE_CONFIG} http_options.port) is already in use; "
-                    "stop whatever listens there")
-    home = tmp_path_factory.mktemp("home")
+@contextlib.contextmanager
+def serve_run(config: str | Path, home: Path, port: int, extra_env: dict | None = None):
+    """`serve run <config>` as a subprocess on a fresh local Ray cluster in a private temp dir, with
+    HOME=`home` and LANCE_MODEL unset (the tiny checkpoint is made in HOME's cache); yields the
+    Server once /health answers 200 and stops it (and frees `port`) on exit."""
     log_path = home / "serve_run.log"
     ray_tmp = Path(tempfile.mkdtemp(prefix="lss", dir="/tmp"))   # short: Ray's socket paths
     env = {k: v for k, v in os.environ.items()
@@ -106,18 +106,17 @@ def server(tmp_path_factory) -> Server:
     env.update(HOME=str(home), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
                RAY_TMPDIR=str(ray_tmp),                          # its own: tests can find its GCS
                RAY_ADDRESS="local",                              # a fresh cluster, never another's
-               RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION="0.05")  # small object store
+               RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION="0.05",  # small object store
+               **(extra_env or {}))
     start = time.monotonic()
     with open(log_path, "wb") as log:
-        # exactly the README's command (`make serve` runs it too)
-        proc = subprocess.Popen(["serve", "run", SERVE_CONFIG], cwd=REPO_ROOT, env=env, stdout=log,
+        proc = subprocess.Popen(["serve", "run", str(config)], cwd=REPO_ROOT, env=env, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    _running.append((proc, port))
     base_url = f"http://127.0.0.1:{port}"
     try:
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"`serve run {SERVE_CONFIG}` exited ({proc.returncode}):\n"
+                pytest.fail(f"`serve run {config}` exited ({proc.returncode}):\n"
                             + log_path.read_text(errors="replace")[-6000:])
             if time.monotonic() - start > STARTUP_TIMEOUT_S:
                 pytest.fail(f"not healthy after {STARTUP_TIMEOUT_S}s:\n"
@@ -130,8 +129,23 @@ def server(tmp_path_factory) -> Server:
             time.sleep(2)
         yield Server(base_url, proc, log_path, home, time.monotonic() - start, ray_tmp)
     finally:
-        _running.remove((proc, port))
         _stop_and_free_port(proc, port)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory) -> Server:
+    port = _config_port()
+    if _port_in_use(port):
+        pytest.fail(f"port {port} ({SERVE_CONFIG} http_options.port) is already in use; "
+                    "stop whatever listens there")
+    # exactly the README's command (`make serve` runs it too)
+    with serve_run(SERVE_CONFIG, tmp_path_factory.mktemp("home"), port) as running:
+        _running.append((running.proc, port))   # stopped early by pytest_runtest_teardown below
+        try:
+            yield running
+        finally:
+            _running.remove((running.proc, port))
 
 
 def _uses_server(item) -> bool:

@@ -12,7 +12,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from stages.lance import LancePipeline
 from stages.lance.context import prefill_context
-from stages.lance.denoise import BranchState, batch_caches, predict_velocity
+from stages.lance.denoise import batch_caches, predict_velocity
 from stages.lance.prompts import default_system_prompt
 from stages.lance.sequence import build_understanding_sequence, mrope_positions, BranchPlan
 from stages.lance.tiny import TinyCheckpointSpec, make_tiny_checkpoint

@@ -201,6 +201,14 @@ def test_x2t_image_without_question_is_allowed_and_modalities_in_extra_body_rout
     assert req.task == "x2t_image" and req.turns[0].text == ""
 
 
+def test_an_earlier_answer_with_special_token_strings_continues_the_conversation():
+    # a user's text may not smuggle special tokens in (400 below); the model's own earlier answer,
+    # sent back as history, may hold them: they are dropped from it
+    req = parse({"messages": [user("hi"), {"role": "assistant", "content": "a<|vision_start|>b<|im_end|>"},
+                              user("more")]}).request
+    assert [(t.role, t.text) for t in req.turns] == [("user", "hi"), ("assistant", "ab"), ("user", "more")]
+
+
 def test_text_sampling_fields():
     req = parse({"messages": [user("hi"), {"role": "assistant", "content": "hello"}, user("more")],
                  "max_completion_tokens": 40, "temperature": 0.7, "top_p": 0.9, "stop": "END",

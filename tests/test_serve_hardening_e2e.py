@@ -15,13 +15,10 @@ thinker before the server timeout.
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import select
-import shutil
 import socket
-import subprocess
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +31,7 @@ import yaml
 
 from serve_app.app_config import DEPLOYMENT_NAMES
 from ray_driver import RayDriver
-from serve_server import REPO_ROOT, SERVE_CONFIG, VENV_BIN, _port_in_use, _stop
+from serve_server import REPO_ROOT, SERVE_CONFIG, Server, serve_run
 
 # `serve run` of its own app (own cluster, own port): never while the session's shared server
 # (tests/serve_server.py) runs; its tests are grouped and it is stopped after the last of them, and
@@ -95,10 +92,9 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def hardened_server(tmp_path_factory):
+def hardened_server(tmp_path_factory) -> Server:
     port = _free_port()   # not the shipped config's 8000 (the shared server's)
     home = tmp_path_factory.mktemp("home")
-    ray_tmp = Path(tempfile.mkdtemp(prefix="lsh", dir="/tmp"))   # short: Ray's socket paths
     config = yaml.safe_load((REPO_ROOT / SERVE_CONFIG).read_text())
     config["applications"][0]["args"].update(
         request_timeout_s=REQUEST_TIMEOUT_S,
@@ -107,53 +103,19 @@ def hardened_server(tmp_path_factory):
     config["http_options"]["port"] = port
     config_path = home / "lance_hardening.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    log_path = home / "serve_run.log"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("LANCE_MODEL", "LANCE_SERVE_CACHE_DIR", "XDG_CACHE_HOME", "RAY_ADDRESS")}
-    env.update(HOME=str(home), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-               RAY_ADDRESS="local", RAY_TMPDIR=str(ray_tmp),
-               RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION="0.05",
-               LANCE_SERVE_API_KEY=",".join(KEYS))
-    start = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["serve", "run", str(config_path)], cwd=REPO_ROOT, env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    base_url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"serve run exited ({proc.returncode}):\n"
-                            + log_path.read_text(errors="replace")[-6000:])
-            if time.monotonic() - start > STARTUP_TIMEOUT_S:
-                pytest.fail(f"not healthy after {STARTUP_TIMEOUT_S}s:\n"
-                            + log_path.read_text(errors="replace")[-6000:])
-            try:
-                if httpx.get(f"{base_url}/health", timeout=15).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(2)
-        yield base_url, home, ray_tmp, log_path
-    finally:
-        _stop(proc)
-        deadline = time.monotonic() + 30
-        while _port_in_use(port) and time.monotonic() < deadline:
-            time.sleep(1)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    with serve_run(config_path, home, port, {"LANCE_SERVE_API_KEY": ",".join(KEYS)}) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
 def base_url(hardened_server):
-    return hardened_server[0]
+    return hardened_server.base_url
 
 
 @pytest.fixture(scope="module")
 def cluster(hardened_server):
     """A driver joined to the server's cluster (only the tests that ask for it)."""
-    _, home, ray_tmp, _ = hardened_server
-    # the GCS port of the one cluster in our private temp dir (it listens on every interface)
-    port_file = next((ray_tmp / "ray" / "session_latest").glob("gcs_server_port_*"))
-    c = Cluster(f"127.0.0.1:{port_file.read_text().strip()}", home)
+    c = Cluster(hardened_server.ray_address(), hardened_server.home)
     try:
         yield c
     finally:
@@ -203,7 +165,7 @@ def test_every_route_needs_a_key_but_health_and_the_playground(http, hardened_se
     # the playground asks for the key itself: its page and files load without one
     for path in ("/", "/playground", "/playground/app.js"):
         assert http.get(path).status_code == 200, path
-    log = hardened_server[3].read_text(errors="replace")
+    log = hardened_server.log()
     assert not any(k in log for k in KEYS)          # keys are never logged
     assert "!! NO API KEY" not in log
 
@@ -336,25 +298,32 @@ def test_flood_is_answered_with_503_and_retry_after_never_a_hang(base_url, clust
     cluster.wait_idle(60)
 
 
-def _watch_dit(cluster, stop: threading.Event, seen: list):
-    while not stop.is_set():
-        stats = cluster.dit_stats()
-        seen.append(stats["active"] + stats["waiting"])
-        time.sleep(0.3)
+@contextlib.contextmanager
+def dit_jobs_seen(cluster):
+    """The DiT's job counts (active + waiting), sampled in a thread while the block runs."""
+    stop, seen = threading.Event(), []
+
+    def watch():
+        while not stop.is_set():
+            stats = cluster.dit_stats()
+            seen.append(stats["active"] + stats["waiting"])
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        watcher.join()
 
 
 def test_timeout_is_504_and_frees_both_stages(http, cluster):
     cluster.wait_idle(120)
-    stop, seen = threading.Event(), []
-    watcher = threading.Thread(target=_watch_dit, args=(cluster, stop, seen), daemon=True)
-    watcher.start()
     start = time.monotonic()
-    try:
+    with dit_jobs_seen(cluster) as seen:
         r = http.post("/v1/images/generations", json=SLOW_T2I, headers=auth(),
                       timeout=REQUEST_TIMEOUT_S + 60)
-    finally:
-        stop.set()
-        watcher.join()
     took = time.monotonic() - start
     assert r.status_code == 504 and r.json()["error"]["code"] == "timeout", r.text[:300]
     assert REQUEST_TIMEOUT_S - 1 < took < REQUEST_TIMEOUT_S + 30
@@ -364,15 +333,10 @@ def test_timeout_is_504_and_frees_both_stages(http, cluster):
 
 def test_client_disconnect_frees_the_dit_non_streaming(base_url, cluster):
     cluster.wait_idle(120)
-    stop, seen = threading.Event(), []
-    watcher = threading.Thread(target=_watch_dit, args=(cluster, stop, seen), daemon=True)
-    watcher.start()
     start = time.monotonic()
-    with httpx.Client(base_url=base_url) as c:
+    with dit_jobs_seen(cluster) as seen, httpx.Client(base_url=base_url) as c:
         with pytest.raises(httpx.ReadTimeout):   # the client gives up and closes the connection
             c.post("/v1/images/generations", json=SLOW_T2I, headers=auth(), timeout=6)
-    stop.set()
-    watcher.join()
     assert max(seen) >= 1
     # freed long before the server's own timeout would have done it
     cluster.wait_idle(REQUEST_TIMEOUT_S - (time.monotonic() - start) - 2)

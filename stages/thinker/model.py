@@ -48,7 +48,7 @@ from stages.lance.weights import (BUNDLED_VIT_PREFIX, VIT_FILE_PREFIX, VIT_SOURC
 
 from .bidirectional import BidirectionalSpan, find_bidirectional_spans, refine_bidirectional
 from .kv_layout import PagedKVReader, reader_for
-from .multimodal import (ANCHOR, LATENT, VIT, LanceDummyInputsBuilder, LanceMultiModalProcessor,
+from .multimodal import (LanceDummyInputsBuilder, LanceMultiModalProcessor,
                          LanceProcessingInfo, fields_of, lance_token_ids)
 
 log = logging.getLogger(__name__)
