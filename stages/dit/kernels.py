@@ -84,7 +84,7 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, stride_x, stride_out, n_cols, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -97,7 +97,7 @@ if triton is not None:
     def _qk_norm_rope_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, stride_qkv, eps,
                              HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
         # One token per program: all q and k heads as rows of a [BLOCK_H, HALF] tile (two halves).
-        tok = tl.program_id(0)
+        tok = tl.program_id(0).to(tl.int64)
         heads = tl.arange(0, BLOCK_H)[:, None]
         lanes = tl.arange(0, HALF)[None, :]
         valid = heads < HQ + HKV
@@ -127,7 +127,9 @@ if triton is not None:
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_out, n_cols, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+        # int64 rows in every kernel here: a 121-frame 480p CFG forward has 98,584 rows, and row * 22016
+        # (the gate_up stride) passes 2^31 from row 97,542 on
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
         g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
@@ -158,7 +160,7 @@ if triton is not None:
     @triton.jit
     def _rms_norm_fp8_kernel(x_ptr, w_ptr, q_ptr, scale_ptr, stride_x, n_cols, eps, BLOCK: tl.constexpr,
                              ROUND_IN_FP32: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
@@ -172,7 +174,7 @@ if triton is not None:
     @triton.jit
     def _silu_mul_fp8_kernel(gu_ptr, q_ptr, scale_ptr, stride_gu, n_cols, BLOCK: tl.constexpr,
                              ROUND_IN_FP32: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         g = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0).to(tl.float32)
@@ -189,7 +191,7 @@ if triton is not None:
     @triton.jit
     def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, stride_x, n_cols, BLOCK: tl.constexpr,
                               ROUND_IN_FP32: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         y = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
