@@ -129,6 +129,13 @@ def _is_vllm_client_error(exc: BaseException) -> bool:
     return mod is not None and isinstance(exc, mod.VLLMClientError)
 
 
+def _is_vllm_engine_dead(exc: BaseException) -> bool:
+    # the replica's vLLM engine died under the request: the replica is as good as dead (its
+    # check_health fails, Serve replaces it), so the request may be retried
+    mod = sys.modules.get("vllm.v1.engine.exceptions")
+    return mod is not None and isinstance(exc, mod.EngineDeadError)
+
+
 def stage_error(exc: BaseException, stage: str) -> OpenAIError:
     """Map an exception raised by (or on the way to) a stage to the error the client gets.
 
@@ -165,6 +172,11 @@ def stage_error(exc: BaseException, stage: str) -> OpenAIError:
         # the context's KV objects died with their owner (the thinker replica that put them)
         if isinstance(e, ray_exc.ObjectLostError):
             return StageUnavailable(stage, type(e).__name__, handoff_lost=True)
+        if isinstance(e, (ray_exc.RayActorError, ray_exc.ActorUnavailableError)):
+            # a replica died under a call of the stage (e.g. the thinker's export registry)
+            return StageUnavailable(stage, type(e).__name__)
+        if _is_vllm_engine_dead(e):
+            return StageUnavailable(stage, "its engine died")
     logger.error("%s stage failed", stage, exc_info=exc)
     root = next(_exception_chain(exc), exc)   # the stage's own exception, not Ray's traceback
     return OpenAIError(f"the {stage} stage failed: {type(root).__name__}: {root}", status=500,

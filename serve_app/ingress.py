@@ -197,16 +197,8 @@ class LanceService:
             if parsed.stream:
                 # prefill and the DiT's first step before the headers: a 4xx, or a stage that is
                 # overloaded (503 + Retry-After), is still an HTTP status, not an event in a 200 stream
-                items = None
-                try:
-                    async with _deadline(timeout):
-                        handoff = await pipeline.prefill_with_retries(req)
-                        items = pipeline.denoise(handoff, req.encoding)
-                        first = await anext(items)
-                except BaseException:
-                    if items is not None:
-                        await items.aclose()   # stops the DiT job
-                    raise
+                async with _deadline(timeout):
+                    handoff, items, first = await pipeline.start_image_stream(req)
                 return self._sse(self._image_events(req, handoff, model, parsed.include_usage, lance,
                                                     items, first), headers)
             results = await self._generate_images(parsed.requests, pipeline)
@@ -222,11 +214,12 @@ class LanceService:
             return self._sse(self._text_events(req, tokens, first, model, parsed.include_usage,
                                                lance, parsed.return_token_ids), headers)
         text, token_ids, finish, last = [], [], "stop", {}
-        async with _deadline(timeout), aclosing(pipeline.generate_text(req)) as tokens:
-            async for item in tokens:
-                text.append(item.get("text", ""))
-                token_ids.extend(item.get("token_ids", ()))
-                finish, last = item.get("finish_reason") or finish, item
+        async with _deadline(timeout):
+            items = await pipeline.complete_text(req)   # retried whole if the thinker dies
+        for item in items:
+            text.append(item.get("text", ""))
+            token_ids.extend(item.get("token_ids", ()))
+            finish, last = item.get("finish_reason") or finish, item
         choice = oai.chat_choice(0, "".join(text), finish,
                                  token_ids if parsed.return_token_ids else None)
         body = oai.chat_completion(req.request_id, model, [choice],
@@ -239,7 +232,7 @@ class LanceService:
         timeout = self.settings.request_timeout_s
         if parsed.stream:
             async with _deadline(timeout):
-                handoff = await pipeline.prefill(req)   # errors here are still 4xx
+                handoff = await pipeline.prefill_with_retries(req)   # errors here are still 4xx
             return self._sse(self._video_events(req, handoff, model, parsed.include_usage, lance,
                                                 pipeline), headers)
         async with _deadline(timeout):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional
 
@@ -21,6 +22,11 @@ HEALTH_TIMEOUT_S = 10.0
 # dead thinker means a fresh prefill. Serve restarts the replica; a retry waits for it in the queue.
 MAX_RETRIES = 2
 RETRY_BACKOFF_S = (0.5, 2.0)
+# Before a retry, the stage must answer check_health: a replica whose engine died stays in place
+# until Serve's health check replaces it, and a retry sent to it would fail again at once. The
+# request's own deadline bounds the wait too; past this, the retry goes anyway (and may fail).
+RETRY_HEALTH_WAIT_S = 300.0
+RETRY_HEALTH_POLL_S = 1.0
 
 
 def _cancel(response) -> None:
@@ -91,6 +97,27 @@ class StagePipeline:
         self.metrics.retries.inc(tags={"stage": error.stage})
         logger.warning("retrying a request (%d/%d): %s", failures, MAX_RETRIES, error.message)
         await asyncio.sleep(RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S)) - 1])
+        # a lost hand-off is made again by the thinker: that is the stage to wait for
+        await self._wait_healthy("thinker" if error.handoff_lost else error.stage)
+
+    async def _wait_healthy(self, stage: str) -> None:
+        """Until a replica of `stage` answers check_health (a restarted replica: the call waits in
+        Serve's queue until it is up), or RETRY_HEALTH_WAIT_S."""
+        handle = self.thinker if stage == "thinker" else self.dit
+        if handle is None:
+            return
+        deadline = time.monotonic() + RETRY_HEALTH_WAIT_S
+        while True:
+            try:
+                await asyncio.wait_for(handle.check_health.remote(), HEALTH_TIMEOUT_S)
+                return
+            except asyncio.TimeoutError:
+                pass
+            except Exception as e:   # noqa: BLE001 - dead engine, replica starting: try again
+                logger.info("waiting for the %s stage before a retry: %s", stage, type(e).__name__)
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(RETRY_HEALTH_POLL_S)
 
     async def prefill_with_retries(self, req: ImageRequest) -> ContextHandoff:
         failures = 0
@@ -117,6 +144,31 @@ class StagePipeline:
                 if e.stage == "thinker" or e.handoff_lost:
                     handoff = None   # start again from the prefill
                 await self._retry_wait(failures, e)
+
+    async def start_image_stream(self, req: ImageRequest
+                                 ) -> tuple[ContextHandoff, AsyncIterator[dict], dict]:
+        """A streamed image up to the DiT's first item (its HTTP headers wait for it): the hand-off,
+        the rest of the DiT stream, and that first item. A dead replica before then is retried as
+        in generate_image; after it the client has seen progress, and the stream is not retried."""
+        handoff, failures = None, 0
+        while True:
+            items = None
+            try:
+                if handoff is None:
+                    handoff = await self.prefill(req)
+                items = self.denoise(handoff, req.encoding)
+                return handoff, items, await anext(items)
+            except StageUnavailable as e:
+                if items is not None:
+                    await items.aclose()
+                failures += 1
+                if e.stage == "thinker" or e.handoff_lost:
+                    handoff = None
+                await self._retry_wait(failures, e)
+            except BaseException:
+                if items is not None:
+                    await items.aclose()   # stops the DiT job
+                raise
 
     async def denoise_video(self, handoff: ContextHandoff, encoding: VideoEncoding | None = None
                             ) -> AsyncIterator[dict]:
@@ -147,22 +199,53 @@ class StagePipeline:
 
     async def generate_video(self, req: VideoRequest, on_progress=None
                              ) -> tuple[dict, ContextHandoff]:
-        """(the encoded video, the hand-off); `on_progress(stage, step, total)` after every step."""
-        handoff = await self.prefill(req)
-        async with aclosing(self.denoise_video(handoff, req.encoding)) as items:
-            async for item in items:
-                if "video" in item:
-                    return item, handoff
-                if on_progress is not None:
-                    on_progress(item.get("stage", "denoise"), item.get("step"), item.get("total"))
-        raise AssertionError("unreachable: denoise_video() raises when no video arrives")
+        """(the encoded video, the hand-off); `on_progress(stage, step, total)` after every step.
+        A dead replica is retried as in generate_image (progress then starts over, which a job's
+        progress, never going back, hides)."""
+        handoff, failures = None, 0
+        while True:
+            try:
+                if handoff is None:
+                    handoff = await self.prefill(req)
+                async with aclosing(self.denoise_video(handoff, req.encoding)) as items:
+                    async for item in items:
+                        if "video" in item:
+                            return item, handoff
+                        if on_progress is not None:
+                            on_progress(item.get("stage", "denoise"), item.get("step"),
+                                        item.get("total"))
+                raise AssertionError("unreachable: denoise_video() raises when no video arrives")
+            except StageUnavailable as e:
+                failures += 1
+                if e.stage == "thinker" or e.handoff_lost:
+                    handoff = None
+                await self._retry_wait(failures, e)
 
-    async def generate_text(self, req: TextRequest) -> AsyncIterator[dict]:
-        """Token deltas {"text", "token_ids", "finish_reason", "prompt_tokens", ...}."""
+    async def complete_text(self, req: TextRequest) -> list[dict]:
+        """Every token delta of a generation that is answered in one piece (not streamed): nothing
+        has reached the client until the end, so a thinker that dies at any point is retried from
+        the start (same seed, same tokens)."""
+        failures = 0
+        while True:
+            items: list[dict] = []
+            try:
+                async with aclosing(self.generate_text(req, retries=0)) as tokens:
+                    async for item in tokens:
+                        items.append(item)
+                return items
+            except StageUnavailable as e:
+                failures += 1
+                await self._retry_wait(failures, e)
+
+    async def generate_text(self, req: TextRequest, retries: int = MAX_RETRIES
+                            ) -> AsyncIterator[dict]:
+        """Token deltas {"text", "token_ids", "finish_reason", "prompt_tokens", ...}. A dead
+        thinker is retried (at most `retries` times) before the first delta only: a stream's
+        client has seen the tokens after it."""
         if self.thinker is None:
             raise _not_connected()
         with self.metrics.stage_call("thinker"):
-            stream, first = await self._first_text_item(req)
+            stream, first = await self._first_text_item(req, retries)
             done = False
             try:
                 yield first
@@ -176,7 +259,7 @@ class StagePipeline:
                 if not done:
                     _cancel(stream)
 
-    async def _first_text_item(self, req: TextRequest):
+    async def _first_text_item(self, req: TextRequest, retries: int = MAX_RETRIES):
         """The thinker's stream and its first item; a dead replica before any output is retried
         (nothing has reached the client yet)."""
         failures = 0
@@ -193,7 +276,7 @@ class StagePipeline:
                 raise
             except Exception as e:
                 error = stage_error(e, "thinker")
-                if not isinstance(error, StageUnavailable):
+                if not isinstance(error, StageUnavailable) or failures >= retries:
                     raise error from e
             failures += 1
             await self._retry_wait(failures, error)

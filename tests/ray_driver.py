@@ -72,6 +72,15 @@ class RayDriver:
         """Kill one replica actor of a deployment, as a crash would (Serve starts a new one)."""
         return self._ask(op="kill_replica", deployment=deployment)
 
+    def object_store(self) -> dict:
+        """The cluster's object store after a garbage collection in every worker (Python cycles
+        may hold ObjectRefs a while): {"bytes_used", "num_objects", "primary_copies"}."""
+        return self._ask(op="object_store")
+
+    def running_tasks(self) -> dict:
+        """{task name: count} of the tasks and actor calls RUNNING now (Ray's state API)."""
+        return self._ask(op="running_tasks")
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()
@@ -110,7 +119,24 @@ def main(address: str) -> None:
                  no_restart=True)
         return names[0]["name"]
 
-    ops = {"call": call, "call_actor": call_actor, "kill_replica": kill_replica}
+    def object_store():
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address, global_gc
+
+        global_gc()
+        stats = get_memory_info_reply(get_state_from_address(address)).store_stats
+        return {"bytes_used": stats.object_store_bytes_used, "num_objects": stats.num_local_objects,
+                "primary_copies": stats.num_object_store_primary_copies}
+
+    def running_tasks():
+        from collections import Counter
+
+        from ray.util.state import list_tasks
+
+        tasks = list_tasks(filters=[("state", "=", "RUNNING")], limit=10000, raise_on_missing_output=False)
+        return dict(Counter(t.name for t in tasks))
+
+    ops = {"call": call, "call_actor": call_actor, "kill_replica": kill_replica,
+           "object_store": object_store, "running_tasks": running_tasks}
     print(json.dumps({"ok": True}), file=replies, flush=True)
     for line in sys.stdin:
         if not line.strip():

@@ -15,6 +15,7 @@ thinker before the server timeout.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import select
@@ -29,9 +30,11 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 
+from helpers import data_url, png_bytes
 from serve_app.app_config import DEPLOYMENT_NAMES
 from ray_driver import RayDriver
 from serve_server import REPO_ROOT, SERVE_CONFIG, VENV_BIN, _port_in_use, _stop
@@ -63,11 +66,11 @@ class Cluster:
     def __init__(self, address: str, home: Path):
         self.driver = RayDriver(address, home)
 
-    def thinker_stats(self) -> dict:
-        return self.driver.call(DEPLOYMENT_NAMES["thinker"], "engine_stats")
+    def thinker_stats(self, variant: str = "") -> dict:
+        return self.driver.call(DEPLOYMENT_NAMES["thinker"] + variant, "engine_stats")
 
-    def dit_stats(self) -> dict:
-        return self.driver.call(DEPLOYMENT_NAMES["dit"], "stats")
+    def dit_stats(self, variant: str = "") -> dict:
+        return self.driver.call(DEPLOYMENT_NAMES["dit"] + variant, "stats")
 
     def wait_idle(self, timeout_s: float) -> tuple[dict, dict]:
         """Both stages with nothing running, waiting or parked; fails with their counters if not."""
@@ -158,6 +161,14 @@ def cluster(hardened_server):
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture(scope="module")
+def leak_baseline(cluster, http):
+    """The idle state of what a request may leak (`leak_state`), taken before the first test that
+    times requests out or cancels them (the flood test) and compared at the end of the module."""
+    cluster.wait_idle(120)
+    return leak_state(cluster, http)
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +318,7 @@ def test_headers_over_the_limit_are_431(http):
 
 # -- overload, timeout, disconnect ---------------------------------------------------------------------
 
-def test_flood_is_answered_with_503_and_retry_after_never_a_hang(base_url, cluster):
+def test_flood_is_answered_with_503_and_retry_after_never_a_hang(base_url, cluster, leak_baseline):
     cluster.wait_idle(120)
     n = 40
 
@@ -435,3 +446,240 @@ def test_dit_replica_killed_mid_request_loses_nothing(http, cluster):
     assert r.status_code == 200, r.text[:300]
     assert r.json()["data"][0]["b64_json"] == reference.json()["data"][0]["b64_json"]
     cluster.wait_idle(60)
+
+
+def _processes_of(pid: int) -> list[psutil.Process]:
+    """The process and everything it started (a thinker replica: vLLM's engine core, its worker)."""
+    proc = psutil.Process(pid)
+    return [proc, *proc.children(recursive=True)]
+
+
+def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """The processes still alive (zombies count as gone) after at most `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = []
+        for p in procs:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
+def _seeded_requests() -> list[tuple[str, dict]]:
+    """Small seeded image and understanding requests (a few seconds each on the tiny CPU model);
+    their outputs are a pure function of the request."""
+    image = data_url(png_bytes())
+    t2i = [("/v1/images/generations", {"prompt": f"a {color} cube on a table", "size": "256x256",
+                                       "num_inference_steps": 8, "seed": seed})
+           for color, seed in (("red", 11), ("blue", 12), ("green", 13))]
+    x2t = [("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                  {"type": "text", "text": question}]}],
+        "max_tokens": 24, "seed": 5, "return_token_ids": True})
+        for question in ("What is in the picture?", "Which colours do you see?")]
+    return t2i + x2t
+
+
+def _output(path: str, r: httpx.Response):
+    """What must not change when a request is retried: the image's bytes, or the token ids."""
+    assert r.status_code == 200, (path, r.status_code, r.text[:300])
+    body = r.json()
+    if path == "/v1/images/generations":
+        return body["data"][0]["b64_json"]
+    return body["choices"][0]["token_ids"], body["choices"][0]["message"]["content"]
+
+
+def _post_all(base_url: str, requests: list[tuple[str, dict]]) -> list[httpx.Response]:
+    def one(item):
+        path, body = item
+        with httpx.Client(base_url=base_url, timeout=REQUEST_TIMEOUT_S + 30) as c:
+            return c.post(path, json=body, headers=auth())
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(one, requests))
+
+
+def test_thinker_replica_killed_mid_requests_loses_nothing(base_url, cluster):
+    """The thinker replica dies with prefills running and contexts parked for the DiT: every
+    request is run again from the prefill on the restarted replica and returns exactly what an
+    undisturbed run returns; the dead replica's engine processes and export directory go too."""
+    cluster.wait_idle(120)
+    requests = _seeded_requests()
+    reference = [_output(path, r) for (path, _), r in zip(requests, _post_all(base_url, requests))]
+    cluster.wait_idle(60)
+    old_pid = cluster.thinker_stats()["pid"]
+    old_processes = _processes_of(old_pid)
+    assert len(old_processes) >= 2, "the thinker runs vLLM's engine core in a process of its own"
+
+    def kill_when_busy():
+        """Kill once the thinker has work in vLLM and the DiT holds a hand-off (its KV objects
+        belong to the thinker replica)."""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            t, d = cluster.thinker_stats(), cluster.dit_stats()
+            if t["submitted_requests"] and d["jobs"] >= 1:
+                break
+            time.sleep(0.1)
+        busy = cluster.thinker_stats()
+        cluster.kill_replica(DEPLOYMENT_NAMES["thinker"])
+        return busy
+
+    with ThreadPoolExecutor(1) as pool:
+        killed = pool.submit(kill_when_busy)
+        responses = _post_all(base_url, requests)
+        busy = killed.result()
+    assert busy["submitted_requests"] or busy["pending_exports"], busy
+    outputs = [_output(path, r) for (path, _), r in zip(requests, responses)]
+    assert outputs == reference
+    # the killed replica could not shut its engine down: its processes exit by themselves
+    assert not _wait_gone(old_processes, 30), "orphaned vLLM processes of the killed thinker"
+    t, _ = cluster.wait_idle(60)
+    assert t["pid"] != old_pid
+    # and its successor removed the killed replica's export directory (unclaimed KV in tmpfs)
+    assert not list(Path("/dev/shm").glob(f"lance-kv-*-{old_pid}-*"))
+
+
+def test_a_dead_vllm_engine_fails_health_and_its_replica_is_replaced(http, cluster):
+    """vLLM's engine core dies under a live thinker replica: check_health raises, /health names the
+    thinker (503) while the DiT is fine, Serve replaces the replica, and a request works again."""
+    cluster.wait_idle(120)
+    old_pid = cluster.thinker_stats()["pid"]
+    engine = [p for p in psutil.Process(old_pid).children()
+              if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+    assert engine, [p.name() for p in psutil.Process(old_pid).children()]
+    engine[0].kill()
+    down = None
+    deadline = time.monotonic() + 60
+    while down is None and time.monotonic() < deadline:
+        r = http.get("/health")
+        if r.status_code == 503:
+            down = r.json()
+        time.sleep(0.5)
+    assert down is not None, "/health never reported the dead engine"
+    assert down["stages"]["dit"] == "ok" and down["stages"]["thinker"] != "ok", down
+    assert "thinker" in down["error"]["message"], down
+    # Serve replaces the replica (check_health fails 3 times): healthy again, a new process
+    deadline = time.monotonic() + 240
+    while http.get("/health").status_code != 200:
+        assert time.monotonic() < deadline, "the thinker was not replaced"
+        time.sleep(1)
+    assert cluster.thinker_stats()["pid"] != old_pid
+    r = http.post("/v1/chat/completions", headers=auth(), json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert r.status_code == 200, r.text[:300]
+
+
+# -- no leaks -------------------------------------------------------------------------------------------
+
+VARIANT_SUFFIXES = ("", "_Lance_3B_Video")   # the cpu graph's two variants' stage deployments
+
+
+def _tiny_mp4() -> bytes:
+    import numpy as np
+
+    from stages.dit.video import encode_mp4
+
+    frames = np.random.default_rng(0).integers(0, 255, (9, 64, 96, 3), dtype=np.uint8)
+    return encode_mp4(frames)
+
+
+def _refresh_engine_stats(http) -> None:
+    """vLLM reports its KV blocks with each engine step, and an abort is no step: one short request
+    per thinker makes the numbers current."""
+    video = "data:video/mp4;base64," + base64.b64encode(_tiny_mp4()).decode()
+    for content in ("hi", [{"type": "video_url", "video_url": {"url": video}},
+                           {"type": "text", "text": "what moves?"}]):
+        r = http.post("/v1/chat/completions", headers=auth(), json={
+            "messages": [{"role": "user", "content": content}], "max_tokens": 1})
+        assert r.status_code == 200, r.text[:300]
+
+
+def leak_state(cluster: Cluster, http) -> dict:
+    """Everything a finished, cancelled, timed-out or refused request could leave behind: per
+    thinker the exports not claimed, requests still in vLLM and KV blocks in use; per DiT its job
+    table; the object store's objects; Serve request calls still running."""
+    _refresh_engine_stats(http)
+    state = {}
+    for suffix in VARIANT_SUFFIXES:
+        t, d = cluster.thinker_stats(suffix), cluster.dit_stats(suffix)
+        state["thinker" + suffix] = {k: t[k] for k in ("pending_exports", "submitted_requests",
+                                                       "num_running", "num_waiting", "kv_blocks_in_use")}
+        state["dit" + suffix] = {k: d[k] for k in ("jobs", "active", "waiting")}
+    store = cluster.driver.object_store()
+    state["object_store"] = {"num_objects": store["num_objects"], "bytes_used": store["bytes_used"]}
+    state["running_requests"] = _running_requests(cluster)
+    return state
+
+
+def _running_requests(cluster: Cluster) -> dict:
+    """Serve request calls RUNNING on any replica ({task name: count}; health checks excluded)."""
+    return {name: n for name, n in cluster.driver.running_tasks().items() if "handle_request" in name}
+
+
+def _disconnect_stream(base_url: str, path: str, body: dict) -> None:
+    """Read a streamed answer's first event, then go away."""
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        with c.stream("POST", path, json=body, headers=auth()) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    return
+
+
+def test_nothing_leaks_after_a_mixed_run(base_url, http, cluster, leak_baseline):
+    """After this module's timed-out, overloaded, cancelled, killed and finished requests, and a mix
+    here of refused (4xx), finished (every route), streamed and cancelled ones, every stage is
+    back where it started: no export, vLLM request or KV block, DiT job, object or request call
+    is left over."""
+    image = data_url(png_bytes())
+    refused = [("/v1/images/generations", b"{not json"),
+               ("/v1/images/generations", {"prompt": "x", "num_inference_steps": 0}),
+               ("/v1/images/generations", {"prompt": "x", "size": "100x100"}),
+               ("/v1/images/generations", {"prompt": "x", "no_such_field": 1}),
+               ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}),
+               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                         "max_tokens": 10**9})]
+    for path, body in refused:
+        r = (http.post(path, content=body, headers=auth() | {"Content-Type": "application/json"})
+             if isinstance(body, bytes) else http.post(path, json=body, headers=auth()))
+        assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text[:200])
+    small = {"prompt": "a small cube", "size": "128x128", "num_inference_steps": 4}
+    finished = [("/v1/images/generations", small),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": image}},
+                    {"type": "text", "text": "what is it?"}]}], "max_tokens": 8}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}],
+                                          "max_tokens": 8})]
+    for r in _post_all(base_url, finished):
+        assert r.status_code == 200, r.text[:300]
+    r = http.post("/v1/images/edits", headers=auth(), data={"prompt": "make it blue", "num_inference_steps": "4",
+                                                            "resolution": "image_256res"},
+                  files={"image": ("in.png", png_bytes(), "image/png")})
+    assert r.status_code == 200, r.text[:300]
+    # cancelled: clients that go away mid-request, streamed and not
+    _disconnect_stream(base_url, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "a red cube"}], "modalities": ["image"],
+        "size": "512x512", "num_inference_steps": 40, "stream": True})
+    _disconnect_stream(base_url, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "count forever"}], "max_tokens": 4000, "stream": True})
+    seen_running = []
+    with ThreadPoolExecutor(1) as pool:
+        watch = pool.submit(lambda: [time.sleep(1.5), seen_running.append(_running_requests(cluster))])
+        with httpx.Client(base_url=base_url) as c, pytest.raises(httpx.ReadTimeout):
+            c.post("/v1/images/generations", json=SLOW_T2I, headers=auth(), timeout=4)
+        watch.result()
+    assert seen_running and seen_running[0], "the running-request census saw nothing running"
+    cluster.wait_idle(REQUEST_TIMEOUT_S)
+    deadline = time.monotonic() + 60
+    while True:
+        state = leak_state(cluster, http)
+        if state == leak_baseline or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert state == leak_baseline
