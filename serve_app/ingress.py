@@ -53,7 +53,7 @@ from .http_limits import RequestLimitMiddleware
 from .errors import OpenAIError, bad_request, install_error_handlers, stage_error
 from .media import decode_image_bytes, decode_video_bytes, image_base64, image_data_url, video_data_url
 from .metrics import StageMetrics
-from .pipeline import StagePipeline
+from .pipeline import REQUEST_RETRIES, RetryCount, StagePipeline
 from .knobs import RequestLimits
 from .request_parsing import form_fields, parse_chat_request, parse_edit_form, parse_generation_json
 from .variants import VIDEO_TASKS, variant_for_task
@@ -612,6 +612,32 @@ def add_playground_routes(app: FastAPI) -> None:
     app.get("/playground/{name}", include_in_schema=False)(asset)
 
 
+class RetryHeaderMiddleware:
+    """ASGI middleware: a response whose request was run again on a stage (a replica died under
+    it) says how often in `X-Lance-Retries`; the output is the same as an undisturbed run's."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        count = RetryCount()
+        token = REQUEST_RETRIES.set(count)
+
+        async def send_with_count(message):
+            if message["type"] == "http.response.start" and count.n:
+                message = dict(message, headers=[*message.get("headers", ()),
+                                                 (b"x-lance-retries", str(count.n).encode())])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_count)
+        finally:
+            REQUEST_RETRIES.reset(token)
+
+
 def build_fastapi_app(service: LanceService, api_keys: list[str] | None = None) -> FastAPI:
     """The app; with `api_keys`, every route but auth.PUBLIC_PATHS and the playground's files needs
     one of them."""
@@ -629,6 +655,8 @@ def build_fastapi_app(service: LanceService, api_keys: list[str] | None = None) 
         route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label set
         service.metrics.requests.inc(tags={"route": route, "status": str(response.status_code)})
         return response
+
+    app.add_middleware(RetryHeaderMiddleware)   # outermost: its count covers the whole request
 
     app.post("/v1/chat/completions")(service.chat_completions)
     app.post("/v1/images/generations")(service.images_generations)

@@ -4,6 +4,7 @@ dit.generate_video (videos), or thinker.generate_text. Stage exceptions become O
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import time
 from contextlib import aclosing
@@ -27,6 +28,18 @@ RETRY_BACKOFF_S = (0.5, 2.0)
 # request's own deadline bounds the wait too; past this, the retry goes anyway (and may fail).
 RETRY_HEALTH_WAIT_S = 300.0
 RETRY_HEALTH_POLL_S = 1.0
+
+
+class RetryCount:
+    """Stage calls run again for one HTTP request (the ingress's X-Lance-Retries header)."""
+
+    def __init__(self):
+        self.n = 0
+
+
+# set per HTTP request by the ingress; the stage calls of that request (its tasks too) add to it
+REQUEST_RETRIES: contextvars.ContextVar[RetryCount | None] = contextvars.ContextVar(
+    "lance_request_retries", default=None)
 
 
 def _cancel(response) -> None:
@@ -95,6 +108,9 @@ class StagePipeline:
         if failures > MAX_RETRIES:
             raise error
         self.metrics.retries.inc(tags={"stage": error.stage})
+        count = REQUEST_RETRIES.get()
+        if count is not None:
+            count.n += 1
         logger.warning("retrying a request (%d/%d): %s", failures, MAX_RETRIES, error.message)
         await asyncio.sleep(RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S)) - 1])
         # a lost hand-off is made again by the thinker: that is the stage to wait for

@@ -445,6 +445,8 @@ def test_dit_replica_killed_mid_request_loses_nothing(http, cluster):
         assert killed.result() is not None, "the DiT never picked the request up"
     assert r.status_code == 200, r.text[:300]
     assert r.json()["data"][0]["b64_json"] == reference.json()["data"][0]["b64_json"]
+    # the response says it was run again; the undisturbed one does not
+    assert int(r.headers.get("x-lance-retries", 0)) >= 1 and "x-lance-retries" not in reference.headers
     cluster.wait_idle(60)
 
 
@@ -510,7 +512,9 @@ def test_thinker_replica_killed_mid_requests_loses_nothing(base_url, cluster):
     undisturbed run returns; the dead replica's engine processes and export directory go too."""
     cluster.wait_idle(120)
     requests = _seeded_requests()
-    reference = [_output(path, r) for (path, _), r in zip(requests, _post_all(base_url, requests))]
+    undisturbed = _post_all(base_url, requests)
+    reference = [_output(path, r) for (path, _), r in zip(requests, undisturbed)]
+    assert not any("x-lance-retries" in r.headers for r in undisturbed)
     cluster.wait_idle(60)
     old_pid = cluster.thinker_stats()["pid"]
     old_processes = _processes_of(old_pid)
@@ -536,6 +540,8 @@ def test_thinker_replica_killed_mid_requests_loses_nothing(base_url, cluster):
     assert busy["submitted_requests"] or busy["pending_exports"], busy
     outputs = [_output(path, r) for (path, _), r in zip(requests, responses)]
     assert outputs == reference
+    retried = [int(r.headers.get("x-lance-retries", 0)) for r in responses]
+    assert any(retried), "no request was in flight on the killed thinker"
     # the killed replica could not shut its engine down: its processes exit by themselves
     assert not _wait_gone(old_processes, 30), "orphaned vLLM processes of the killed thinker"
     t, _ = cluster.wait_idle(60)
