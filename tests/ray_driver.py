@@ -91,6 +91,35 @@ class RayDriver:
                 self.proc.wait()
 
 
+# the stage deployments of the cpu graph's two variants (serve_app.app_config.deployment_name)
+STAGE_SUFFIXES = ("", "_Lance_3B_Video")
+
+
+def leak_census(driver: RayDriver, suffixes=STAGE_SUFFIXES) -> dict:
+    """Everything a finished, cancelled, timed-out or refused request could leave behind, for
+    comparing an idle server with itself before: per thinker the exports not claimed, requests
+    still in vLLM and KV blocks in use (as of vLLM's last step: send each thinker a short request
+    first, an abort is no step); per DiT its job table; the object store's objects and bytes; the
+    Serve request calls running on any replica."""
+    state = {}
+    for suffix in suffixes:
+        t = driver.call("ThinkerStage" + suffix, "engine_stats")
+        d = driver.call("DiTStage" + suffix, "stats")
+        state["thinker" + suffix] = {k: t[k] for k in ("pending_exports", "submitted_requests",
+                                                       "num_running", "num_waiting", "kv_blocks_in_use")}
+        state["dit" + suffix] = {k: d[k] for k in ("jobs", "active", "waiting")}
+    store = driver.object_store()
+    state["object_store"] = {"num_objects": store["num_objects"], "bytes_used": store["bytes_used"]}
+    state["running_requests"] = running_requests(driver)
+    return state
+
+
+def running_requests(driver: RayDriver) -> dict:
+    """{task name: count} of the Serve request calls RUNNING on any replica (health checks and
+    Serve's own loops excluded)."""
+    return {name: n for name, n in driver.running_tasks().items() if "handle_request" in name}
+
+
 def main(address: str) -> None:
     # replies go to the real stdout; anything Ray or a library prints goes to stderr
     replies, sys.stdout = sys.stdout, sys.stderr

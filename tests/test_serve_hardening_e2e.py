@@ -36,7 +36,7 @@ import yaml
 
 from helpers import data_url, png_bytes
 from serve_app.app_config import DEPLOYMENT_NAMES
-from ray_driver import RayDriver
+from ray_driver import RayDriver, leak_census, running_requests
 from serve_server import REPO_ROOT, SERVE_CONFIG, VENV_BIN, _port_in_use, _stop
 
 # `serve run` of its own app (own cluster, own port): never while the session's shared server
@@ -582,9 +582,6 @@ def test_a_dead_vllm_engine_fails_health_and_its_replica_is_replaced(http, clust
 
 # -- no leaks -------------------------------------------------------------------------------------------
 
-VARIANT_SUFFIXES = ("", "_Lance_3B_Video")   # the cpu graph's two variants' stage deployments
-
-
 def _tiny_mp4() -> bytes:
     import numpy as np
 
@@ -596,7 +593,7 @@ def _tiny_mp4() -> bytes:
 
 def _refresh_engine_stats(http) -> None:
     """vLLM reports its KV blocks with each engine step, and an abort is no step: one short request
-    per thinker makes the numbers current."""
+    per thinker (chat: the image variant's, a video question: the video variant's)."""
     video = "data:video/mp4;base64," + base64.b64encode(_tiny_mp4()).decode()
     for content in ("hi", [{"type": "video_url", "video_url": {"url": video}},
                            {"type": "text", "text": "what moves?"}]):
@@ -606,25 +603,8 @@ def _refresh_engine_stats(http) -> None:
 
 
 def leak_state(cluster: Cluster, http) -> dict:
-    """Everything a finished, cancelled, timed-out or refused request could leave behind: per
-    thinker the exports not claimed, requests still in vLLM and KV blocks in use; per DiT its job
-    table; the object store's objects; Serve request calls still running."""
     _refresh_engine_stats(http)
-    state = {}
-    for suffix in VARIANT_SUFFIXES:
-        t, d = cluster.thinker_stats(suffix), cluster.dit_stats(suffix)
-        state["thinker" + suffix] = {k: t[k] for k in ("pending_exports", "submitted_requests",
-                                                       "num_running", "num_waiting", "kv_blocks_in_use")}
-        state["dit" + suffix] = {k: d[k] for k in ("jobs", "active", "waiting")}
-    store = cluster.driver.object_store()
-    state["object_store"] = {"num_objects": store["num_objects"], "bytes_used": store["bytes_used"]}
-    state["running_requests"] = _running_requests(cluster)
-    return state
-
-
-def _running_requests(cluster: Cluster) -> dict:
-    """Serve request calls RUNNING on any replica ({task name: count}; health checks excluded)."""
-    return {name: n for name, n in cluster.driver.running_tasks().items() if "handle_request" in name}
+    return leak_census(cluster.driver)
 
 
 def _disconnect_stream(base_url: str, path: str, body: dict) -> None:
@@ -676,7 +656,7 @@ def test_nothing_leaks_after_a_mixed_run(base_url, http, cluster, leak_baseline)
         "messages": [{"role": "user", "content": "count forever"}], "max_tokens": 4000, "stream": True})
     seen_running = []
     with ThreadPoolExecutor(1) as pool:
-        watch = pool.submit(lambda: [time.sleep(1.5), seen_running.append(_running_requests(cluster))])
+        watch = pool.submit(lambda: [time.sleep(1.5), seen_running.append(running_requests(cluster.driver))])
         with httpx.Client(base_url=base_url) as c, pytest.raises(httpx.ReadTimeout):
             c.post("/v1/images/generations", json=SLOW_T2I, headers=auth(), timeout=4)
         watch.result()
