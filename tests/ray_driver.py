@@ -19,6 +19,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +94,7 @@ class RayDriver:
 
 # the stage deployments of the cpu graph's two variants (serve_app.app_config.deployment_name)
 STAGE_SUFFIXES = ("", "_Lance_3B_Video")
+TASK_EVENTS_DELAY_S = 3.0
 
 
 def leak_census(driver: RayDriver, suffixes=STAGE_SUFFIXES) -> dict:
@@ -110,6 +112,9 @@ def leak_census(driver: RayDriver, suffixes=STAGE_SUFFIXES) -> dict:
         state["dit" + suffix] = {k: d[k] for k in ("jobs", "active", "waiting")}
     store = driver.object_store()
     state["object_store"] = {"num_objects": store["num_objects"], "bytes_used": store["bytes_used"]}
+    # Ray's state API hears of finished tasks a second or so late (task events are batched):
+    # the calls above must not be counted as running
+    time.sleep(TASK_EVENTS_DELAY_S)
     state["running_requests"] = running_requests(driver)
     return state
 

@@ -11,7 +11,12 @@ key, with a wrong key and with a right one, with a trailing slash and as OPTIONS
 `api_key=` must work. Then: a body over the cap is 413; a full /v1/videos store is a 429; a flood
 of slow image requests gets 503s with Retry-After and an OpenAI error body (never a hang); a request
 past the timeout is a 504, and a client that disconnects (non-streaming) frees the DiT and the
-thinker before the server timeout.
+thinker before the server timeout. Fault recovery: a DiT replica and then the thinker replica are
+killed under running requests, which all return what undisturbed runs return (`X-Lance-Retries`
+says they were run again), and the killed thinker's engine processes and export directory go with
+it; a dead vLLM engine fails the thinker's check_health, /health names it and Serve replaces the
+replica. Last, after all of this and a mix of refused, finished, streamed and cancelled requests,
+the stages, the object store and the running Serve calls are back to their state before the flood.
 """
 from __future__ import annotations
 
