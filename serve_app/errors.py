@@ -173,8 +173,9 @@ def stage_error(exc: BaseException, stage: str) -> OpenAIError:
         if isinstance(e, ray_exc.ObjectLostError):
             return StageUnavailable(stage, type(e).__name__, handoff_lost=True)
         if isinstance(e, (ray_exc.RayActorError, ray_exc.ActorUnavailableError)):
-            # a replica died under a call of the stage (e.g. the thinker's export registry)
-            return StageUnavailable(stage, type(e).__name__)
+            # an actor the stage's call depended on died (the thinker's export registry, or for
+            # the DiT what Serve calls an upstream crash: the hand-off's owner): a new prefill
+            return StageUnavailable(stage, type(e).__name__, handoff_lost=True)
         if _is_vllm_engine_dead(e):
             return StageUnavailable(stage, "its engine died")
     logger.error("%s stage failed", stage, exc_info=exc)
