@@ -166,8 +166,8 @@ def stage_error(exc: BaseException, stage: str) -> OpenAIError:
         return OpenAIError(f"the {stage} stage is overloaded; retry later", status=503,
                            type="server_overloaded", code="overloaded")
     if isinstance(exc, (serve_exc.DeploymentUnavailableError, ray_exc.RayActorError,
-                        ray_exc.ActorUnavailableError)):
-        return StageUnavailable(stage, type(exc).__name__)
+                        ray_exc.ActorUnavailableError)) and not isinstance(exc, ray_exc.RayTaskError):
+        return StageUnavailable(stage, type(exc).__name__)   # the stage's replica itself
     for e in _exception_chain(exc):
         # the context's KV objects died with their owner (the thinker replica that put them)
         if isinstance(e, ray_exc.ObjectLostError):

@@ -50,5 +50,7 @@ def test_a_dead_vllm_engine_is_retryable_through_ray():
     nested = ray_exc.RayTaskError("prefill_context", "tb", ray_exc.ActorDiedError())
     assert isinstance(stage_error(nested, "thinker"), StageUnavailable)
     # an actor that died under the DiT's call (not the DiT replica itself): the hand-off's owner
-    upstream = stage_error(ray_exc.RayTaskError("generate_image", "tb", ray_exc.ActorDiedError()), "dit")
-    assert isinstance(upstream, StageUnavailable) and upstream.handoff_lost
+    for wrapped in (ray_exc.RayTaskError("generate_image", "tb", ray_exc.ActorDiedError()),
+                    ray_exc.RayTaskError("generate_image", "tb", ray_exc.ActorDiedError()).as_instanceof_cause()):
+        upstream = stage_error(wrapped, "dit")
+        assert isinstance(upstream, StageUnavailable) and upstream.handoff_lost, type(wrapped)
