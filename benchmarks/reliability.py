@@ -726,6 +726,10 @@ def main() -> None:
         finished = [j for j in jobs if j.intent == "finish" and j.outcome == "ok"]
         lat = lambda js: [j.end - j.start for j in js]   # noqa: E731
         kinds = sorted({j.kind for j in jobs})
+        # not retried, but in flight while a killed stage was coming back (they waited for it)
+        windows = [(k["at_s"], k["at_s"] + k["stage_back_s"]) for k in kills]
+        waited = [j for j in finished if not j.retries and any(j.start < b and j.end > a for a, b in windows)]
+        undisturbed = [j for j in finished if not j.retries and j not in waited]
         for k in kills:
             k["at_s"] = round(k["at_s"] - load_start, 1)
         results["load"] = {
@@ -744,6 +748,10 @@ def main() -> None:
                 "not_retried": {"n": len(finished) - len(retried),
                                 "p50": percentile(lat([j for j in finished if not j.retries]), 0.5),
                                 "p95": percentile(lat([j for j in finished if not j.retries]), 0.95)},
+                "not_retried_during_a_recovery": {"n": len(waited), "p50": percentile(lat(waited), 0.5),
+                                                  "p95": percentile(lat(waited), 0.95)},
+                "not_retried_undisturbed": {"n": len(undisturbed), "p50": percentile(lat(undisturbed), 0.5),
+                                            "p95": percentile(lat(undisturbed), 0.95)},
                 "by_kind_not_retried": {k: {"p50": percentile(lat([j for j in finished if j.kind == k and not j.retries]), 0.5),
                                             "p95": percentile(lat([j for j in finished if j.kind == k and not j.retries]), 0.95)}
                                         for k in kinds if any(j.kind == k for j in finished)},
