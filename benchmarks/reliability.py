@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/reliability.py [--requests 500] [--concurrency 6] [--json OUT.json]
     .venv/bin/python benchmarks/reliability.py --url http://HOST:8000 [--api-key KEY]
-                     [--ray-address HOST:GCS_PORT --ray-home DIR]   (kills and leak census need these)
+                     [--ray-address HOST:GCS_PORT --ray-home DIR]   (kills and leak census need these;
+                     the census counts running Serve calls only with RAY_SERVE_ENABLE_TASK_EVENTS=1)
 
 Without --url it starts its own `serve run` of configs/lance_2stage.yaml (the `cpu` graph on a CPU
 machine) on a free port and a private local Ray cluster, with `request_timeout_s` = --request-timeout
@@ -485,6 +486,7 @@ class OwnServer:
                                                                   "LANCE_SERVE_API_KEY")}
         env.update(HOME=str(self.home), RAY_ADDRESS="local", RAY_TMPDIR=str(self.ray_tmp),
                    RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION="0.05",
+                   RAY_SERVE_ENABLE_TASK_EVENTS="1",   # replicas' calls in Ray's task table
                    PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
                    PYTHONPATH=str(REPO_ROOT))
         self.start = time.monotonic()

@@ -79,7 +79,9 @@ class RayDriver:
         return self._ask(op="object_store")
 
     def running_tasks(self) -> dict:
-        """{task name: count} of the tasks and actor calls RUNNING now (Ray's state API)."""
+        """{task name: count} of the tasks and actor calls RUNNING now (Ray's state API; Serve
+        reports its replicas' calls there only when the cluster runs with
+        RAY_SERVE_ENABLE_TASK_EVENTS=1)."""
         return self._ask(op="running_tasks")
 
     def close(self) -> None:
@@ -164,10 +166,14 @@ def main(address: str) -> None:
     def running_tasks():
         from collections import Counter
 
-        from ray.util.state import list_tasks
+        from ray.util.state import list_actors, list_tasks
 
-        tasks = list_tasks(filters=[("state", "=", "RUNNING")], limit=10000, raise_on_missing_output=False)
-        return dict(Counter(t.name for t in tasks))
+        # a killed actor's last calls may stay RUNNING in the task table: count live actors' only
+        alive = {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000,
+                                                 raise_on_missing_output=False)}
+        tasks = list_tasks(filters=[("state", "=", "RUNNING")], limit=10000, detail=True,
+                           raise_on_missing_output=False)
+        return dict(Counter(t.name for t in tasks if not t.actor_id or t.actor_id in alive))
 
     ops = {"call": call, "call_actor": call_actor, "kill_replica": kill_replica,
            "object_store": object_store, "running_tasks": running_tasks}

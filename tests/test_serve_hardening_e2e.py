@@ -121,6 +121,7 @@ def hardened_server(tmp_path_factory):
     env.update(HOME=str(home), PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
                RAY_ADDRESS="local", RAY_TMPDIR=str(ray_tmp),
                RAY_DEFAULT_OBJECT_STORE_MEMORY_PROPORTION="0.05",
+               RAY_SERVE_ENABLE_TASK_EVENTS="1",   # replicas' calls in Ray's task table (leak census)
                LANCE_SERVE_API_KEY=",".join(KEYS))
     start = time.monotonic()
     with open(log_path, "wb") as log:
