@@ -200,7 +200,8 @@ class LanceService:
                 async with _deadline(timeout):
                     handoff, items, first = await pipeline.start_image_stream(req)
                 return self._sse(self._image_events(req, handoff, model, parsed.include_usage, lance,
-                                                    items, first), headers)
+                                                    pipeline.image_stream(req, handoff, items, first)),
+                                 headers)
             results = await self._generate_images(parsed.requests, pipeline)
             choices = [oai.chat_choice(i, oai.image_content(image_data_url(image)), "stop")
                        for i, (image, _) in enumerate(results)]
@@ -290,16 +291,10 @@ class LanceService:
                                  headers={"Cache-Control": "no-cache", **headers})
 
     async def _image_events(self, req: ImageRequest, handoff, model: str, include_usage: bool,
-                            lance: dict, items, first: dict):
+                            lance: dict, items):
         rid = req.request_id
         yield oai.chat_chunk(rid, model, {"role": "assistant", "content": ""}, lance=lance)
-
-        async def all_items():
-            yield first
-            async for item in items:
-                yield item
-
-        async with aclosing(items), aclosing(all_items()) as chunks:
+        async with aclosing(items) as chunks:
             async for item in chunks:
                 if "image" in item:
                     yield oai.chat_chunk(rid, model, {"content": oai.image_content(

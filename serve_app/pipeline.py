@@ -186,6 +186,48 @@ class StagePipeline:
                     await items.aclose()   # stops the DiT job
                 raise
 
+    async def image_stream(self, req: ImageRequest, handoff: ContextHandoff,
+                           items: AsyncIterator[dict], first: dict) -> AsyncIterator[dict]:
+        """`first` and the rest of a streamed image (start_image_stream's). A replica that dies
+        after progress reached the client is retried too: the new run's progress is passed on
+        only past the step the client has seen, so the client sees one progress sequence, and
+        the same image."""
+        shown, failures, item = 0, 0, first
+        try:
+            while True:
+                if item is None:
+                    try:
+                        item = await anext(items)
+                    except StopAsyncIteration:
+                        return
+                    except StageUnavailable as e:
+                        await items.aclose()
+                        handoff, items, failures = await self._restart_denoise(req, handoff, e, failures)
+                        continue
+                if "image" in item:
+                    yield item
+                    return
+                if (item.get("step") or 0) > shown:
+                    shown = item.get("step") or 0
+                    yield item
+                item = None
+        finally:
+            await items.aclose()
+
+    async def _restart_denoise(self, req: ImageRequest, handoff: ContextHandoff,
+                               error: StageUnavailable, failures: int):
+        """(hand-off, a new DiT stream, failures) after `error`; a new prefill if the thinker
+        died or the hand-off's KV went with it. Raises once the retries are used up."""
+        while True:
+            failures += 1
+            await self._retry_wait(failures, error)
+            try:
+                if error.stage == "thinker" or error.handoff_lost:
+                    handoff = await self.prefill(req)
+                return handoff, self.denoise(handoff, req.encoding), failures
+            except StageUnavailable as e:
+                error = e
+
     async def denoise_video(self, handoff: ContextHandoff, encoding: VideoEncoding | None = None
                             ) -> AsyncIterator[dict]:
         """Progress dicts {"stage": "denoise" | "decode" | "encode", "step", "total"}, then the final
@@ -256,24 +298,72 @@ class StagePipeline:
     async def generate_text(self, req: TextRequest, retries: int = MAX_RETRIES
                             ) -> AsyncIterator[dict]:
         """Token deltas {"text", "token_ids", "finish_reason", "prompt_tokens", ...}. A dead
-        thinker is retried (at most `retries` times) before the first delta only: a stream's
-        client has seen the tokens after it."""
+        thinker is retried (at most `retries` times before the first delta, and as often after
+        it): before, the request simply runs again; after, the generation is run again from the
+        start and its deltas are passed on from where the caller is (`_replay_text`)."""
         if self.thinker is None:
             raise _not_connected()
         with self.metrics.stage_call("thinker"):
-            stream, first = await self._first_text_item(req, retries)
-            done = False
+            stream, item = await self._first_text_item(req, retries)
+            sent: list[int] = []   # token ids the caller has had
+            done, failures = False, 0
             try:
-                yield first
-                done = first.get("finish_reason") is not None
-                async for item in stream:
+                while True:
+                    sent.extend(item.get("token_ids", ()))
                     yield item
                     done = item.get("finish_reason") is not None
-            except Exception as e:
-                raise stage_error(e, "thinker") from e
+                    if done:
+                        return
+                    try:
+                        item = await anext(stream)
+                    except StopAsyncIteration:
+                        done = True
+                        return
+                    except Exception as e:
+                        error = stage_error(e, "thinker")
+                        if not isinstance(error, StageUnavailable) or failures >= retries:
+                            raise error from e
+                        failures += 1
+                        stream, item = await self._replay_text(req, sent, error, failures, retries)
             finally:
                 if not done:
                     _cancel(stream)
+
+    async def _replay_text(self, req: TextRequest, sent: list[int], error: StageUnavailable,
+                           failures: int, retries: int):
+        """Run a generation again after its thinker died mid-stream: (the new stream, its first
+        delta past the `sent` tokens). Generation is a function of the request and its seed, so
+        the new run repeats the tokens the caller has; they are checked and skipped. A run that
+        does not repeat them, or a delta that straddles the point, ends the request with `error`."""
+        while True:
+            await self._retry_wait(failures, error)
+            stream = self.thinker.options(stream=True).generate_text.remote(req)
+            replayed: list[int] = []
+            try:
+                while True:
+                    item = await anext(stream)
+                    ids = list(item.get("token_ids", ()))
+                    if len(replayed) + len(ids) <= len(sent) and item.get("finish_reason") is None:
+                        replayed.extend(ids)
+                        if replayed != sent[:len(replayed)]:
+                            break   # not the same generation
+                        continue
+                    if len(replayed) == len(sent):
+                        return stream, item
+                    break   # straddles what was sent, or finished before it
+            except StopAsyncIteration:
+                pass
+            except Exception as e:
+                again = stage_error(e, "thinker")
+                if not isinstance(again, StageUnavailable) or failures >= retries:
+                    _cancel(stream)
+                    raise again from e
+                failures, error = failures + 1, again
+                continue
+            _cancel(stream)
+            logger.warning("a text stream's retried generation did not repeat its first %d tokens",
+                           len(sent))
+            raise error
 
     async def _first_text_item(self, req: TextRequest, retries: int = MAX_RETRIES):
         """The thinker's stream and its first item; a dead replica before any output is retried

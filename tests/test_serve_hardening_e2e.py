@@ -490,12 +490,23 @@ def _seeded_requests() -> list[tuple[str, dict]]:
                                                   {"type": "text", "text": question}]}],
         "max_tokens": 64, "seed": 5, "return_token_ids": True})
         for question in ("What is in the picture?", "Which colours do you see?")]
-    return t2i + x2t
+    streamed = [("/v1/chat/completions", {"messages": [{"role": "user", "content": "a blue cone"}],
+                                          "modalities": ["image"], "size": "256x256",
+                                          "num_inference_steps": 8, "seed": 14, "stream": True}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "tell a story"}],
+                                          "max_tokens": 64, "seed": 6, "stream": True})]
+    return t2i + x2t + streamed
 
 
 def _output(path: str, r: httpx.Response):
-    """What must not change when a request is retried: the image's bytes, or the token ids."""
+    """What must not change when a request is retried: the image's bytes, or the token ids (a
+    stream: its text and images, and no error event)."""
     assert r.status_code == 200, (path, r.status_code, r.text[:300])
+    if hasattr(r, "events"):
+        assert not [e for e in r.events if "error" in e], r.events[-3:]
+        deltas = [c.get("delta", {}).get("content") for e in r.events for c in e.get("choices", [])]
+        return ("".join(d for d in deltas if isinstance(d, str)),
+                [part["image_url"]["url"] for d in deltas if isinstance(d, list) for part in d])
     body = r.json()
     if path == "/v1/images/generations":
         return body["data"][0]["b64_json"]
@@ -503,10 +514,16 @@ def _output(path: str, r: httpx.Response):
 
 
 def _post_all(base_url: str, requests: list[tuple[str, dict]]) -> list[httpx.Response]:
+    """All at once; a streamed answer's events are read into `response.events`."""
     def one(item):
         path, body = item
         with httpx.Client(base_url=base_url, timeout=REQUEST_TIMEOUT_S + 30) as c:
-            return c.post(path, json=body, headers=auth())
+            if not body.get("stream"):
+                return c.post(path, json=body, headers=auth())
+            with c.stream("POST", path, json=body, headers=auth()) as r:
+                r.events = [json.loads(line[6:]) for line in r.iter_lines()
+                            if line.startswith("data: ") and line != "data: [DONE]"]
+            return r
 
     with ThreadPoolExecutor(len(requests)) as pool:
         return list(pool.map(one, requests))
