@@ -643,13 +643,17 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
 
+    import signal
+
+    # a `timeout` (SIGTERM) still stops the server and writes what was measured
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     results: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "command": " ".join(["benchmarks/reliability.py", *sys.argv[1:]]),
                      "machine": {"cpu": cpu_model(), "cores": os.cpu_count(),
                                  "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
                                  "load_avg_1m_at_start": round(os.getloadavg()[0], 2)}}
-    server, driver = None, None
+    server, driver, jobs = None, None, []
     log_dir = Path(tempfile.mkdtemp(prefix="reliability_"))
     try:
         if args.url:
@@ -771,6 +775,10 @@ def main() -> None:
         if not results["leaks"]["back_to_baseline"]:
             print(json.dumps(results["leaks"], indent=1), flush=True)
     finally:
+        if jobs and "load" not in results:   # interrupted: what had finished
+            results["load_interrupted"] = {"requests_done": sum(bool(j.outcome) for j in jobs),
+                                           "by_outcome": {o: sum(j.outcome == o for j in jobs)
+                                                          for o in {j.outcome for j in jobs} if o}}
         if driver is not None:
             driver.close()
         if server is not None:
