@@ -645,8 +645,16 @@ def main() -> None:
 
     import signal
 
-    # a `timeout` (SIGTERM) still stops the server and writes what was measured
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    own: list[OwnServer] = []
+
+    def on_sigterm(*_):
+        """A `timeout`: stop our server first (the requests in flight then fail at once), then
+        leave through the `finally` that writes what was measured."""
+        for srv in own:
+            srv.stop()
+        sys.exit(143)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     auth = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     results: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                      "command": " ".join(["benchmarks/reliability.py", *sys.argv[1:]]),
@@ -663,6 +671,7 @@ def main() -> None:
         else:
             model = args.model or (str(GOLDEN_TINY) if (GOLDEN_TINY / "Lance_3B").is_dir() else None)
             server = OwnServer(model, args.request_timeout, log_dir)
+            own.append(server)
             results["serve_startup_s"] = round(server.wait_healthy(), 1)
             base_url, request_timeout_s = server.url, args.request_timeout
             driver = RayDriver(server.gcs_address(), server.home)
