@@ -121,6 +121,21 @@ def leak_census(driver: RayDriver, suffixes=STAGE_SUFFIXES) -> dict:
     return state
 
 
+def leaks(baseline: dict, after: dict) -> dict:
+    """What `after` holds beyond `baseline` (two leak_census states): {key: (before, after)}. The
+    object store counts only if it grew: a killed replica's own objects go with it, so after a kill
+    it may well hold less than before."""
+    found = {}
+    for key in baseline.keys() | after.keys():
+        before, now = baseline.get(key), after.get(key)
+        if key == "object_store":
+            if now["num_objects"] > before["num_objects"] or now["bytes_used"] > before["bytes_used"]:
+                found[key] = (before, now)
+        elif before != now:
+            found[key] = (before, now)
+    return found
+
+
 def running_requests(driver: RayDriver) -> dict:
     """{task name: count} of the Serve request calls RUNNING on any replica (health checks and
     Serve's own loops excluded)."""
