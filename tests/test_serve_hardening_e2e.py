@@ -15,8 +15,9 @@ thinker before the server timeout. Fault recovery: a DiT replica and then the th
 killed under running requests, which all return what undisturbed runs return (`X-Lance-Retries`
 says they were run again), and the killed thinker's engine processes and export directory go with
 it; a dead vLLM engine fails the thinker's check_health, /health names it and Serve replaces the
-replica. Last, after all of this and a mix of refused, finished, streamed and cancelled requests,
-the stages, the object store and the running Serve calls are back to their state before the flood.
+replica. Before the kills, after the flood, the timeout, the disconnects and a mix of refused,
+finished, streamed and cancelled requests, the stages, the object store and the running Serve calls
+are back to their state before the flood.
 """
 from __future__ import annotations
 
@@ -425,6 +426,97 @@ def test_client_disconnect_aborts_the_thinker(base_url, cluster):
     assert t["aborted_requests"] > before
 
 
+# -- no leaks -------------------------------------------------------------------------------------------
+
+def _tiny_mp4() -> bytes:
+    import numpy as np
+
+    from stages.dit.video import encode_mp4
+
+    frames = np.random.default_rng(0).integers(0, 255, (9, 64, 96, 3), dtype=np.uint8)
+    return encode_mp4(frames)
+
+
+def _refresh_engine_stats(http) -> None:
+    """vLLM reports its KV blocks with each engine step, and an abort is no step: one short request
+    per thinker (chat: the image variant's, a video question: the video variant's)."""
+    video = "data:video/mp4;base64," + base64.b64encode(_tiny_mp4()).decode()
+    for content in ("hi", [{"type": "video_url", "video_url": {"url": video}},
+                           {"type": "text", "text": "what moves?"}]):
+        r = http.post("/v1/chat/completions", headers=auth(), json={
+            "messages": [{"role": "user", "content": content}], "max_tokens": 1})
+        assert r.status_code == 200, r.text[:300]
+
+
+def leak_state(cluster: Cluster, http) -> dict:
+    _refresh_engine_stats(http)
+    return leak_census(cluster.driver)
+
+
+def _disconnect_stream(base_url: str, path: str, body: dict) -> None:
+    """Read a streamed answer's first event, then go away."""
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        with c.stream("POST", path, json=body, headers=auth()) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    return
+
+
+def test_nothing_leaks_after_a_mixed_run(base_url, http, cluster, leak_baseline):
+    """After this module's timed-out, overloaded, cancelled and finished requests, and a mix here of
+    refused (4xx), finished (every route), streamed and cancelled ones, every stage is back where it
+    started before the flood: no export, vLLM request or KV block, DiT job, object or request call
+    is left over. (Before the replica kills below: a killed replica takes objects of its own.)"""
+    image = data_url(png_bytes())
+    refused = [("/v1/images/generations", b"{not json"),
+               ("/v1/images/generations", {"prompt": "x", "num_inference_steps": 0}),
+               ("/v1/images/generations", {"prompt": "x", "size": "100x100"}),
+               ("/v1/images/generations", {"prompt": "x", "no_such_field": 1}),
+               ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}),
+               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                         "max_tokens": 10**9})]
+    for path, body in refused:
+        r = (http.post(path, content=body, headers=auth() | {"Content-Type": "application/json"})
+             if isinstance(body, bytes) else http.post(path, json=body, headers=auth()))
+        assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text[:200])
+    small = {"prompt": "a small cube", "size": "128x128", "num_inference_steps": 4}
+    finished = [("/v1/images/generations", small),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": image}},
+                    {"type": "text", "text": "what is it?"}]}], "max_tokens": 8}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}],
+                                          "max_tokens": 8})]
+    for r in _post_all(base_url, finished):
+        assert r.status_code == 200, r.text[:300]
+    r = http.post("/v1/images/edits", headers=auth(), data={"prompt": "make it blue", "num_inference_steps": "4",
+                                                            "resolution": "image_256res"},
+                  files={"image": ("in.png", png_bytes(), "image/png")})
+    assert r.status_code == 200, r.text[:300]
+    # cancelled: clients that go away mid-request, streamed and not
+    _disconnect_stream(base_url, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "a red cube"}], "modalities": ["image"],
+        "size": "512x512", "num_inference_steps": 40, "stream": True})
+    _disconnect_stream(base_url, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "count forever"}], "max_tokens": 4000, "stream": True})
+    seen_running = []
+    with ThreadPoolExecutor(1) as pool:
+        watch = pool.submit(lambda: [time.sleep(1.5), seen_running.append(running_requests(cluster.driver))])
+        with httpx.Client(base_url=base_url) as c, pytest.raises(httpx.ReadTimeout):
+            c.post("/v1/images/generations", json=SLOW_T2I, headers=auth(), timeout=4)
+        watch.result()
+    assert seen_running and seen_running[0], "the running-request census saw nothing running"
+    cluster.wait_idle(REQUEST_TIMEOUT_S)
+    deadline = time.monotonic() + 60
+    while True:
+        state = leak_state(cluster, http)
+        if not leaks(leak_baseline, state) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert not leaks(leak_baseline, state), (leak_baseline, state)
+
+
 # -- fault recovery -----------------------------------------------------------------------------------
 
 def test_dit_replica_killed_mid_request_loses_nothing(http, cluster):
@@ -544,10 +636,12 @@ def test_thinker_replica_killed_mid_requests_loses_nothing(base_url, cluster):
     assert len(old_processes) >= 2, "the thinker runs vLLM's engine core in a process of its own"
 
     def kill_when_busy():
-        """Kill once the thinker has requests in vLLM (prefills, generations)."""
+        """Kill once the thinker has several requests in vLLM (prefills, generations): a stream
+        among them is resumed after its headers (no header says so), a plain request is retried
+        with X-Lance-Retries."""
         deadline = time.monotonic() + 30
         busy = cluster.thinker_stats()
-        while not busy["submitted_requests"] and time.monotonic() < deadline:
+        while len(busy["submitted_requests"]) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)
             busy = cluster.thinker_stats()
         cluster.kill_replica(DEPLOYMENT_NAMES["thinker"])
@@ -598,94 +692,3 @@ def test_a_dead_vllm_engine_fails_health_and_its_replica_is_replaced(http, clust
     r = http.post("/v1/chat/completions", headers=auth(), json={
         "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert r.status_code == 200, r.text[:300]
-
-
-# -- no leaks -------------------------------------------------------------------------------------------
-
-def _tiny_mp4() -> bytes:
-    import numpy as np
-
-    from stages.dit.video import encode_mp4
-
-    frames = np.random.default_rng(0).integers(0, 255, (9, 64, 96, 3), dtype=np.uint8)
-    return encode_mp4(frames)
-
-
-def _refresh_engine_stats(http) -> None:
-    """vLLM reports its KV blocks with each engine step, and an abort is no step: one short request
-    per thinker (chat: the image variant's, a video question: the video variant's)."""
-    video = "data:video/mp4;base64," + base64.b64encode(_tiny_mp4()).decode()
-    for content in ("hi", [{"type": "video_url", "video_url": {"url": video}},
-                           {"type": "text", "text": "what moves?"}]):
-        r = http.post("/v1/chat/completions", headers=auth(), json={
-            "messages": [{"role": "user", "content": content}], "max_tokens": 1})
-        assert r.status_code == 200, r.text[:300]
-
-
-def leak_state(cluster: Cluster, http) -> dict:
-    _refresh_engine_stats(http)
-    return leak_census(cluster.driver)
-
-
-def _disconnect_stream(base_url: str, path: str, body: dict) -> None:
-    """Read a streamed answer's first event, then go away."""
-    with httpx.Client(base_url=base_url, timeout=60) as c:
-        with c.stream("POST", path, json=body, headers=auth()) as r:
-            assert r.status_code == 200
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    return
-
-
-def test_nothing_leaks_after_a_mixed_run(base_url, http, cluster, leak_baseline):
-    """After this module's timed-out, overloaded, cancelled, killed and finished requests, and a mix
-    here of refused (4xx), finished (every route), streamed and cancelled ones, every stage is
-    back where it started: no export, vLLM request or KV block, DiT job, object or request call
-    is left over."""
-    image = data_url(png_bytes())
-    refused = [("/v1/images/generations", b"{not json"),
-               ("/v1/images/generations", {"prompt": "x", "num_inference_steps": 0}),
-               ("/v1/images/generations", {"prompt": "x", "size": "100x100"}),
-               ("/v1/images/generations", {"prompt": "x", "no_such_field": 1}),
-               ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}),
-               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                         "max_tokens": 10**9})]
-    for path, body in refused:
-        r = (http.post(path, content=body, headers=auth() | {"Content-Type": "application/json"})
-             if isinstance(body, bytes) else http.post(path, json=body, headers=auth()))
-        assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text[:200])
-    small = {"prompt": "a small cube", "size": "128x128", "num_inference_steps": 4}
-    finished = [("/v1/images/generations", small),
-                ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": image}},
-                    {"type": "text", "text": "what is it?"}]}], "max_tokens": 8}),
-                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}],
-                                          "max_tokens": 8})]
-    for r in _post_all(base_url, finished):
-        assert r.status_code == 200, r.text[:300]
-    r = http.post("/v1/images/edits", headers=auth(), data={"prompt": "make it blue", "num_inference_steps": "4",
-                                                            "resolution": "image_256res"},
-                  files={"image": ("in.png", png_bytes(), "image/png")})
-    assert r.status_code == 200, r.text[:300]
-    # cancelled: clients that go away mid-request, streamed and not
-    _disconnect_stream(base_url, "/v1/chat/completions", {
-        "messages": [{"role": "user", "content": "a red cube"}], "modalities": ["image"],
-        "size": "512x512", "num_inference_steps": 40, "stream": True})
-    _disconnect_stream(base_url, "/v1/chat/completions", {
-        "messages": [{"role": "user", "content": "count forever"}], "max_tokens": 4000, "stream": True})
-    seen_running = []
-    with ThreadPoolExecutor(1) as pool:
-        watch = pool.submit(lambda: [time.sleep(1.5), seen_running.append(running_requests(cluster.driver))])
-        with httpx.Client(base_url=base_url) as c, pytest.raises(httpx.ReadTimeout):
-            c.post("/v1/images/generations", json=SLOW_T2I, headers=auth(), timeout=4)
-        watch.result()
-    assert seen_running and seen_running[0], "the running-request census saw nothing running"
-    cluster.wait_idle(REQUEST_TIMEOUT_S)
-    deadline = time.monotonic() + 60
-    while True:
-        state = leak_state(cluster, http)
-        if not leaks(leak_baseline, state) or time.monotonic() > deadline:
-            break
-        time.sleep(2)
-    assert not leaks(leak_baseline, state), (leak_baseline, state)
