@@ -51,6 +51,7 @@ from .knobs import RequestLimits
 from .stage_graph import StageGraph, StageGraphError, load_stage_graph, resolve_stage_graph_path
 
 logger = logging.getLogger("ray.serve")
+STAGE_HEALTH_CHECK_PERIOD_S = 2.0   # Serve calls each stage replica's check_health this often
 
 
 @dataclass(frozen=True)
@@ -145,14 +146,17 @@ def build_app(args: dict) -> Application:
     options = graph.deployment_options()
     # a replica being replaced (redeploy, downscale) finishes what it runs: the longest request
     drain = {"graceful_shutdown_timeout_s": plan.settings.request_timeout_s + 30}
+    # a stage whose engine died is replaced after 3 failed checks: seconds, not Serve's 30 (the
+    # requests it failed are waiting to be retried); check_health only reads a flag
+    health = {"health_check_period_s": STAGE_HEALTH_CHECK_PERIOD_S}
     bound = {}
     for i, variant in enumerate(plan.variants):
         thinker_key, dit_key = stage_key("thinker", i, variant), stage_key("dit", i, variant)
         thinker_init, dit_init = plan.stage_inits[variant]
         thinker = _stage_deployment(graph.thinker_spec(variant).deployment_class, deployment_name(thinker_key),
-                                    options[thinker_key] | drain).bind(**thinker_init)
+                                    options[thinker_key] | drain | health).bind(**thinker_init)
         dit = _stage_deployment(graph.dit_spec(variant).deployment_class, deployment_name(dit_key),
-                                options[dit_key] | drain).bind(**dit_init)
+                                options[dit_key] | drain | health).bind(**dit_init)
         bound[variant] = (thinker, dit)
     first, *others = plan.variants
     # a full ingress queue is answered by Serve's proxy: 503 with Retry-After (the stages' 503s,

@@ -129,6 +129,13 @@ def _is_vllm_client_error(exc: BaseException) -> bool:
     return mod is not None and isinstance(exc, mod.VLLMClientError)
 
 
+def _is_vllm_engine_dead(exc: BaseException) -> bool:
+    # the replica's vLLM engine died under the request: the replica is as good as dead (its
+    # check_health fails, Serve replaces it), so the request may be retried
+    mod = sys.modules.get("vllm.v1.engine.exceptions")
+    return mod is not None and isinstance(exc, mod.EngineDeadError)
+
+
 def stage_error(exc: BaseException, stage: str) -> OpenAIError:
     """Map an exception raised by (or on the way to) a stage to the error the client gets.
 
@@ -159,12 +166,18 @@ def stage_error(exc: BaseException, stage: str) -> OpenAIError:
         return OpenAIError(f"the {stage} stage is overloaded; retry later", status=503,
                            type="server_overloaded", code="overloaded")
     if isinstance(exc, (serve_exc.DeploymentUnavailableError, ray_exc.RayActorError,
-                        ray_exc.ActorUnavailableError)):
-        return StageUnavailable(stage, type(exc).__name__)
+                        ray_exc.ActorUnavailableError)) and not isinstance(exc, ray_exc.RayTaskError):
+        return StageUnavailable(stage, type(exc).__name__)   # the stage's replica itself
     for e in _exception_chain(exc):
         # the context's KV objects died with their owner (the thinker replica that put them)
         if isinstance(e, ray_exc.ObjectLostError):
             return StageUnavailable(stage, type(e).__name__, handoff_lost=True)
+        if isinstance(e, (ray_exc.RayActorError, ray_exc.ActorUnavailableError)):
+            # an actor the stage's call depended on died (the thinker's export registry, or for
+            # the DiT what Serve calls an upstream crash: the hand-off's owner): a new prefill
+            return StageUnavailable(stage, type(e).__name__, handoff_lost=True)
+        if _is_vllm_engine_dead(e):
+            return StageUnavailable(stage, "its engine died")
     logger.error("%s stage failed", stage, exc_info=exc)
     root = next(_exception_chain(exc), exc)   # the stage's own exception, not Ray's traceback
     return OpenAIError(f"the {stage} stage failed: {type(root).__name__}: {root}", status=500,

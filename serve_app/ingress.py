@@ -53,7 +53,7 @@ from .http_limits import RequestLimitMiddleware
 from .errors import OpenAIError, bad_request, install_error_handlers, stage_error
 from .media import decode_image_bytes, decode_video_bytes, image_base64, image_data_url, video_data_url
 from .metrics import StageMetrics
-from .pipeline import StagePipeline
+from .pipeline import REQUEST_RETRIES, RetryCount, StagePipeline
 from .knobs import RequestLimits
 from .request_parsing import form_fields, parse_chat_request, parse_edit_form, parse_generation_json
 from .variants import variant_for_task
@@ -197,18 +197,11 @@ class LanceService:
             if parsed.stream:
                 # prefill and the DiT's first step before the headers: a 4xx, or a stage that is
                 # overloaded (503 + Retry-After), is still an HTTP status, not an event in a 200 stream
-                items = None
-                try:
-                    async with _deadline(timeout):
-                        handoff = await pipeline.prefill_with_retries(req)
-                        items = pipeline.denoise(handoff, req.encoding)
-                        first = await anext(items)
-                except BaseException:
-                    if items is not None:
-                        await items.aclose()   # stops the DiT job
-                    raise
+                async with _deadline(timeout):
+                    handoff, items, first = await pipeline.start_image_stream(req)
                 return self._sse(self._image_events(req, handoff, model, parsed.include_usage, lance,
-                                                    items, first), headers)
+                                                    pipeline.image_stream(req, handoff, items, first)),
+                                 headers)
             results = await self._generate_images(parsed.requests, pipeline)
             choices = [oai.chat_choice(i, oai.image_content(image_data_url(image)), "stop")
                        for i, (image, _) in enumerate(results)]
@@ -222,11 +215,12 @@ class LanceService:
             return self._sse(self._text_events(req, tokens, first, model, parsed.include_usage,
                                                lance, parsed.return_token_ids), headers)
         text, token_ids, finish, last = [], [], "stop", {}
-        async with _deadline(timeout), aclosing(pipeline.generate_text(req)) as tokens:
-            async for item in tokens:
-                text.append(item.get("text", ""))
-                token_ids.extend(item.get("token_ids", ()))
-                finish, last = item.get("finish_reason") or finish, item
+        async with _deadline(timeout):
+            items = await pipeline.complete_text(req)   # retried whole if the thinker dies
+        for item in items:
+            text.append(item.get("text", ""))
+            token_ids.extend(item.get("token_ids", ()))
+            finish, last = item.get("finish_reason") or finish, item
         choice = oai.chat_choice(0, "".join(text), finish,
                                  token_ids if parsed.return_token_ids else None)
         body = oai.chat_completion(req.request_id, model, [choice],
@@ -239,7 +233,7 @@ class LanceService:
         timeout = self.settings.request_timeout_s
         if parsed.stream:
             async with _deadline(timeout):
-                handoff = await pipeline.prefill(req)   # errors here are still 4xx
+                handoff = await pipeline.prefill_with_retries(req)   # errors here are still 4xx
             return self._sse(self._video_events(req, handoff, model, parsed.include_usage, lance,
                                                 pipeline), headers)
         async with _deadline(timeout):
@@ -297,16 +291,10 @@ class LanceService:
                                  headers={"Cache-Control": "no-cache", **headers})
 
     async def _image_events(self, req: ImageRequest, handoff, model: str, include_usage: bool,
-                            lance: dict, items, first: dict):
+                            lance: dict, items):
         rid = req.request_id
         yield oai.chat_chunk(rid, model, {"role": "assistant", "content": ""}, lance=lance)
-
-        async def all_items():
-            yield first
-            async for item in items:
-                yield item
-
-        async with aclosing(items), aclosing(all_items()) as chunks:
+        async with aclosing(items) as chunks:
             async for item in chunks:
                 if "image" in item:
                     yield oai.chat_chunk(rid, model, {"content": oai.image_content(
@@ -619,6 +607,32 @@ def add_playground_routes(app: FastAPI) -> None:
     app.get("/playground/{name}", include_in_schema=False)(asset)
 
 
+class RetryHeaderMiddleware:
+    """ASGI middleware: a response whose request was run again on a stage (a replica died under
+    it) says how often in `X-Lance-Retries`; the output is the same as an undisturbed run's."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        count = RetryCount()
+        token = REQUEST_RETRIES.set(count)
+
+        async def send_with_count(message):
+            if message["type"] == "http.response.start" and count.n:
+                message = dict(message, headers=[*message.get("headers", ()),
+                                                 (b"x-lance-retries", str(count.n).encode())])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_count)
+        finally:
+            REQUEST_RETRIES.reset(token)
+
+
 def build_fastapi_app(service: LanceService, api_keys: list[str] | None = None) -> FastAPI:
     """The app; with `api_keys`, every route but auth.PUBLIC_PATHS and the playground's files needs
     one of them."""
@@ -636,6 +650,8 @@ def build_fastapi_app(service: LanceService, api_keys: list[str] | None = None) 
         route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label set
         service.metrics.requests.inc(tags={"route": route, "status": str(response.status_code)})
         return response
+
+    app.add_middleware(RetryHeaderMiddleware)   # outermost: its count covers the whole request
 
     app.post("/v1/chat/completions")(service.chat_completions)
     app.post("/v1/images/generations")(service.images_generations)

@@ -4,7 +4,9 @@ dit.generate_video (videos), or thinker.generate_text. Stage exceptions become O
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional
 
@@ -21,6 +23,23 @@ HEALTH_TIMEOUT_S = 10.0
 # dead thinker means a fresh prefill. Serve restarts the replica; a retry waits for it in the queue.
 MAX_RETRIES = 2
 RETRY_BACKOFF_S = (0.5, 2.0)
+# Before a retry, the stage must answer check_health: a replica whose engine died stays in place
+# until Serve's health check replaces it, and a retry sent to it would fail again at once. The
+# request's own deadline bounds the wait too; past this, the retry goes anyway (and may fail).
+RETRY_HEALTH_WAIT_S = 300.0
+RETRY_HEALTH_POLL_S = 1.0
+
+
+class RetryCount:
+    """Stage calls run again for one HTTP request (the ingress's X-Lance-Retries header)."""
+
+    def __init__(self):
+        self.n = 0
+
+
+# set per HTTP request by the ingress; the stage calls of that request (its tasks too) add to it
+REQUEST_RETRIES: contextvars.ContextVar[RetryCount | None] = contextvars.ContextVar(
+    "lance_request_retries", default=None)
 
 
 def _cancel(response) -> None:
@@ -89,8 +108,32 @@ class StagePipeline:
         if failures > MAX_RETRIES:
             raise error
         self.metrics.retries.inc(tags={"stage": error.stage})
+        count = REQUEST_RETRIES.get()
+        if count is not None:
+            count.n += 1
         logger.warning("retrying a request (%d/%d): %s", failures, MAX_RETRIES, error.message)
         await asyncio.sleep(RETRY_BACKOFF_S[min(failures, len(RETRY_BACKOFF_S)) - 1])
+        # a lost hand-off is made again by the thinker: that is the stage to wait for
+        await self._wait_healthy("thinker" if error.handoff_lost else error.stage)
+
+    async def _wait_healthy(self, stage: str) -> None:
+        """Until a replica of `stage` answers check_health (a restarted replica: the call waits in
+        Serve's queue until it is up), or RETRY_HEALTH_WAIT_S."""
+        handle = self.thinker if stage == "thinker" else self.dit
+        if handle is None:
+            return
+        deadline = time.monotonic() + RETRY_HEALTH_WAIT_S
+        while True:
+            try:
+                await asyncio.wait_for(handle.check_health.remote(), HEALTH_TIMEOUT_S)
+                return
+            except asyncio.TimeoutError:
+                pass
+            except Exception as e:   # noqa: BLE001 - dead engine, replica starting: try again
+                logger.info("waiting for the %s stage before a retry: %s", stage, type(e).__name__)
+            if time.monotonic() > deadline:
+                return
+            await asyncio.sleep(RETRY_HEALTH_POLL_S)
 
     async def prefill_with_retries(self, req: ImageRequest) -> ContextHandoff:
         failures = 0
@@ -117,6 +160,73 @@ class StagePipeline:
                 if e.stage == "thinker" or e.handoff_lost:
                     handoff = None   # start again from the prefill
                 await self._retry_wait(failures, e)
+
+    async def start_image_stream(self, req: ImageRequest
+                                 ) -> tuple[ContextHandoff, AsyncIterator[dict], dict]:
+        """A streamed image up to the DiT's first item (its HTTP headers wait for it): the hand-off,
+        the rest of the DiT stream, and that first item. A dead replica before then is retried as
+        in generate_image; after it the client has seen progress, and the stream is not retried."""
+        handoff, failures = None, 0
+        while True:
+            items = None
+            try:
+                if handoff is None:
+                    handoff = await self.prefill(req)
+                items = self.denoise(handoff, req.encoding)
+                return handoff, items, await anext(items)
+            except StageUnavailable as e:
+                if items is not None:
+                    await items.aclose()
+                failures += 1
+                if e.stage == "thinker" or e.handoff_lost:
+                    handoff = None
+                await self._retry_wait(failures, e)
+            except BaseException:
+                if items is not None:
+                    await items.aclose()   # stops the DiT job
+                raise
+
+    async def image_stream(self, req: ImageRequest, handoff: ContextHandoff,
+                           items: AsyncIterator[dict], first: dict) -> AsyncIterator[dict]:
+        """`first` and the rest of a streamed image (start_image_stream's). A replica that dies
+        after progress reached the client is retried too: the new run's progress is passed on
+        only past the step the client has seen, so the client sees one progress sequence, and
+        the same image."""
+        shown, failures, item = 0, 0, first
+        try:
+            while True:
+                if item is None:
+                    try:
+                        item = await anext(items)
+                    except StopAsyncIteration:
+                        return
+                    except StageUnavailable as e:
+                        await items.aclose()
+                        handoff, items, failures = await self._restart_denoise(req, handoff, e, failures)
+                        continue
+                if "image" in item:
+                    yield item
+                    return
+                if (item.get("step") or 0) > shown:
+                    shown = item.get("step") or 0
+                    yield item
+                item = None
+        finally:
+            await items.aclose()
+
+    async def _restart_denoise(self, req: ImageRequest, handoff: ContextHandoff,
+                               error: StageUnavailable, failures: int):
+        """(hand-off, a new DiT stream, failures) after `error`; a new prefill if the thinker
+        died or the hand-off's KV went with it. Raises once the retries are used up."""
+        while True:
+            failures += 1
+            await self._retry_wait(failures, error)
+            try:
+                if error.stage == "thinker" or error.handoff_lost:
+                    handoff = await self.prefill(req)
+                return handoff, self.denoise(handoff, req.encoding), failures
+            except StageUnavailable as e:
+                error = e
 
     async def denoise_video(self, handoff: ContextHandoff, encoding: VideoEncoding | None = None
                             ) -> AsyncIterator[dict]:
@@ -147,36 +257,115 @@ class StagePipeline:
 
     async def generate_video(self, req: VideoRequest, on_progress=None
                              ) -> tuple[dict, ContextHandoff]:
-        """(the encoded video, the hand-off); `on_progress(stage, step, total)` after every step."""
-        handoff = await self.prefill(req)
-        async with aclosing(self.denoise_video(handoff, req.encoding)) as items:
-            async for item in items:
-                if "video" in item:
-                    return item, handoff
-                if on_progress is not None:
-                    on_progress(item.get("stage", "denoise"), item.get("step"), item.get("total"))
-        raise AssertionError("unreachable: denoise_video() raises when no video arrives")
+        """(the encoded video, the hand-off); `on_progress(stage, step, total)` after every step.
+        A dead replica is retried as in generate_image (progress then starts over, which a job's
+        progress, never going back, hides)."""
+        handoff, failures = None, 0
+        while True:
+            try:
+                if handoff is None:
+                    handoff = await self.prefill(req)
+                async with aclosing(self.denoise_video(handoff, req.encoding)) as items:
+                    async for item in items:
+                        if "video" in item:
+                            return item, handoff
+                        if on_progress is not None:
+                            on_progress(item.get("stage", "denoise"), item.get("step"),
+                                        item.get("total"))
+                raise AssertionError("unreachable: denoise_video() raises when no video arrives")
+            except StageUnavailable as e:
+                failures += 1
+                if e.stage == "thinker" or e.handoff_lost:
+                    handoff = None
+                await self._retry_wait(failures, e)
 
-    async def generate_text(self, req: TextRequest) -> AsyncIterator[dict]:
-        """Token deltas {"text", "token_ids", "finish_reason", "prompt_tokens", ...}."""
+    async def complete_text(self, req: TextRequest) -> list[dict]:
+        """Every token delta of a generation that is answered in one piece (not streamed): nothing
+        has reached the client until the end, so a thinker that dies at any point is retried from
+        the start (same seed, same tokens)."""
+        failures = 0
+        while True:
+            items: list[dict] = []
+            try:
+                async with aclosing(self.generate_text(req, retries=0)) as tokens:
+                    async for item in tokens:
+                        items.append(item)
+                return items
+            except StageUnavailable as e:
+                failures += 1
+                await self._retry_wait(failures, e)
+
+    async def generate_text(self, req: TextRequest, retries: int = MAX_RETRIES
+                            ) -> AsyncIterator[dict]:
+        """Token deltas {"text", "token_ids", "finish_reason", "prompt_tokens", ...}. A dead
+        thinker is retried (at most `retries` times before the first delta, and as often after
+        it): before, the request simply runs again; after, the generation is run again from the
+        start and its deltas are passed on from where the caller is (`_replay_text`)."""
         if self.thinker is None:
             raise _not_connected()
         with self.metrics.stage_call("thinker"):
-            stream, first = await self._first_text_item(req)
-            done = False
+            stream, item = await self._first_text_item(req, retries)
+            sent: list[int] = []   # token ids the caller has had
+            done, failures = False, 0
             try:
-                yield first
-                done = first.get("finish_reason") is not None
-                async for item in stream:
+                while True:
+                    sent.extend(item.get("token_ids", ()))
                     yield item
                     done = item.get("finish_reason") is not None
-            except Exception as e:
-                raise stage_error(e, "thinker") from e
+                    if done:
+                        return
+                    try:
+                        item = await anext(stream)
+                    except StopAsyncIteration:
+                        done = True
+                        return
+                    except Exception as e:
+                        error = stage_error(e, "thinker")
+                        if not isinstance(error, StageUnavailable) or failures >= retries:
+                            raise error from e
+                        failures += 1
+                        stream, item = await self._replay_text(req, sent, error, failures, retries)
             finally:
                 if not done:
                     _cancel(stream)
 
-    async def _first_text_item(self, req: TextRequest):
+    async def _replay_text(self, req: TextRequest, sent: list[int], error: StageUnavailable,
+                           failures: int, retries: int):
+        """Run a generation again after its thinker died mid-stream: (the new stream, its first
+        delta past the `sent` tokens). Generation is a function of the request and its seed, so
+        the new run repeats the tokens the caller has; they are checked and skipped. A run that
+        does not repeat them, or a delta that straddles the point, ends the request with `error`."""
+        while True:
+            await self._retry_wait(failures, error)
+            stream = self.thinker.options(stream=True).generate_text.remote(req)
+            replayed: list[int] = []
+            try:
+                while True:
+                    item = await anext(stream)
+                    ids = list(item.get("token_ids", ()))
+                    if len(replayed) + len(ids) <= len(sent) and item.get("finish_reason") is None:
+                        replayed.extend(ids)
+                        if replayed != sent[:len(replayed)]:
+                            break   # not the same generation
+                        continue
+                    if len(replayed) == len(sent):
+                        return stream, item
+                    break   # straddles what was sent, or finished before it
+            except StopAsyncIteration:
+                pass
+            except Exception as e:
+                again = stage_error(e, "thinker")
+                if not isinstance(again, StageUnavailable) or failures >= retries:
+                    _cancel(stream)
+                    raise again from e
+                failures, error = failures + 1, again
+                continue
+            _cancel(stream)
+            logger.warning("a text stream's retried generation did not repeat its first %d tokens",
+                           len(sent))
+            raise error
+
+    async def _first_text_item(self, req: TextRequest, retries: int = MAX_RETRIES):
         """The thinker's stream and its first item; a dead replica before any output is retried
         (nothing has reached the client yet)."""
         failures = 0
@@ -193,7 +382,7 @@ class StagePipeline:
                 raise
             except Exception as e:
                 error = stage_error(e, "thinker")
-                if not isinstance(error, StageUnavailable):
+                if not isinstance(error, StageUnavailable) or failures >= retries:
                     raise error from e
             failures += 1
             await self._retry_wait(failures, error)

@@ -19,6 +19,7 @@ import select
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,17 @@ class RayDriver:
         """Kill one replica actor of a deployment, as a crash would (Serve starts a new one)."""
         return self._ask(op="kill_replica", deployment=deployment)
 
+    def object_store(self) -> dict:
+        """The cluster's object store after a garbage collection in every worker (Python cycles
+        may hold ObjectRefs a while): {"bytes_used", "num_objects", "primary_copies"}."""
+        return self._ask(op="object_store")
+
+    def running_tasks(self) -> dict:
+        """{task name: count} of the tasks and actor calls RUNNING now (Ray's state API; Serve
+        reports its replicas' calls there only when the cluster runs with
+        RAY_SERVE_ENABLE_TASK_EVENTS=1)."""
+        return self._ask(op="running_tasks")
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.stdin.close()
@@ -80,6 +92,54 @@ class RayDriver:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+# the stage deployments of the cpu graph's two variants (serve_app.app_config.deployment_name)
+STAGE_SUFFIXES = ("", "_Lance_3B_Video")
+TASK_EVENTS_DELAY_S = 3.0
+
+
+def leak_census(driver: RayDriver, suffixes=STAGE_SUFFIXES) -> dict:
+    """Everything a finished, cancelled, timed-out or refused request could leave behind, for
+    comparing an idle server with itself before: per thinker the exports not claimed, requests
+    still in vLLM and KV blocks in use (as of vLLM's last step: send each thinker a short request
+    first, an abort is no step); per DiT its job table; the object store's objects and bytes; the
+    Serve request calls running on any replica."""
+    state = {}
+    for suffix in suffixes:
+        t = driver.call("ThinkerStage" + suffix, "engine_stats")
+        d = driver.call("DiTStage" + suffix, "stats")
+        state["thinker" + suffix] = {k: t[k] for k in ("pending_exports", "submitted_requests",
+                                                       "num_running", "num_waiting", "kv_blocks_in_use")}
+        state["dit" + suffix] = {k: d[k] for k in ("jobs", "active", "waiting")}
+    store = driver.object_store()
+    state["object_store"] = {"num_objects": store["num_objects"], "bytes_used": store["bytes_used"]}
+    # Ray's state API hears of finished tasks a second or so late (task events are batched):
+    # the calls above must not be counted as running
+    time.sleep(TASK_EVENTS_DELAY_S)
+    state["running_requests"] = running_requests(driver)
+    return state
+
+
+def leaks(baseline: dict, after: dict) -> dict:
+    """What `after` holds beyond `baseline` (two leak_census states): {key: (before, after)}. The
+    object store counts only if it grew: a killed replica's own objects go with it, so after a kill
+    it may well hold less than before."""
+    found = {}
+    for key in baseline.keys() | after.keys():
+        before, now = baseline.get(key), after.get(key)
+        if key == "object_store":
+            if now["num_objects"] > before["num_objects"] or now["bytes_used"] > before["bytes_used"]:
+                found[key] = (before, now)
+        elif before != now:
+            found[key] = (before, now)
+    return found
+
+
+def running_requests(driver: RayDriver) -> dict:
+    """{task name: count} of the Serve request calls RUNNING on any replica (health checks and
+    Serve's own loops excluded)."""
+    return {name: n for name, n in driver.running_tasks().items() if "handle_request" in name}
 
 
 def main(address: str) -> None:
@@ -110,7 +170,28 @@ def main(address: str) -> None:
                  no_restart=True)
         return names[0]["name"]
 
-    ops = {"call": call, "call_actor": call_actor, "kill_replica": kill_replica}
+    def object_store():
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address, global_gc
+
+        global_gc()
+        stats = get_memory_info_reply(get_state_from_address(address)).store_stats
+        return {"bytes_used": stats.object_store_bytes_used, "num_objects": stats.num_local_objects,
+                "primary_copies": stats.num_object_store_primary_copies}
+
+    def running_tasks():
+        from collections import Counter
+
+        from ray.util.state import list_actors, list_tasks
+
+        # a killed actor's last calls may stay RUNNING in the task table: count live actors' only
+        alive = {a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10000,
+                                                 raise_on_missing_output=False)}
+        tasks = list_tasks(filters=[("state", "=", "RUNNING")], limit=10000, detail=True,
+                           raise_on_missing_output=False)
+        return dict(Counter(t.name for t in tasks if not t.actor_id or t.actor_id in alive))
+
+    ops = {"call": call, "call_actor": call_actor, "kill_replica": kill_replica,
+           "object_store": object_store, "running_tasks": running_tasks}
     print(json.dumps({"ok": True}), file=replies, flush=True)
     for line in sys.stdin:
         if not line.strip():

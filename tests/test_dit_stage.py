@@ -104,6 +104,31 @@ def test_runner_copies_only_pixels_unless_debug_outputs(tiny_ckpt_dir, runner, g
     assert img.pixels.dtype == torch.uint8 and tuple(img.pixels.shape) == (128, 128, 3)
 
 
+def test_check_health_fails_once_the_engine_loop_or_its_thread_is_gone(runner, golden):
+    """What Serve's health check asks a DiT replica: healthy while its engine loop runs (and before
+    the first request starts it); unhealthy once the loop task or the engine thread is gone, so
+    that Serve replaces the replica."""
+    from stages.dit.serving import DiTServingLoop
+
+    handoff = golden_handoff(golden("t2i"), "t2i", DenoiseParams(num_inference_steps=2, seed=1))
+
+    async def run(loop: DiTServingLoop):
+        loop.check_health()
+        events = [e async for e in loop.generate_image(handoff, handoff.cond.kv, handoff.uncond.kv)]
+        assert "image" in events[-1]
+        loop.check_health()
+        loop._driver.cancel()          # the loop task ends (as an unexpected error would end it)
+        await asyncio.sleep(0)
+        with pytest.raises(RuntimeError, match="engine loop stopped"):
+            loop.check_health()
+
+    asyncio.run(run(DiTServingLoop(runner)))
+    stopped = DiTServingLoop(runner)
+    stopped._executor.shutdown()
+    with pytest.raises(RuntimeError, match="engine thread"):
+        stopped.check_health()
+
+
 @pytest.mark.parametrize("encoding", [ImageEncoding("webp", 90), ImageEncoding("jpeg", 75), ImageEncoding("png")])
 def test_requested_encoding_comes_back(stage, golden, encoding):
     g = golden("t2i")

@@ -11,10 +11,17 @@ key, with a wrong key and with a right one, with a trailing slash and as OPTIONS
 `api_key=` must work. Then: a body over the cap is 413; a full /v1/videos store is a 429; a flood
 of slow image requests gets 503s with Retry-After and an OpenAI error body (never a hang); a request
 past the timeout is a 504, and a client that disconnects (non-streaming) frees the DiT and the
-thinker before the server timeout.
+thinker before the server timeout. Fault recovery: a DiT replica and then the thinker replica are
+killed under running requests, which all return what undisturbed runs return (`X-Lance-Retries`
+says they were run again), and the killed thinker's engine processes and export directory go with
+it; a dead vLLM engine fails the thinker's check_health, /health names it and Serve replaces the
+replica. Before the kills, after the flood, the timeout, the disconnects and a mix of refused,
+finished, streamed and cancelled requests, the stages, the object store and the running Serve calls
+are back to their state before the flood.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import select
@@ -26,11 +33,13 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 
+from helpers import data_url, png_bytes
 from serve_app.app_config import DEPLOYMENT_NAMES
-from ray_driver import RayDriver
+from ray_driver import RayDriver, leak_census, leaks, running_requests
 from serve_server import REPO_ROOT, SERVE_CONFIG, Server, serve_run
 
 # `serve run` of its own app (own cluster, own port): never while the session's shared server
@@ -60,11 +69,11 @@ class Cluster:
     def __init__(self, address: str, home: Path):
         self.driver = RayDriver(address, home)
 
-    def thinker_stats(self) -> dict:
-        return self.driver.call(DEPLOYMENT_NAMES["thinker"], "engine_stats")
+    def thinker_stats(self, variant: str = "") -> dict:
+        return self.driver.call(DEPLOYMENT_NAMES["thinker"] + variant, "engine_stats")
 
-    def dit_stats(self) -> dict:
-        return self.driver.call(DEPLOYMENT_NAMES["dit"], "stats")
+    def dit_stats(self, variant: str = "") -> dict:
+        return self.driver.call(DEPLOYMENT_NAMES["dit"] + variant, "stats")
 
     def wait_idle(self, timeout_s: float) -> tuple[dict, dict]:
         """Both stages with nothing running, waiting or parked; fails with their counters if not."""
@@ -103,7 +112,9 @@ def hardened_server(tmp_path_factory) -> Server:
     config["http_options"]["port"] = port
     config_path = home / "lance_hardening.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    with serve_run(config_path, home, port, {"LANCE_SERVE_API_KEY": ",".join(KEYS)}) as running:
+    env = {"LANCE_SERVE_API_KEY": ",".join(KEYS),
+           "RAY_SERVE_ENABLE_TASK_EVENTS": "1"}   # replicas' calls in Ray's task table (leak census)
+    with serve_run(config_path, home, port, env) as running:
         yield running
 
 
@@ -120,6 +131,14 @@ def cluster(hardened_server):
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture(scope="module")
+def leak_baseline(cluster, http):
+    """The idle state of what a request may leak (`leak_state`), taken before the first test that
+    times requests out or cancels them (the flood test) and compared at the end of the module."""
+    cluster.wait_idle(120)
+    return leak_state(cluster, http)
 
 
 @pytest.fixture(scope="module")
@@ -269,7 +288,7 @@ def test_headers_over_the_limit_are_431(http):
 
 # -- overload, timeout, disconnect ---------------------------------------------------------------------
 
-def test_flood_is_answered_with_503_and_retry_after_never_a_hang(base_url, cluster):
+def test_flood_is_answered_with_503_and_retry_after_never_a_hang(base_url, cluster, leak_baseline):
     cluster.wait_idle(120)
     n = 40
 
@@ -372,6 +391,97 @@ def test_client_disconnect_aborts_the_thinker(base_url, cluster):
     assert t["aborted_requests"] > before
 
 
+# -- no leaks -------------------------------------------------------------------------------------------
+
+def _tiny_mp4() -> bytes:
+    import numpy as np
+
+    from stages.dit.video import encode_mp4
+
+    frames = np.random.default_rng(0).integers(0, 255, (9, 64, 96, 3), dtype=np.uint8)
+    return encode_mp4(frames)
+
+
+def _refresh_engine_stats(http) -> None:
+    """vLLM reports its KV blocks with each engine step, and an abort is no step: one short request
+    per thinker (chat: the image variant's, a video question: the video variant's)."""
+    video = "data:video/mp4;base64," + base64.b64encode(_tiny_mp4()).decode()
+    for content in ("hi", [{"type": "video_url", "video_url": {"url": video}},
+                           {"type": "text", "text": "what moves?"}]):
+        r = http.post("/v1/chat/completions", headers=auth(), json={
+            "messages": [{"role": "user", "content": content}], "max_tokens": 1})
+        assert r.status_code == 200, r.text[:300]
+
+
+def leak_state(cluster: Cluster, http) -> dict:
+    _refresh_engine_stats(http)
+    return leak_census(cluster.driver)
+
+
+def _disconnect_stream(base_url: str, path: str, body: dict) -> None:
+    """Read a streamed answer's first event, then go away."""
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        with c.stream("POST", path, json=body, headers=auth()) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    return
+
+
+def test_nothing_leaks_after_a_mixed_run(base_url, http, cluster, leak_baseline):
+    """After this module's timed-out, overloaded, cancelled and finished requests, and a mix here of
+    refused (4xx), finished (every route), streamed and cancelled ones, every stage is back where it
+    started before the flood: no export, vLLM request or KV block, DiT job, object or request call
+    is left over. (Before the replica kills below: a killed replica takes objects of its own.)"""
+    image = data_url(png_bytes())
+    refused = [("/v1/images/generations", b"{not json"),
+               ("/v1/images/generations", {"prompt": "x", "num_inference_steps": 0}),
+               ("/v1/images/generations", {"prompt": "x", "size": "100x100"}),
+               ("/v1/images/generations", {"prompt": "x", "no_such_field": 1}),
+               ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+                   {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]}),
+               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                         "max_tokens": 10**9})]
+    for path, body in refused:
+        r = (http.post(path, content=body, headers=auth() | {"Content-Type": "application/json"})
+             if isinstance(body, bytes) else http.post(path, json=body, headers=auth()))
+        assert 400 <= r.status_code < 500, (path, body, r.status_code, r.text[:200])
+    small = {"prompt": "a small cube", "size": "128x128", "num_inference_steps": 4}
+    finished = [("/v1/images/generations", small),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": image}},
+                    {"type": "text", "text": "what is it?"}]}], "max_tokens": 8}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello"}],
+                                          "max_tokens": 8})]
+    for r in _post_all(base_url, finished):
+        assert r.status_code == 200, r.text[:300]
+    r = http.post("/v1/images/edits", headers=auth(), data={"prompt": "make it blue", "num_inference_steps": "4",
+                                                            "resolution": "image_256res"},
+                  files={"image": ("in.png", png_bytes(), "image/png")})
+    assert r.status_code == 200, r.text[:300]
+    # cancelled: clients that go away mid-request, streamed and not
+    _disconnect_stream(base_url, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "a red cube"}], "modalities": ["image"],
+        "size": "512x512", "num_inference_steps": 40, "stream": True})
+    _disconnect_stream(base_url, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "count forever"}], "max_tokens": 4000, "stream": True})
+    seen_running = []
+    with ThreadPoolExecutor(1) as pool:
+        watch = pool.submit(lambda: [time.sleep(1.5), seen_running.append(running_requests(cluster.driver))])
+        with httpx.Client(base_url=base_url) as c, pytest.raises(httpx.ReadTimeout):
+            c.post("/v1/images/generations", json=SLOW_T2I, headers=auth(), timeout=4)
+        watch.result()
+    assert seen_running and seen_running[0], "the running-request census saw nothing running"
+    cluster.wait_idle(REQUEST_TIMEOUT_S)
+    deadline = time.monotonic() + 60
+    while True:
+        state = leak_state(cluster, http)
+        if not leaks(leak_baseline, state) or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert not leaks(leak_baseline, state), (leak_baseline, state)
+
+
 # -- fault recovery -----------------------------------------------------------------------------------
 
 def test_dit_replica_killed_mid_request_loses_nothing(http, cluster):
@@ -398,4 +508,152 @@ def test_dit_replica_killed_mid_request_loses_nothing(http, cluster):
         assert killed.result() is not None, "the DiT never picked the request up"
     assert r.status_code == 200, r.text[:300]
     assert r.json()["data"][0]["b64_json"] == reference.json()["data"][0]["b64_json"]
+    # the response says it was run again; the undisturbed one does not
+    assert int(r.headers.get("x-lance-retries", 0)) >= 1 and "x-lance-retries" not in reference.headers
     cluster.wait_idle(60)
+
+
+def _processes_of(pid: int) -> list[psutil.Process]:
+    """The process and everything it started (a thinker replica: vLLM's engine core, its worker)."""
+    proc = psutil.Process(pid)
+    return [proc, *proc.children(recursive=True)]
+
+
+def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """The processes still alive (zombies count as gone) after at most `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = []
+        for p in procs:
+            try:
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
+def _seeded_requests() -> list[tuple[str, dict]]:
+    """Small seeded image and understanding requests (a few seconds each on the tiny CPU model);
+    their outputs are a pure function of the request."""
+    image = data_url(png_bytes())
+    t2i = [("/v1/images/generations", {"prompt": f"a {color} cube on a table", "size": "256x256",
+                                       "num_inference_steps": 8, "seed": seed})
+           for color, seed in (("red", 11), ("blue", 12), ("green", 13))]
+    x2t = [("/v1/chat/completions", {
+        "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                                  {"type": "text", "text": question}]}],
+        "max_tokens": 64, "seed": 5, "return_token_ids": True})
+        for question in ("What is in the picture?", "Which colours do you see?")]
+    streamed = [("/v1/chat/completions", {"messages": [{"role": "user", "content": "a blue cone"}],
+                                          "modalities": ["image"], "size": "256x256",
+                                          "num_inference_steps": 8, "seed": 14, "stream": True}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "tell a story"}],
+                                          "max_tokens": 64, "seed": 6, "stream": True})]
+    return t2i + x2t + streamed
+
+
+def _output(path: str, r: httpx.Response):
+    """What must not change when a request is retried: the image's bytes, or the token ids (a
+    stream: its text and images, and no error event)."""
+    assert r.status_code == 200, (path, r.status_code, r.text[:300])
+    if hasattr(r, "events"):
+        assert not [e for e in r.events if "error" in e], r.events[-3:]
+        deltas = [c.get("delta", {}).get("content") for e in r.events for c in e.get("choices", [])]
+        return ("".join(d for d in deltas if isinstance(d, str)),
+                [part["image_url"]["url"] for d in deltas if isinstance(d, list) for part in d])
+    body = r.json()
+    if path == "/v1/images/generations":
+        return body["data"][0]["b64_json"]
+    return body["choices"][0]["token_ids"], body["choices"][0]["message"]["content"]
+
+
+def _post_all(base_url: str, requests: list[tuple[str, dict]]) -> list[httpx.Response]:
+    """All at once; a streamed answer's events are read into `response.events`."""
+    def one(item):
+        path, body = item
+        with httpx.Client(base_url=base_url, timeout=REQUEST_TIMEOUT_S + 30) as c:
+            if not body.get("stream"):
+                return c.post(path, json=body, headers=auth())
+            with c.stream("POST", path, json=body, headers=auth()) as r:
+                r.events = [json.loads(line[6:]) for line in r.iter_lines()
+                            if line.startswith("data: ") and line != "data: [DONE]"]
+            return r
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        return list(pool.map(one, requests))
+
+
+def test_thinker_replica_killed_mid_requests_loses_nothing(base_url, cluster):
+    """The thinker replica dies with prefills running and contexts parked for the DiT: every
+    request is run again from the prefill on the restarted replica and returns exactly what an
+    undisturbed run returns; the dead replica's engine processes and export directory go too."""
+    cluster.wait_idle(120)
+    requests = _seeded_requests()
+    undisturbed = _post_all(base_url, requests)
+    reference = [_output(path, r) for (path, _), r in zip(requests, undisturbed)]
+    assert not any("x-lance-retries" in r.headers for r in undisturbed)
+    cluster.wait_idle(60)
+    old_pid = cluster.thinker_stats()["pid"]
+    old_processes = _processes_of(old_pid)
+    assert len(old_processes) >= 2, "the thinker runs vLLM's engine core in a process of its own"
+
+    def kill_when_busy():
+        """Kill once the thinker has several requests in vLLM (prefills, generations): a stream
+        among them is resumed after its headers (no header says so), a plain request is retried
+        with X-Lance-Retries."""
+        deadline = time.monotonic() + 30
+        busy = cluster.thinker_stats()
+        while len(busy["submitted_requests"]) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            busy = cluster.thinker_stats()
+        cluster.kill_replica(DEPLOYMENT_NAMES["thinker"])
+        return busy
+
+    with ThreadPoolExecutor(1) as pool:
+        killed = pool.submit(kill_when_busy)
+        responses = _post_all(base_url, requests)
+        busy = killed.result()
+    assert busy["submitted_requests"] or busy["pending_exports"], busy
+    outputs = [_output(path, r) for (path, _), r in zip(requests, responses)]
+    assert outputs == reference
+    retried = [int(r.headers.get("x-lance-retries", 0)) for r in responses]
+    assert any(retried), "no request was in flight on the killed thinker"
+    # the killed replica could not shut its engine down: its processes exit by themselves
+    assert not _wait_gone(old_processes, 30), "orphaned vLLM processes of the killed thinker"
+    t, _ = cluster.wait_idle(60)
+    assert t["pid"] != old_pid
+    # and its successor removed the killed replica's export directory (unclaimed KV in tmpfs)
+    assert not list(Path("/dev/shm").glob(f"lance-kv-*-{old_pid}-*"))
+
+
+def test_a_dead_vllm_engine_fails_health_and_its_replica_is_replaced(http, cluster):
+    """vLLM's engine core dies under a live thinker replica: check_health raises, /health names the
+    thinker (503) while the DiT is fine, Serve replaces the replica, and a request works again."""
+    cluster.wait_idle(120)
+    old_pid = cluster.thinker_stats()["pid"]
+    engine = [p for p in psutil.Process(old_pid).children()
+              if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
+    assert engine, [p.name() for p in psutil.Process(old_pid).children()]
+    engine[0].kill()
+    down = None
+    deadline = time.monotonic() + 60
+    while down is None and time.monotonic() < deadline:
+        r = http.get("/health")
+        if r.status_code == 503:
+            down = r.json()
+        time.sleep(0.5)
+    assert down is not None, "/health never reported the dead engine"
+    assert down["stages"]["dit"] == "ok" and down["stages"]["thinker"] != "ok", down
+    assert "thinker" in down["error"]["message"], down
+    # Serve replaces the replica (check_health fails 3 times): healthy again, a new process
+    deadline = time.monotonic() + 240
+    while http.get("/health").status_code != 200:
+        assert time.monotonic() < deadline, "the thinker was not replaced"
+        time.sleep(1)
+    assert cluster.thinker_stats()["pid"] != old_pid
+    r = http.post("/v1/chat/completions", headers=auth(), json={
+        "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert r.status_code == 200, r.text[:300]

@@ -33,3 +33,24 @@ def test_overload_and_request_errors_are_not_retried():
     assert too_long.status == 400 and not isinstance(too_long, StageUnavailable)
     bug = stage_error(ValueError("bad"), "dit")
     assert bug.status == 500 and not isinstance(bug, StageUnavailable)
+
+
+def test_a_dead_vllm_engine_is_retryable_through_ray():
+    """The thinker's vLLM engine died under a request: the replica is as good as dead (its
+    check_health fails and Serve replaces it), so the request is run again; it reaches the
+    ingress wrapped in Ray's task error, whose traceback the client never sees."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    dead = EngineDeadError()
+    for exc in (dead, ray_exc.RayTaskError("prefill_context", "Traceback (most recent call last)", dead)):
+        err = stage_error(exc, "thinker")
+        assert isinstance(err, StageUnavailable) and err.stage == "thinker" and not err.handoff_lost, exc
+        assert "Traceback" not in err.message and "engine died" in err.message
+    # an actor that died under a stage's own call (the thinker's export registry) as well
+    nested = ray_exc.RayTaskError("prefill_context", "tb", ray_exc.ActorDiedError())
+    assert isinstance(stage_error(nested, "thinker"), StageUnavailable)
+    # an actor that died under the DiT's call (not the DiT replica itself): the hand-off's owner
+    for wrapped in (ray_exc.RayTaskError("generate_image", "tb", ray_exc.ActorDiedError()),
+                    ray_exc.RayTaskError("generate_image", "tb", ray_exc.ActorDiedError()).as_instanceof_cause()):
+        upstream = stage_error(wrapped, "dit")
+        assert isinstance(upstream, StageUnavailable) and upstream.handoff_lost, type(wrapped)

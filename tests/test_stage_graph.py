@@ -318,5 +318,7 @@ def test_built_app_drains_requests_and_answers_overload():
     for d in deployments.values():
         assert d._deployment_config.graceful_shutdown_timeout_s == 150
         assert d.max_queued_requests > 0
+    for name in ("ThinkerStage", "DiTStage"):   # a dead engine is noticed within seconds
+        assert deployments[name]._deployment_config.health_check_period_s == 2.0
     bp = deployments["LanceIngress"].backpressure_config
     assert (bp.status_code, bp.retry_after_s) == (503, 1)

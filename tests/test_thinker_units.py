@@ -244,6 +244,31 @@ def test_shm_exports_are_claimed_once_fail_loudly_and_expire(tmp_path):
     assert not claims.directory.exists()
 
 
+def test_a_dead_replicas_export_directory_is_removed_by_the_next_one(tmp_path):
+    """A killed replica never closes its claims: the next replica on the host removes the
+    directory (and the unclaimed exports in it), and only directories whose owner is gone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    gone = ExportClaims(root=tmp_path)
+    live = ExportClaims(root=tmp_path)
+    SharedMemorySink(gone.directory).put("parked", torch.zeros(1, 2, 1, 64), torch.zeros(1, 2, 1, 64))
+    orphan = gone.directory.rename(gone.directory.with_name(
+        gone.directory.name.replace(f"-{os.getpid()}-", f"-{dead.pid}-")))
+    namespace = orphan.name.split("-")[2]
+    other_namespace = tmp_path / orphan.name.replace(f"-{namespace}-", "-1-")
+    other_namespace.mkdir()          # another pid namespace: its pids mean nothing here
+    unrelated = tmp_path / "lance-kv-abc"
+    unrelated.mkdir()                # not ours (an older layout, another program)
+    newer = ExportClaims(root=tmp_path)
+    assert newer.orphans_removed == [orphan.name] and not orphan.exists()
+    assert live.directory.is_dir() and other_namespace.is_dir() and unrelated.is_dir()
+    for claims in (live, newer):
+        claims.close()
+
+
 def test_errors_survive_pickling():
     import pickle
 

@@ -32,6 +32,7 @@ from .runner import DecodedImage, DiTRunner
 from .video import DecodedVideo, Mp4Encoder
 
 log = logging.getLogger(__name__)
+MAX_FAILED_STEPS = 3   # consecutive failed engine steps after which the replica reports unhealthy
 
 
 @dataclass(eq=False)
@@ -54,6 +55,7 @@ class DiTServingLoop:
         self._wake: asyncio.Event | None = None
         self._driver: asyncio.Task | None = None
         self.steps_run = 0
+        self.failed_steps = 0   # consecutive engine steps that raised (check_health)
 
     async def generate_image(self, handoff: ContextHandoff, cond_kv, uncond_kv,
                              encoding: ImageEncoding | None = None) -> AsyncIterator[dict]:
@@ -198,12 +200,21 @@ class DiTServingLoop:
         return len({*self.runner.engine.jobs, *(d.job for d in self.runner.decoding), *self._waiters})
 
     def check_health(self) -> None:
+        """Raises when this replica cannot serve (Serve then replaces it): the engine loop stopped,
+        its thread pool is gone, or the last MAX_FAILED_STEPS engine steps all failed (a device in
+        a sticky error state fails every step after)."""
         if self._driver is not None and self._driver.done():
-            raise RuntimeError(f"the DiT engine loop stopped: {self._driver.exception()!r}")
+            error = None if self._driver.cancelled() else self._driver.exception()
+            raise RuntimeError(f"the DiT engine loop stopped: {error!r}")
+        if getattr(self._executor, "_shutdown", False):
+            raise RuntimeError("the DiT engine thread was shut down")
+        if self.failed_steps >= MAX_FAILED_STEPS:
+            raise RuntimeError(f"the last {self.failed_steps} DiT engine steps failed")
 
     def stats(self) -> dict:
         return {"memory": self.runner.memory(), "active": len(self.runner.engine.active),
-                "waiting": len(self._waiters), "encode_workers": self.encoder.workers}
+                "waiting": len(self._waiters), "jobs": self.num_jobs(), "encode_workers": self.encoder.workers,
+                "failed_steps": self.failed_steps}
 
     # --- the engine loop ---------------------------------------------------------------------------
 
@@ -223,10 +234,14 @@ class DiTServingLoop:
             try:
                 results = await loop.run_in_executor(self._executor, self.runner.step)
                 self.steps_run += 1
+                self.failed_steps = 0
             except Exception as e:  # a bug outside any one job: fail the active jobs, keep serving
                 log.exception("DiT engine step failed")
+                self.failed_steps += 1
                 results = [(job, e) for job in self.runner.engine.active]
                 self.runner.engine.active.clear()
+                if not results and self.failed_steps >= MAX_FAILED_STEPS:
+                    await asyncio.sleep(0.1)   # no job to fail: do not spin while health fails
             for job, result in results:
                 waiter = self._waiters.get(job)
                 if waiter is None:

@@ -109,12 +109,49 @@ class SharedMemorySink:
         return
 
 
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").partition("[")[2].rstrip("]") or "0"
+    except OSError:
+        return "0"
+
+
+# lance-kv-<pid namespace>-<owner pid>-<random>: the owner is known, so a directory whose owner died
+# (a killed replica never runs its close()) can be found and removed
+_DIR_NAME = re.compile(r"^lance-kv-(\d+)-(\d+)-[a-z0-9_]+$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process
+        return True
+    return True
+
+
+def remove_orphaned_dirs(base: Path) -> list[str]:
+    """Delete the export directories in `base` whose owner process is gone (a replica that was
+    killed, or crashed: its unclaimed exports would hold tmpfs memory until the next boot). Only
+    directories of this pid namespace: a pid of another one says nothing here."""
+    namespace, removed = _pid_namespace(), []
+    for path in base.iterdir() if base.is_dir() else ():
+        match = _DIR_NAME.match(path.name)
+        if match and match[1] == namespace and not _pid_alive(int(match[2])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
+
+
 class ExportClaims:
     """The replica's end of the `shm` sink: owns the directory, claims and drops exports."""
 
     def __init__(self, ttl_s: float = DEFAULT_TTL_S, root: str | Path | None = None):
         base = Path(root) if root is not None else (Path("/dev/shm") if Path("/dev/shm").is_dir() else None)
-        self.directory = Path(tempfile.mkdtemp(prefix="lance-kv-", dir=base))
+        base = base if base is not None else Path(tempfile.gettempdir())
+        self.orphans_removed = remove_orphaned_dirs(base)
+        self.directory = Path(tempfile.mkdtemp(prefix=f"lance-kv-{_pid_namespace()}-{os.getpid()}-", dir=base))
         self.ttl_s = ttl_s
 
     def connector_config(self) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import threading
 import uuid
 from dataclasses import dataclass
@@ -365,6 +366,10 @@ class Thinker:
             raise ContextTooLongError(num_tokens, self.max_model_len, what)
 
     async def check_health(self) -> None:
+        """Raises when vLLM's engine is dead (its engine core exited or failed: vLLM's own check) or
+        was shut down, so that Serve replaces this replica."""
+        if self.engine is None:
+            raise RuntimeError("the thinker's vLLM engine was shut down")
         await self.engine.check_health()
 
     def model_info(self) -> dict:
@@ -378,9 +383,15 @@ class Thinker:
                 "tasks": ["t2i", "image_edit", "x2t_image", "chat", "t2v", "i2v", "video_edit", "x2t_video"]}
 
     def engine_stats(self) -> dict:
+        """vLLM's scheduler numbers as of its last step (KV-cache usage and blocks in use, queues),
+        the exports not claimed yet, and the requests this replica has in vLLM."""
+        usable_blocks = max((self._cache_geometry["kv_cache_blocks"] or 1) - 1, 0)   # minus vLLM's null block
         return {"kv_cache_usage": self.stats.kv_cache_usage, "num_running": self.stats.num_running,
                 "num_waiting": self.stats.num_waiting, "pending_exports": self.claims.pending(),
-                "aborted_requests": self.num_aborted, "submitted_requests": sorted(self.submitted)}
+                "aborted_requests": self.num_aborted, "submitted_requests": sorted(self.submitted),
+                "kv_cache_blocks": usable_blocks,
+                "kv_blocks_in_use": round(self.stats.kv_cache_usage * usable_blocks),
+                "engine_steps": self.stats.steps, "pid": os.getpid()}
 
     def shutdown(self) -> None:
         if self.engine is not None:
