@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, fields
 from typing import Any, AsyncIterator
 
 from ray import serve
 
+from stages import metrics
 from stages.lance.handoff import BranchKV, ContextHandoff
 from stages.lance.requests import ImageEncoding, VideoEncoding
 
@@ -40,6 +42,14 @@ async def fetch_kv(branch: BranchKV | None):
     if isinstance(kv, (tuple, list)):
         return tuple(kv)
     return tuple(await kv)
+
+
+async def fetch_handoff_kv(handoff: ContextHandoff):
+    """Both branches' (K, V), fetched concurrently; the time it took is the hand-off's fetch phase."""
+    start = time.perf_counter()
+    kvs = await asyncio.gather(fetch_kv(handoff.cond), fetch_kv(handoff.uncond))
+    metrics.observe(metrics.KV_HANDOFF_DURATION, time.perf_counter() - start, phase="fetch")
+    return kvs
 
 
 @dataclass(frozen=True)
@@ -82,7 +92,7 @@ class DiTStage:
 
     async def generate_image(self, handoff: ContextHandoff, encoding: ImageEncoding | None = None
                              ) -> AsyncIterator[dict]:
-        cond_kv, uncond_kv = await asyncio.gather(fetch_kv(handoff.cond), fetch_kv(handoff.uncond))
+        cond_kv, uncond_kv = await fetch_handoff_kv(handoff)
         async for item in self.loop.generate_image(handoff, cond_kv, uncond_kv, encoding):
             yield item
 
@@ -90,7 +100,7 @@ class DiTStage:
                              ) -> AsyncIterator[dict]:
         """t2v / i2v / video_edit: progress of denoise, decode and encode, then the encoded video (MP4,
         12 fps by default; `encoding` picks fps, quality or lossless). Frames never leave the replica."""
-        cond_kv, uncond_kv = await asyncio.gather(fetch_kv(handoff.cond), fetch_kv(handoff.uncond))
+        cond_kv, uncond_kv = await fetch_handoff_kv(handoff)
         async for item in self.loop.generate_video(handoff, cond_kv, uncond_kv, encoding):
             yield item
 
