@@ -81,6 +81,11 @@ class StageMetrics:
 
     def __init__(self):
         self._in_flight = {"thinker": 0, "dit": 0}
+        for stage in self._in_flight:   # 0 before the first event, not "no data"
+            m.declare(m.RETRIES, stage=stage)
+            m.set_gauge(m.STAGE_IN_FLIGHT, 0, stage=stage)
+        for reason in fetch_refusal_reasons():
+            m.declare(m.FETCHES_REFUSED, reason=reason)
 
     @contextmanager
     def stage_call(self, stage: str):
@@ -104,8 +109,12 @@ class StageMetrics:
         m.inc(m.RETRIES, stage=stage)
 
 
-def fetch_refused(reason: str) -> None:
-    """A remote media URL not used: `reason` is "disabled" or a safe_fetch kind."""
+def fetch_refusal_reasons() -> tuple[str, ...]:
     from .safe_fetch import FAILURE_KINDS, REFUSAL_KINDS
 
-    m.inc(m.FETCHES_REFUSED, reason=reason if reason in ("disabled", *REFUSAL_KINDS, *FAILURE_KINDS) else "other")
+    return ("disabled", *REFUSAL_KINDS, *FAILURE_KINDS)
+
+
+def fetch_refused(reason: str) -> None:
+    """A remote media URL not used: `reason` is "disabled" (remote media off) or a safe_fetch kind."""
+    m.inc(m.FETCHES_REFUSED, reason=reason if reason in fetch_refusal_reasons() else "other")

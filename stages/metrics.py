@@ -205,6 +205,19 @@ def _record(spec: MetricSpec, method: str, value: float, tags: dict) -> None:
         log.debug("recording %s failed", spec.name, exc_info=True)
 
 
+def declare(spec: MetricSpec, **tags) -> None:
+    """Export a counter at 0 for a label set before its first event, so that it exists (a dashboard
+    shows 0 retries, not "no data") and `increase()` sees its first event. Ray's `Counter.inc` refuses
+    0, so this records through the metric's own `_record` (a private method: if a Ray upgrade drops
+    it, the counter just appears at its first event)."""
+    if spec.kind != "counter" or not _ray_running():
+        return
+    try:
+        _metric(spec)._record(0, tags=_tags(spec, tags))
+    except Exception:
+        log.debug("declaring %s failed", spec.name, exc_info=True)
+
+
 def inc(spec: MetricSpec, value: float = 1, **tags) -> None:
     if value > 0:   # Ray counters refuse 0
         _record(spec, "inc", value, tags)

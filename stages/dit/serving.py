@@ -70,6 +70,9 @@ class DiTServingLoop:
         self._wake: asyncio.Event | None = None
         self._driver: asyncio.Task | None = None
         self.steps_run = 0
+        metrics.set_gauge(metrics.DIT_QUEUE_DEPTH, 0)   # idle until the first request, not "no data"
+        metrics.set_gauge(metrics.DIT_ACTIVE_BATCH, 0)
+        metrics.declare(metrics.DIT_STEPS)
 
     async def generate_image(self, handoff: ContextHandoff, cond_kv, uncond_kv,
                              encoding: ImageEncoding | None = None) -> AsyncIterator[dict]:
