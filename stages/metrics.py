@@ -34,7 +34,9 @@ EXPORT_PREFIX = "ray_"
 TASKS = ("t2i", "image_edit", "x2t_image", "chat", "t2v", "i2v", "video_edit", "x2t_video")
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
                      300.0, 600.0, 1800.0)
-BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+# Half-integer bounds: Ray's metrics agent rebuilds a histogram's sum from its buckets' midpoints, which
+# for these are the whole batch sizes 1, 2, 3 and 4 themselves (so sum/count is the mean batch).
+BATCH_BUCKETS = (0.5, 1.5, 2.5, 3.5, 4.5, 6.5, 8.5, 12.5, 16.5, 24.5, 32.5, 64.5)
 
 
 @dataclass(frozen=True)
