@@ -100,9 +100,14 @@ class StageMetrics:
 
     @contextmanager
     def timed(self, stage: str, task: str):
-        """The call's time, recorded when it succeeds."""
+        """The call's time, recorded when it succeeds (not for a generator's body: see `call_done`)."""
         start = time.perf_counter()
         yield
+        self.call_done(stage, task, start)
+
+    def call_done(self, stage: str, task: str, start: float) -> None:
+        """A call that started at `start` (perf_counter) has its result. A streaming call records this
+        before it yields its result: its consumer closes it right after, so nothing after runs."""
         m.observe(m.STAGE_CALL_DURATION, time.perf_counter() - start, stage=stage, task=m.task_label(task))
 
     def retry(self, stage: str) -> None:

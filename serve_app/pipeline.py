@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import aclosing
 from typing import Any, AsyncIterator, Optional
 
@@ -62,12 +63,15 @@ class StagePipeline:
         """Progress dicts {"step", "total"}, then the final {"image", "format", "media_type", "width", "height"}."""
         if self.dit is None:
             raise _not_connected()
-        with self.metrics.stage_call("dit"), self.metrics.timed("dit", handoff.task):
+        start = time.perf_counter()
+        with self.metrics.stage_call("dit"):
             stream = self.dit.options(stream=True).generate_image.remote(handoff, encoding)
             finished = False
             try:
                 async for item in stream:
                     finished = "image" in item
+                    if finished:
+                        self.metrics.call_done("dit", handoff.task, start)
                     yield item
                     if finished:
                         return
@@ -122,12 +126,15 @@ class StagePipeline:
         DiT stage drops the job before its next step or decode chunk."""
         if self.dit is None:
             raise _not_connected()
-        with self.metrics.stage_call("dit"), self.metrics.timed("dit", handoff.task):
+        start = time.perf_counter()
+        with self.metrics.stage_call("dit"):
             stream = self.dit.options(stream=True).generate_video.remote(handoff, encoding)
             finished = False
             try:
                 async for item in stream:
                     finished = "video" in item
+                    if finished:
+                        self.metrics.call_done("dit", handoff.task, start)
                     yield item
                     if finished:
                         return

@@ -230,4 +230,39 @@ def observe(spec: MetricSpec, value: float, **tags) -> None:
 
 
 def set_gauge(spec: MetricSpec, value: float, **tags) -> None:
+    """Set a gauge; its value is recorded again every GAUGE_REFRESH_S until the next set."""
     _record(spec, "set", value, tags)
+    if _ray_running():
+        keep_alive((spec.name, tuple(sorted(tags.items()))), lambda: _record(spec, "set", value, tags))
+
+
+# Ray's metrics agent drops a gauge series that was not recorded in the last two report intervals
+# (10 s each by default), so a gauge that is set when something changes (a queue that stays empty)
+# would vanish from the endpoint while the process is alive. Each process records its gauges' last
+# values again from a daemon thread; a dead process's series still age out.
+GAUGE_REFRESH_S = 4.0
+_kept: dict[object, object] = {}
+_refresher: threading.Thread | None = None
+
+
+def keep_alive(key, record) -> None:
+    """Call `record()` (a gauge's last value, `key` its series) every GAUGE_REFRESH_S from now on."""
+    global _refresher
+    _kept[key] = record
+    if _refresher is None:
+        with _lock:
+            if _refresher is None:
+                _refresher = threading.Thread(target=_refresh_forever, name="lance-metrics-gauges", daemon=True)
+                _refresher.start()
+
+
+def _refresh_forever() -> None:
+    import time
+
+    while True:
+        time.sleep(GAUGE_REFRESH_S)
+        for record in list(_kept.values()):
+            try:
+                record()
+            except Exception:
+                log.debug("refreshing a gauge failed", exc_info=True)

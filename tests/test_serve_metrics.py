@@ -171,7 +171,6 @@ def problems(before: Samples, after: Samples, app_routes: set[str]) -> list[str]
     grew("ray_vllm_prompt_tokens_total", 4)
     grew("ray_vllm_generation_tokens_total", 2)
     grew("ray_vllm_e2e_request_latency_seconds_count", 4)
-    present("ray_vllm_kv_cache_usage_perc")
     return out
 
 

@@ -140,22 +140,40 @@ class CfgParallelDiTStage:
         self.group = CfgParallelGroup(model, variant, dtype=args.dtype, compile=args.compile)
         self.png_compress_level = args.png_compress_level
         self._jobs = 0   # requests inside group.denoise_stream
+        self._record_load()
 
     async def generate_image(self, handoff: ContextHandoff, encoding: ImageEncoding | None = None
                              ) -> AsyncIterator[dict]:
         encoding = with_png_level(encoding, self.png_compress_level)
+        task = metrics.task_label(handoff.task)
         self._jobs += 1
+        self._record_load()
+        submitted = denoised = time.perf_counter()
         try:
             async for item in self.group.denoise_stream(handoff):
                 image = item.get("image")
                 if image is None:
+                    metrics.inc(metrics.DIT_STEPS)
+                    metrics.observe(metrics.DIT_STEP_BATCH, 1)
+                    if item.get("step") == item.get("total"):
+                        denoised = time.perf_counter()
+                        metrics.observe(metrics.DENOISE_DURATION, denoised - submitted, task=task)
                     yield item
                     continue
+                start = time.perf_counter()
+                metrics.observe(metrics.DECODE_DURATION, start - denoised, task=task)
                 data = await asyncio.get_running_loop().run_in_executor(None, image.encode, encoding)
+                metrics.observe(metrics.ENCODE_DURATION, time.perf_counter() - start, task=task)
                 yield {"image": data, "format": encoding.format, "media_type": encoding.media_type,
                        "width": image.width, "height": image.height}
         finally:
             self._jobs -= 1
+            self._record_load()
+
+    def _record_load(self) -> None:
+        """One request denoises at a time; the others wait in the group."""
+        metrics.set_gauge(metrics.DIT_ACTIVE_BATCH, min(self._jobs, 1))
+        metrics.set_gauge(metrics.DIT_QUEUE_DEPTH, max(self._jobs - 1, 0))
 
     async def generate_video(self, handoff: ContextHandoff, encoding: VideoEncoding | None = None
                              ) -> AsyncIterator[dict]:

@@ -420,9 +420,22 @@ def _ray_stat_loggers() -> list:
     ray = sys.modules.get("ray")
     if ray is None or not ray.is_initialized():
         return []
-    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+    from vllm.v1.metrics.ray_wrappers import RayGaugeWrapper, RayPrometheusStatLogger
 
-    return [RayPrometheusStatLogger]
+    class KeptRayGauge(RayGaugeWrapper):
+        """vLLM sets its gauges only while the engine steps: recorded again while idle (stages.metrics
+        says why), so that an idle engine shows 0 running requests rather than no series."""
+
+        def set(self, value):
+            gauge, tags = self.metric, dict(self._tags)
+            metrics.keep_alive((gauge.info["name"], tuple(sorted(tags.items()))),
+                               lambda: gauge.set(value, tags=tags))
+            return super().set(value)
+
+    class LanceRayStatLogger(RayPrometheusStatLogger):
+        _gauge_cls = KeptRayGauge
+
+    return [LanceRayStatLogger]
 
 
 def _safe(text: str) -> str:
