@@ -12,6 +12,7 @@ sets (route templates, never raw paths).
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections import defaultdict
 
@@ -134,9 +135,14 @@ def problems(before: Samples, after: Samples, app_routes: set[str]) -> list[str]
     present(m.REQUESTS.exported, route="/v1/videos/{video_id}")
     observed(m.REQUEST_DURATION, 4, route="/v1/chat/completions")
     observed(m.REQUEST_DURATION, 1, route="/v1/images/generations", task="t2i")
-    routes = {lab.get("route") for lab, _ in after.get(m.REQUESTS.exported, ())}
+    labels = [lab for lab, _ in after.get(m.REQUESTS.exported, ())]
+    routes = {lab.get("route") for lab in labels}
     if not routes <= app_routes | {"unmatched"}:
         out.append(f"route labels that are not route templates: {sorted(routes - app_routes)}")
+    odd = {(lab.get("task"), lab.get("status")) for lab in labels
+           if lab.get("task") not in (*m.TASKS, "none") or not re.fullmatch(r"[1-5]\d\d", lab.get("status", ""))}
+    if odd:
+        out.append(f"task/status labels outside their sets: {sorted(odd)}")
     observed(m.STAGE_CALL_DURATION, 4, stage="thinker")
     observed(m.STAGE_CALL_DURATION, 2, stage="dit")
     for stage in ("thinker", "dit"):
