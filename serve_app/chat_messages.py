@@ -16,6 +16,7 @@ from stages.lance.requests import ChatTurn
 from .errors import bad_request
 from .knobs import RequestLimits
 from .media import data_url_bytes, decode_data_url, decode_video_bytes, fetch_remote_bytes, fetch_remote_image
+from .metrics import fetch_refused
 from .openai_protocol import ChatMessage, ImagePart, TextPart, VideoPart
 
 _TURN = re.compile(r"<\|im_start\|>(?:(system|user|assistant)\n)?(.*?)(?:<\|im_end\|>|\Z)", re.S)
@@ -149,6 +150,7 @@ async def load_image(img: InputImage, limits: RequestLimits):
         return decode_data_url(url, img.param, limits.max_image_bytes)
     if url.startswith(("http://", "https://")):
         if not limits.allow_remote_images:
+            fetch_refused("disabled")
             raise bad_request("image URLs are disabled on this server; send the image as a "
                               "data:image/...;base64 URL", param=img.param,
                               code="remote_images_disabled")
@@ -164,6 +166,7 @@ async def load_video(video: InputImage, limits: RequestLimits):
         data = data_url_bytes(url, video.param, limits.max_video_bytes, "video")
     elif url.startswith(("http://", "https://")):
         if not limits.allow_remote_images:
+            fetch_refused("disabled")
             raise bad_request("media URLs are disabled on this server; send the video as a "
                               "data:video/mp4;base64 URL", param=video.param,
                               code="remote_media_disabled")

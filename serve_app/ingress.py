@@ -52,7 +52,7 @@ from .auth import (PUBLIC_PATHS, APIKeyMiddleware, KeyChecker, protected_routes,
 from .http_limits import RequestLimitMiddleware
 from .errors import OpenAIError, bad_request, install_error_handlers, stage_error
 from .media import decode_image_bytes, decode_video_bytes, image_base64, image_data_url, video_data_url
-from .metrics import StageMetrics
+from .metrics import RequestMetricsMiddleware, StageMetrics, note_task
 from .pipeline import REQUEST_RETRIES, RetryCount, StagePipeline
 from .knobs import RequestLimits
 from .request_parsing import form_fields, parse_chat_request, parse_edit_form, parse_generation_json
@@ -186,6 +186,7 @@ class LanceService:
     # -- /v1/chat/completions -----------------------------------------------------------------------
     async def chat_completions(self, request: Request):
         parsed = await parse_chat_request(await self._read_body(request), self.settings.limits)
+        note_task(request, parsed.task)
         self._check_model(parsed.model)
         model, req = self.settings.served_model_name, parsed.request
         lance, headers = _lance_notes(parsed.task, parsed.ignored_params)
@@ -331,10 +332,12 @@ class LanceService:
 
     # -- /v1/images/* -------------------------------------------------------------------------------
     async def images_generations(self, request: Request):
+        note_task(request, "t2i")
         parsed = parse_generation_json(await self._read_body(request), self.settings.limits)
         return await self._run_images(parsed)
 
     async def images_edits(self, request: Request):
+        note_task(request, "image_edit")
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise bad_request("send the edit as multipart/form-data with fields image and prompt",
                               code="invalid_content_type")
@@ -437,6 +440,7 @@ class LanceService:
         self._check_model(req.model)
         parsed = parse_video_create(req, image, video, limits, from_form=from_form,
                                     reserved=("input_reference",))
+        note_task(request, parsed.task)
         return await self._submit_video(parsed, param="model")
 
     async def _reference_upload(self, files):
@@ -518,6 +522,7 @@ class LanceService:
         source = await self._call_store("remix_source", video_id)
         clip = await asyncio.to_thread(decode_video_bytes, source["content"], "video_id")
         parsed = parse_video_create(req, None, clip, self.settings.limits, from_form=False)
+        note_task(request, parsed.task)
         return await self._submit_video(parsed, param="video_id", remix_of=video_id)
 
     # -- /v1/models, /health ------------------------------------------------------------------------
@@ -638,18 +643,12 @@ def build_fastapi_app(service: LanceService, api_keys: list[str] | None = None) 
     one of them."""
     app = FastAPI(title="lance-serve", version="0.1.0")
     install_error_handlers(app)
-    # the last added runs first: count_requests (below) -> API keys -> request limits -> routes
+    # the last added runs first: request metrics -> API keys -> request limits -> routes
     app.add_middleware(RequestLimitMiddleware, max_body_bytes=service.settings.max_body_bytes)
     if api_keys:
         app.add_middleware(APIKeyMiddleware, checker=KeyChecker(api_keys),
                            public_paths=PUBLIC_PATHS | PLAYGROUND_PATHS)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")  # bounded label set
-        service.metrics.requests.inc(tags={"route": route, "status": str(response.status_code)})
-        return response
+    app.add_middleware(RequestMetricsMiddleware, router=app.router)
 
     app.add_middleware(RetryHeaderMiddleware)   # outermost: its count covers the whole request
 

@@ -114,6 +114,7 @@ async def fetch_remote_bytes(url: str, param: str, limits, max_bytes: int, kind:
                              fetcher=None) -> bytes:
     """Download an http(s) image or video through the SSRF-safe fetcher (safe_fetch.py): the
     operator's host list, public addresses only, pinned connections, `kind/*` content only."""
+    from .metrics import fetch_refused
     from .safe_fetch import FetchFailed, FetchRefused, SafeFetcher
 
     if fetcher is None:
@@ -122,6 +123,7 @@ async def fetch_remote_bytes(url: str, param: str, limits, max_bytes: int, kind:
     try:
         return await fetcher.fetch(url)
     except (FetchRefused, FetchFailed) as e:
+        fetch_refused(e.kind)
         raise bad_request(f"the {kind} URL was not fetched: {e.reason}", param=param,
                           code=e.code) from None
 

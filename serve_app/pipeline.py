@@ -66,8 +66,7 @@ class StagePipeline:
     async def prefill(self, req: ImageRequest | VideoRequest) -> ContextHandoff:
         if self.thinker is None:
             raise _not_connected()
-        with self.metrics.stage_call("thinker"), \
-                self.metrics.timed(self.metrics.prefill_latency, req.task):
+        with self.metrics.stage_call("thinker"), self.metrics.timed("thinker", req.task):
             response = self.thinker.prefill_context.remote(req)
             try:
                 handoff = await response
@@ -76,21 +75,21 @@ class StagePipeline:
                 raise
             except Exception as e:
                 raise stage_error(e, "thinker") from e
-        if handoff.kv_bytes > 0:   # Ray counters refuse 0
-            self.metrics.kv_bytes.inc(int(handoff.kv_bytes))
         return handoff
 
     async def denoise(self, handoff: ContextHandoff, encoding: ImageEncoding | None = None) -> AsyncIterator[dict]:
         """Progress dicts {"step", "total"}, then the final {"image", "format", "media_type", "width", "height"}."""
         if self.dit is None:
             raise _not_connected()
-        with self.metrics.stage_call("dit"), \
-                self.metrics.timed(self.metrics.denoise_latency, handoff.task):
+        start = time.perf_counter()
+        with self.metrics.stage_call("dit"):
             stream = self.dit.options(stream=True).generate_image.remote(handoff, encoding)
             finished = False
             try:
                 async for item in stream:
                     finished = "image" in item
+                    if finished:
+                        self.metrics.call_done("dit", handoff.task, start)
                     yield item
                     if finished:
                         return
@@ -107,7 +106,7 @@ class StagePipeline:
         """Raise `error` once the retries are used up; else count the retry and back off."""
         if failures > MAX_RETRIES:
             raise error
-        self.metrics.retries.inc(tags={"stage": error.stage})
+        self.metrics.retry(error.stage)
         count = REQUEST_RETRIES.get()
         if count is not None:
             count.n += 1
@@ -236,13 +235,15 @@ class StagePipeline:
         DiT stage drops the job before its next step or decode chunk."""
         if self.dit is None:
             raise _not_connected()
-        with self.metrics.stage_call("dit"), \
-                self.metrics.timed(self.metrics.denoise_latency, handoff.task):
+        start = time.perf_counter()
+        with self.metrics.stage_call("dit"):
             stream = self.dit.options(stream=True).generate_video.remote(handoff, encoding)
             finished = False
             try:
                 async for item in stream:
                     finished = "video" in item
+                    if finished:
+                        self.metrics.call_done("dit", handoff.task, start)
                     yield item
                     if finished:
                         return
@@ -372,7 +373,7 @@ class StagePipeline:
         while True:
             stream = self.thinker.options(stream=True).generate_text.remote(req)
             try:
-                with self.metrics.timed(self.metrics.prefill_latency, req.task):
+                with self.metrics.timed("thinker", req.task):
                     return stream, await stream.__anext__()
             except StopAsyncIteration:
                 raise OpenAIError("the thinker ended without any output", status=500,

@@ -56,20 +56,30 @@ _ALLOWED_URL_CHARS = re.compile(r"^[\x21-\x7e]+$")
 _AUTHORITY = re.compile(r"^(?:\[(?P<v6>[0-9a-f:.]+)\]|(?P<host>[a-z0-9.-]+))(?::(?P<port>[0-9]{1,5}))?$")
 
 
-class FetchRefused(Exception):
-    """The URL (or a redirect) is not allowed: `reason` is safe to show the client."""
+# Why a URL was not used, as one word of a fixed set: the `reason` label of the refused-fetches
+# metric (stages/metrics.py). The client sees the sentence and the code, not this.
+REFUSAL_KINDS = ("invalid_url", "no_hosts_allowed", "host_not_allowed", "non_public_address",
+                 "too_many_redirects")
+FAILURE_KINDS = ("dns", "timeout", "connect", "http_status", "content_type", "compressed", "too_large",
+                 "redirect_without_location")
 
-    def __init__(self, reason: str, code: str = "image_url_refused"):
+
+class FetchRefused(Exception):
+    """The URL (or a redirect) is not allowed: `reason` is safe to show the client; `kind` is one of
+    REFUSAL_KINDS."""
+
+    def __init__(self, reason: str, code: str = "image_url_refused", kind: str = "invalid_url"):
         super().__init__(reason)
-        self.reason, self.code = reason, code
+        self.reason, self.code, self.kind = reason, code, kind
 
 
 class FetchFailed(Exception):
-    """An allowed URL that could not be fetched (timeout, connection, HTTP status, type, size)."""
+    """An allowed URL that could not be fetched (timeout, connection, HTTP status, type, size);
+    `kind` is one of FAILURE_KINDS."""
 
-    def __init__(self, reason: str, code: str = "image_fetch_failed"):
+    def __init__(self, reason: str, code: str = "image_fetch_failed", kind: str = "connect"):
         super().__init__(reason)
-        self.reason, self.code = reason, code
+        self.reason, self.code, self.kind = reason, code, kind
 
 
 # -- 1. the URL ------------------------------------------------------------------------------------
@@ -271,10 +281,10 @@ class SafeFetcher:
     def check_target(self, target: Target) -> None:
         if not self.rules:
             raise FetchRefused("this server fetches images from no host; send the image as a "
-                               "data: URL")
+                               "data: URL", kind="no_hosts_allowed")
         if not any(rule.matches(target) for rule in self.rules):
             raise FetchRefused(f"the host {target.authority} is not in this server's list of "
-                               "image hosts")
+                               "image hosts", kind="host_not_allowed")
 
     async def resolve(self, target: Target) -> IPAddress:
         if target.ip is not None:
@@ -283,19 +293,19 @@ class SafeFetcher:
             try:
                 raw = await self.resolver(target.host, target.port)
             except (OSError, UnicodeError) as e:
-                raise FetchFailed(f"the host {target.host} could not be resolved") from e
+                raise FetchFailed(f"the host {target.host} could not be resolved", kind="dns") from e
             try:
                 answers = [ipaddress.ip_address(a.split("%", 1)[0]) for a in raw]
             except ValueError as e:
-                raise FetchFailed(f"the host {target.host} could not be resolved") from e
+                raise FetchFailed(f"the host {target.host} could not be resolved", kind="dns") from e
             if not answers:
-                raise FetchFailed(f"the host {target.host} has no address")
+                raise FetchFailed(f"the host {target.host} has no address", kind="dns")
         bad = [a for a in answers if not is_public(a)]
         if bad:
             logger.warning("remote image refused: %s resolves to non-public %s", target.host,
                            ", ".join(map(str, bad)))
             raise FetchRefused(f"the host {target.host} resolves to an address that is not "
-                               "publicly routable", code="image_url_refused")
+                               "publicly routable", code="image_url_refused", kind="non_public_address")
         first = answers[0]
         return first.ipv4_mapped or first if isinstance(first, ipaddress.IPv6Address) else first
 
@@ -305,7 +315,8 @@ class SafeFetcher:
             async with asyncio.timeout(self.timeout_s):
                 return await self._fetch(url)
         except TimeoutError:
-            raise FetchFailed(f"fetching the image took longer than {self.timeout_s:g}s") from None
+            raise FetchFailed(f"fetching the image took longer than {self.timeout_s:g}s",
+                              kind="timeout") from None
 
     async def _fetch(self, url: str) -> bytes:
         target = parse_url(url)
@@ -315,15 +326,16 @@ class SafeFetcher:
             status, location, body = await self._get(target, address)
             if status in REDIRECT_STATUSES:
                 if location is None:
-                    raise FetchFailed(f"the image URL redirected (HTTP {status}) without a Location")
+                    raise FetchFailed(f"the image URL redirected (HTTP {status}) without a Location",
+                                      kind="redirect_without_location")
                 if hop == self.max_redirects:
                     raise FetchRefused(f"the image URL redirected more than {self.max_redirects} "
-                                       "times", code="too_many_redirects")
+                                       "times", code="too_many_redirects", kind="too_many_redirects")
                 try:
                     target = parse_url(urljoin(target.url, location))
                 except FetchRefused as e:
                     raise FetchRefused(f"the image URL redirected to a URL that is refused: "
-                                       f"{e.reason}", code=e.code) from None
+                                       f"{e.reason}", code=e.code, kind=e.kind) from None
                 continue
             return body
         raise AssertionError("unreachable")
@@ -346,28 +358,30 @@ class SafeFetcher:
                     if status in REDIRECT_STATUSES:
                         return status, hdrs.get("location"), b""
                     if status != 200:
-                        raise FetchFailed(f"fetching the image returned HTTP {status}")
+                        raise FetchFailed(f"fetching the image returned HTTP {status}", kind="http_status")
                     ctype = hdrs.get("content-type", "").split(";")[0].strip().lower()
                     if not ctype.startswith(self.content_type_prefix):
                         raise FetchFailed(f"the URL returned Content-Type {ctype or 'none'!r}, "
                                           f"not {self.content_type_prefix}*",
-                                          code="invalid_content_type")
+                                          code="invalid_content_type", kind="content_type")
                     if hdrs.get("content-encoding", "identity").lower() not in ("identity", ""):
-                        raise FetchFailed("the URL returned a compressed body (Content-Encoding)")
+                        raise FetchFailed("the URL returned a compressed body (Content-Encoding)",
+                                          kind="compressed")
                     declared = hdrs.get("content-length", "")
                     if declared.isdigit() and int(declared) > self.max_bytes:
                         raise FetchFailed(f"the image at the URL is larger than {self.max_bytes} "
-                                          "bytes", code="image_too_large")
+                                          "bytes", code="image_too_large", kind="too_large")
                     chunks, size = [], 0
                     async for chunk in resp.aiter_stream():
                         size += len(chunk)
                         if size > self.max_bytes:
                             raise FetchFailed(f"the image at the URL is larger than "
-                                              f"{self.max_bytes} bytes", code="image_too_large")
+                                              f"{self.max_bytes} bytes", code="image_too_large",
+                                              kind="too_large")
                         chunks.append(chunk)
                     return status, None, b"".join(chunks)
         except httpcore.TimeoutException:
-            raise FetchFailed("fetching the image timed out") from None
+            raise FetchFailed("fetching the image timed out", kind="timeout") from None
         except httpcore.ConnectError:
             raise FetchFailed(f"could not connect to {target.authority}") from None
         except (httpcore.ProtocolError, httpcore.NetworkError, ssl.SSLError):

@@ -128,6 +128,7 @@ class DenoiseEngine:
         self._pending: collections.deque[DenoiseJob] = collections.deque()
         self._lock = threading.Lock()
         self.forwards_run = 0
+        self.last_batch_size = 0   # jobs the last step advanced (metrics)
 
     # --- building jobs -----------------------------------------------------------------------------
 
@@ -230,6 +231,11 @@ class DenoiseEngine:
         return bool(self.active or self._pending)
 
     @property
+    def num_pending(self) -> int:
+        """Jobs submitted and not yet in the batch."""
+        return len(self._pending)
+
+    @property
     def jobs(self) -> list[DenoiseJob]:
         """The active and queued jobs (a snapshot; safe to read from another thread)."""
         with self._lock:
@@ -242,6 +248,7 @@ class DenoiseEngine:
                 self.active.append(self._pending.popleft())
         finished = [j for j in self.active if j.done]
         running = [j for j in self.active if not j.done]
+        self.last_batch_size = len(running)
         for chunk in self._chunks(running):
             rows = [r for job in chunk for r in job.rows(self.dtype)]
             try:

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator
 
+from stages import metrics
 from stages.lance.handoff import ContextHandoff
 from stages.lance.requests import ImageEncoding, VideoEncoding
 
@@ -40,6 +42,20 @@ class _Waiter:
     queue: asyncio.Queue
     encoding: ImageEncoding | VideoEncoding
     frames: asyncio.Queue | None = None   # videos: decoded chunks, then the DecodedVideo, for the encoder
+    task: str = "other"                   # metrics label
+    submitted_at: float = 0.0             # perf_counter() when the job was submitted to the engine
+    denoised_at: float = 0.0              # ... when its last denoising step ended (set on the engine thread)
+
+    def stepped(self, done: int, total: int) -> None:
+        if done >= total:
+            self.denoised_at = time.perf_counter()
+
+    def decoded(self) -> None:
+        """On the event loop, when the decoded pixels (a video: its last chunk) arrive."""
+        now = time.perf_counter()
+        if self.submitted_at and self.denoised_at:
+            metrics.observe(metrics.DENOISE_DURATION, self.denoised_at - self.submitted_at, task=self.task)
+            metrics.observe(metrics.DECODE_DURATION, now - self.denoised_at, task=self.task)
 
 
 class DiTServingLoop:
@@ -56,6 +72,9 @@ class DiTServingLoop:
         self._driver: asyncio.Task | None = None
         self.steps_run = 0
         self.failed_steps = 0   # consecutive engine steps that raised (check_health)
+        metrics.set_gauge(metrics.DIT_QUEUE_DEPTH, 0)   # idle until the first request, not "no data"
+        metrics.set_gauge(metrics.DIT_ACTIVE_BATCH, 0)
+        metrics.declare(metrics.DIT_STEPS)
 
     async def generate_image(self, handoff: ContextHandoff, cond_kv, uncond_kv,
                              encoding: ImageEncoding | None = None) -> AsyncIterator[dict]:
@@ -68,10 +87,11 @@ class DiTServingLoop:
         queue: asyncio.Queue = asyncio.Queue()
 
         def on_step(done: int, total: int) -> None:   # called on the engine thread
+            waiter.stepped(done, total)
             if not loop.is_closed():
                 loop.call_soon_threadsafe(queue.put_nowait, {"step": done, "total": total})
 
-        waiter = _Waiter(queue, encoding)
+        waiter = _Waiter(queue, encoding, task=metrics.task_label(handoff.task))
 
         def prepare_and_submit() -> DenoiseJob:
             # On the engine thread: device copies never race a running step, and a job prepared before a
@@ -79,6 +99,7 @@ class DiTServingLoop:
             # afterwards would let the queued step start without it).
             job = self.runner.prepare(handoff, cond_kv, uncond_kv, on_step)
             self._waiters[job] = waiter
+            waiter.submitted_at = time.perf_counter()
             self.runner.submit(job)
             return job
 
@@ -88,6 +109,7 @@ class DiTServingLoop:
         except asyncio.CancelledError:   # the client left while its job was being prepared: drop the job
             prepared.add_done_callback(self._drop_prepared)
             raise
+        metrics.set_gauge(metrics.DIT_QUEUE_DEPTH, self.runner.engine.num_pending)
         self._ensure_driver()
         self._wake.set()
         finished = False
@@ -121,17 +143,19 @@ class DiTServingLoop:
                 loop.call_soon_threadsafe(q.put_nowait, item)
 
         def on_step(done: int, total: int) -> None:
+            waiter.stepped(done, total)
             put(queue, {"stage": "denoise", "step": done, "total": total})
 
         def on_frames(done: int, total: int, chunk) -> None:
             put(queue, {"stage": "decode", "step": done, "total": total})
             put(frames, (done, total, chunk))
 
-        waiter = _Waiter(queue, encoding, frames)
+        waiter = _Waiter(queue, encoding, frames, task=metrics.task_label(handoff.task))
 
         def prepare_and_submit() -> DenoiseJob:   # on the engine thread, as generate_image's
             job = self.runner.prepare(handoff, cond_kv, uncond_kv, on_step, on_frames)
             self._waiters[job] = waiter
+            waiter.submitted_at = time.perf_counter()
             self.runner.submit(job)
             return job
 
@@ -141,7 +165,8 @@ class DiTServingLoop:
         except asyncio.CancelledError:   # the client left while its job was being prepared: drop the job
             prepared.add_done_callback(self._drop_prepared)
             raise
-        encoder = loop.create_task(self._encode_video(frames, queue, encoding))
+        metrics.set_gauge(metrics.DIT_QUEUE_DEPTH, self.runner.engine.num_pending)
+        encoder = loop.create_task(self._encode_video(frames, queue, encoding, waiter.task))
         self._ensure_driver()
         self._wake.set()
         finished = False
@@ -160,17 +185,21 @@ class DiTServingLoop:
                 encoder.cancel()
             self._waiters.pop(job, None)
 
-    async def _encode_video(self, frames: asyncio.Queue, queue: asyncio.Queue, encoding: VideoEncoding) -> None:
+    async def _encode_video(self, frames: asyncio.Queue, queue: asyncio.Queue, encoding: VideoEncoding,
+                            task: str = "other") -> None:
         """Append each decoded chunk to the MP4 on an encoder thread, in order; the file after the last."""
         encoder: Mp4Encoder | None = None
+        encoding_s = 0.0   # time spent in the encoder's calls (they overlap the decode of the next chunks)
         try:
             while True:
                 item = await frames.get()
+                start = time.perf_counter()
                 if isinstance(item, DecodedVideo):
                     if encoder is None:
                         raise RuntimeError("the video finished decoding without any frames")
                     data = await self.encoder.run(encoder.finish)
                     encoder = None
+                    metrics.observe(metrics.ENCODE_DURATION, encoding_s + time.perf_counter() - start, task=task)
                     queue.put_nowait({"video": data, "format": encoding.format, "media_type": encoding.media_type,
                                       "width": item.width, "height": item.height, "num_frames": item.num_frames,
                                       "fps": encoding.fps})
@@ -179,6 +208,7 @@ class DiTServingLoop:
                 if encoder is None:
                     encoder = await self.encoder.run(Mp4Encoder, chunk.shape[2], chunk.shape[1], encoding)
                 await self.encoder.run(encoder.write, chunk)
+                encoding_s += time.perf_counter() - start
                 queue.put_nowait({"stage": "encode", "step": done, "total": total})
         except asyncio.CancelledError:
             raise
@@ -242,6 +272,7 @@ class DiTServingLoop:
                 self.runner.engine.active.clear()
                 if not results and self.failed_steps >= MAX_FAILED_STEPS:
                     await asyncio.sleep(0.1)   # no job to fail: do not spin while health fails
+            self._record_step()
             for job, result in results:
                 waiter = self._waiters.get(job)
                 if waiter is None:
@@ -249,17 +280,30 @@ class DiTServingLoop:
                 if isinstance(result, BaseException):
                     waiter.queue.put_nowait(result)
                 elif isinstance(result, DecodedVideo):
+                    waiter.decoded()
                     waiter.frames.put_nowait(result)   # after its last chunk: the encoder finishes the file
                 else:
+                    waiter.decoded()
                     loop.create_task(self._deliver(waiter, result))
 
+    def _record_step(self) -> None:
+        """The step's metrics, on the event loop (the engine thread only counted its batch)."""
+        engine = self.runner.engine
+        metrics.inc(metrics.DIT_STEPS)
+        if engine.last_batch_size:
+            metrics.observe(metrics.DIT_STEP_BATCH, engine.last_batch_size)
+        metrics.set_gauge(metrics.DIT_ACTIVE_BATCH, len(engine.active))
+        metrics.set_gauge(metrics.DIT_QUEUE_DEPTH, engine.num_pending)
+
     async def _deliver(self, waiter: _Waiter, image: DecodedImage) -> None:
+        start = time.perf_counter()
         try:
             data = await self.encoder.encode(image, waiter.encoding)
         except Exception as e:
             log.exception("encoding a finished image failed")
             waiter.queue.put_nowait(e)
             return
+        metrics.observe(metrics.ENCODE_DURATION, time.perf_counter() - start, task=waiter.task)
         waiter.queue.put_nowait({"image": data, "format": waiter.encoding.format,
                                  "media_type": waiter.encoding.media_type,
                                  "width": image.width, "height": image.height})

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, fields
 from typing import Any, AsyncIterator
 
 from ray import serve
 
+from stages import metrics
 from stages.lance.handoff import BranchKV, ContextHandoff
 from stages.lance.requests import ImageEncoding, VideoEncoding
 
@@ -40,6 +42,14 @@ async def fetch_kv(branch: BranchKV | None):
     if isinstance(kv, (tuple, list)):
         return tuple(kv)
     return tuple(await kv)
+
+
+async def fetch_handoff_kv(handoff: ContextHandoff):
+    """Both branches' (K, V), fetched concurrently; the time it took is the hand-off's fetch phase."""
+    start = time.perf_counter()
+    kvs = await asyncio.gather(fetch_kv(handoff.cond), fetch_kv(handoff.uncond))
+    metrics.observe(metrics.KV_HANDOFF_DURATION, time.perf_counter() - start, phase="fetch")
+    return kvs
 
 
 @dataclass(frozen=True)
@@ -82,7 +92,7 @@ class DiTStage:
 
     async def generate_image(self, handoff: ContextHandoff, encoding: ImageEncoding | None = None
                              ) -> AsyncIterator[dict]:
-        cond_kv, uncond_kv = await asyncio.gather(fetch_kv(handoff.cond), fetch_kv(handoff.uncond))
+        cond_kv, uncond_kv = await fetch_handoff_kv(handoff)
         async for item in self.loop.generate_image(handoff, cond_kv, uncond_kv, encoding):
             yield item
 
@@ -90,7 +100,7 @@ class DiTStage:
                              ) -> AsyncIterator[dict]:
         """t2v / i2v / video_edit: progress of denoise, decode and encode, then the encoded video (MP4,
         12 fps by default; `encoding` picks fps, quality or lossless). Frames never leave the replica."""
-        cond_kv, uncond_kv = await asyncio.gather(fetch_kv(handoff.cond), fetch_kv(handoff.uncond))
+        cond_kv, uncond_kv = await fetch_handoff_kv(handoff)
         async for item in self.loop.generate_video(handoff, cond_kv, uncond_kv, encoding):
             yield item
 
@@ -130,22 +140,40 @@ class CfgParallelDiTStage:
         self.group = CfgParallelGroup(model, variant, dtype=args.dtype, compile=args.compile)
         self.png_compress_level = args.png_compress_level
         self._jobs = 0   # requests inside group.denoise_stream
+        self._record_load()
 
     async def generate_image(self, handoff: ContextHandoff, encoding: ImageEncoding | None = None
                              ) -> AsyncIterator[dict]:
         encoding = with_png_level(encoding, self.png_compress_level)
+        task = metrics.task_label(handoff.task)
         self._jobs += 1
+        self._record_load()
+        submitted = denoised = time.perf_counter()
         try:
             async for item in self.group.denoise_stream(handoff):
                 image = item.get("image")
                 if image is None:
+                    metrics.inc(metrics.DIT_STEPS)
+                    metrics.observe(metrics.DIT_STEP_BATCH, 1)
+                    if item.get("step") == item.get("total"):
+                        denoised = time.perf_counter()
+                        metrics.observe(metrics.DENOISE_DURATION, denoised - submitted, task=task)
                     yield item
                     continue
+                start = time.perf_counter()
+                metrics.observe(metrics.DECODE_DURATION, start - denoised, task=task)
                 data = await asyncio.get_running_loop().run_in_executor(None, image.encode, encoding)
+                metrics.observe(metrics.ENCODE_DURATION, time.perf_counter() - start, task=task)
                 yield {"image": data, "format": encoding.format, "media_type": encoding.media_type,
                        "width": image.width, "height": image.height}
         finally:
             self._jobs -= 1
+            self._record_load()
+
+    def _record_load(self) -> None:
+        """One request denoises at a time; the others wait in the group."""
+        metrics.set_gauge(metrics.DIT_ACTIVE_BATCH, min(self._jobs, 1))
+        metrics.set_gauge(metrics.DIT_QUEUE_DEPTH, max(self._jobs - 1, 0))
 
     async def generate_video(self, handoff: ContextHandoff, encoding: VideoEncoding | None = None
                              ) -> AsyncIterator[dict]:

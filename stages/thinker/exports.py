@@ -191,6 +191,9 @@ class ExportClaims:
             return []
         return sorted(p.name for p in self.directory.iterdir() if not p.name.endswith(_ABANDONED))
 
+    async def num_pending(self) -> int:
+        return len(self.pending())
+
     def close(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
 
@@ -308,6 +311,9 @@ class RegistryClaims:
         import ray
 
         return ray.get(self.registry.pending.remote())
+
+    async def num_pending(self) -> int:
+        return len(await self.registry.pending.remote())
 
     def close(self) -> None:
         import ray

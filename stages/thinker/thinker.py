@@ -18,12 +18,14 @@ import collections
 import logging
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 import torch
 
+from stages import metrics
 from stages.lance.checkpoint import load_lance_config, load_tokenizer, read_vit_config, resolve_checkpoint
 from stages.lance.config import SpecialTokens
 from stages.lance.handoff import BranchKV, ContextHandoff
@@ -108,7 +110,8 @@ class Thinker:
         kwargs = engine_kwargs(self.files, config_dir, engine_args, self.claims.connector_config())
         kwargs["disable_log_stats"] = False
         self.stats = EngineStats()
-        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs), stat_loggers=[self.stats.factory])
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs),
+                                                stat_loggers=[self.stats.factory, *_ray_stat_loggers()])
         self.max_model_len = self.engine.model_config.max_model_len
         self.dtype = self.engine.model_config.dtype
         cache = self.engine.vllm_config.cache_config
@@ -131,6 +134,7 @@ class Thinker:
         the offline pipeline does).
         """
         request_id = req.request_id or uuid.uuid4().hex
+        start = time.perf_counter()
         prepare = self._prepare_video if isinstance(req, VideoRequest) else self._prepare_generation
         prep = await asyncio.to_thread(prepare, req, reference_eps)
         tag = uuid.uuid4().hex[:8]
@@ -139,6 +143,9 @@ class Thinker:
         if prep.uncond is not None:
             uncond, uncond_bytes = await self._prefill_branch(f"{_safe(request_id)}-uncond-{tag}", prep.uncond,
                                                               prep.visuals)
+        task = metrics.task_label(req.task)
+        metrics.observe(metrics.PREFILL_DURATION, time.perf_counter() - start, task=task)
+        metrics.inc(metrics.KV_BYTES, cond_bytes + uncond_bytes, task=task)
         return ContextHandoff(request_id=request_id, task=req.task, latent_grid=prep.latent_grid, params=req.params,
                               cond=cond, uncond=uncond, num_reference_tokens=prep.num_reference_tokens,
                               kv_bytes=cond_bytes + uncond_bytes, condition_latents=prep.condition_latents)
@@ -261,6 +268,7 @@ class Thinker:
         try:
             async for out in self.engine.generate(prompt, params, request_id=export_id):
                 finished = out
+            prefilled = time.perf_counter()
             exported = ((finished.kv_transfer_params or {}).get(EXPORT_PARAM) or {}) if finished else {}
             if not exported.get("exported"):
                 raise KVExportError(f"vLLM finished {export_id} without exporting its context")
@@ -279,6 +287,8 @@ class Thinker:
         kv = claimed.kv
         if isinstance(kv, tuple) and self.put_in_object_store:
             kv = _object_store_put(kv)  # the replica owns it; Ray frees it when the last holder drops it
+        metrics.observe(metrics.KV_HANDOFF_DURATION, time.perf_counter() - prefilled, phase="export")
+        await self._record_export_registry()
         return BranchKV(kv=kv, context_len=n, query_positions=plan.query_positions.clone()), claimed.nbytes
 
     # --- text tasks -------------------------------------------------------------------------------
@@ -289,6 +299,7 @@ class Thinker:
         from vllm.sampling_params import RequestOutputKind
 
         request_id = req.request_id or uuid.uuid4().hex
+        start, first = time.perf_counter(), True
         seq, visuals = await asyncio.to_thread(self._prepare_text, req)
         n = seq.input_ids.numel()
         self._check_length(n + 1, "prompt plus one generated token")
@@ -300,6 +311,10 @@ class Thinker:
         self.submitted.add(request_id)
         try:
             async for out in self.engine.generate(prompt, params, request_id=request_id):
+                if first:
+                    metrics.observe(metrics.PREFILL_DURATION, time.perf_counter() - start,
+                                    task=metrics.task_label(req.task))
+                    first = False
                 o = out.outputs[0]
                 token_ids = list(o.token_ids)
                 if out.finished and o.stop_reason == self.tokens.im_end and token_ids[-1:] == [self.tokens.im_end]:
@@ -371,6 +386,13 @@ class Thinker:
         if self.engine is None:
             raise RuntimeError("the thinker's vLLM engine was shut down")
         await self.engine.check_health()
+        await self._record_export_registry()   # Serve calls this periodically: expired exports show
+
+    async def _record_export_registry(self) -> None:
+        try:
+            metrics.set_gauge(metrics.EXPORT_REGISTRY_SIZE, await self.claims.num_pending())
+        except Exception:   # a metric never fails a request
+            log.debug("reading the export registry size failed", exc_info=True)
 
     def model_info(self) -> dict:
         llm = self.config.llm
@@ -398,6 +420,33 @@ class Thinker:
             self.engine.shutdown()
             self.engine = None
         self.claims.close()
+
+
+def _ray_stat_loggers() -> list:
+    """vLLM's engine metrics as Ray metrics (`vllm:*` -> `ray_vllm_*` on the node's metrics port),
+    when the engine runs in a Ray process (a Serve replica); without Ray, vLLM keeps its default
+    prometheus_client logger."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return []
+    from vllm.v1.metrics.ray_wrappers import RayGaugeWrapper, RayPrometheusStatLogger
+
+    class KeptRayGauge(RayGaugeWrapper):
+        """vLLM sets its gauges only while the engine steps: recorded again while idle (stages.metrics
+        says why), so that an idle engine shows 0 running requests rather than no series."""
+
+        def set(self, value):
+            gauge, tags = self.metric, dict(self._tags)
+            metrics.keep_alive((gauge.info["name"], tuple(sorted(tags.items()))),
+                               lambda: gauge.set(value, tags=tags))
+            return super().set(value)
+
+    class LanceRayStatLogger(RayPrometheusStatLogger):
+        _gauge_cls = KeptRayGauge
+
+    return [LanceRayStatLogger]
 
 
 def _safe(text: str) -> str:
