@@ -205,6 +205,8 @@ try:
         mode = getattr(getattr(getattr(meta, "generation", None), "mode", None), "value", "?")
         phase = getattr(getattr(getattr(meta, "phase", None), "name", None), "value", "?")
         _counts[(label, mode, phase)][response.status_code] += 1
+        if sum(sum(c.values()) for c in _counts.values()) % 200 == 0:
+            _dump()   # so that a run cut short still leaves its counts
         if 400 <= response.status_code < 500:
             try:
                 error = response.json()["error"]
@@ -264,13 +266,44 @@ def run_fuzz(url: str, max_examples: int, phases: str, seed: int | None, log_pat
         cmd = schemathesis_command(url, max_examples, phases, seed, checks)
         start = time.monotonic()
         with open(log_path, "w") as log:
-            proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout_s, cwd=tmp)
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
+            try:
+                proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:   # Ctrl-C: schemathesis reports what it ran so far
+                proc.send_signal(signal.SIGINT)
+                try:
+                    proc.wait(120)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         counts = json.loads(counts_path.read_text()) if counts_path.is_file() else {}
     output = log_path.read_text(errors="replace")
     return {"command": " ".join(cmd[1:]), "exit_code": proc.returncode,
             "seconds": round(time.monotonic() - start, 1), "counts": counts,
             "summary": _summary_lines(output)}
+
+
+def merged(runs: list[dict]) -> dict:
+    """One result of several schemathesis runs: counts added up, the worst exit code."""
+    counts: dict = {"operations": {}, "top_4xx_reasons": {}, "videos_created": []}
+    for run in runs:
+        c = run["counts"]
+        counts["videos_created"] += c.get("videos_created", [])
+        for op, o in c.get("operations", {}).items():
+            into = counts["operations"].setdefault(op, {"total": 0, "by_mode": {}, "by_phase": {},
+                                                        "by_status": {}})
+            into["total"] += o["total"]
+            for key in ("by_mode", "by_phase", "by_status"):
+                for k, n in o[key].items():
+                    into[key][k] = into[key].get(k, 0) + n
+        for op, reasons in c.get("top_4xx_reasons", {}).items():
+            into = counts["top_4xx_reasons"].setdefault(op, {})
+            for k, n in reasons.items():
+                into[k] = into.get(k, 0) + n
+    return {"runs": [{k: v for k, v in r.items() if k != "counts"} for r in runs],
+            "exit_code": max((r["exit_code"] for r in runs), default=1),
+            "seconds": round(sum(r["seconds"] for r in runs), 1), "counts": counts,
+            "summary": [line for r in runs for line in r["summary"]]}
 
 
 def _summary_lines(output: str) -> list[str]:
@@ -341,9 +374,14 @@ def main() -> int:
     ap.add_argument("--start-server", action="store_true",
                     help="start `serve run configs/lance_2stage.yaml` first (port 8000) and stop it")
     ap.add_argument("--max-examples", type=int, default=50)
-    ap.add_argument("--phases", default="examples,coverage,fuzzing")
+    ap.add_argument("--phases", default="examples,fuzzing;coverage",
+                    help="schemathesis phases; ';' separates runs made one after another (the "
+                         "fuzzing phase first: coverage sends thousands of cases per operation)")
     ap.add_argument("--checks", default=CHECKS)
     ap.add_argument("--seed", type=int, default=20261206)
+    ap.add_argument("--timeout", type=float, default=None,
+                    help="stop schemathesis (Ctrl-C) after this many seconds; its counts so far "
+                         "are kept")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results" /
                     f"fuzz_openapi_{datetime.date.today():%Y%m%d}.json")
     args = ap.parse_args()
@@ -353,9 +391,16 @@ def main() -> int:
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         log_path = args.out.with_suffix(".log")
-        result = run_fuzz(args.url.rstrip("/"), args.max_examples, args.phases, args.seed,
-                          log_path, args.checks)
-        delete_videos(args.url.rstrip("/"), result["counts"].get("videos_created", []))
+        runs, deadline = [], time.monotonic() + (args.timeout or float("inf"))
+        for i, phases in enumerate(args.phases.split(";")):
+            left = deadline - time.monotonic()
+            if left <= 60:
+                break
+            runs.append(run_fuzz(args.url.rstrip("/"), args.max_examples, phases, args.seed,
+                                 log_path.with_suffix(f".{i}.log"), args.checks,
+                                 None if left == float("inf") else left))
+            delete_videos(args.url.rstrip("/"), runs[-1]["counts"].get("videos_created", []))
+        result = merged(runs)
     finally:
         if proc is not None:
             stop_server(proc)
@@ -369,7 +414,8 @@ def main() -> int:
               f"{c['by_mode'].get('negative', 0):8}  {c['by_status']}")
     print("\n".join(result["summary"][-12:]))
     print(f"5xx: {result['server_errors'] or 'none'}; schemathesis exit code "
-          f"{result['exit_code']}; {result['seconds']} s; log {log_path}; results {args.out}")
+          f"{result['exit_code']}; {result['seconds']} s; logs {log_path.with_suffix('.*.log')}; "
+          f"results {args.out}")
     return 0 if result["exit_code"] == 0 and not result["server_errors"] else 1
 
 

@@ -524,6 +524,10 @@ class LanceService:
     async def videos_remix(self, video_id: str, request: Request):
         from .videos_api import VideoCreateRequest, parse_video_create
         req = _validated_json(VideoCreateRequest, await self._read_body(request))
+        if req.input_reference is not None:   # was dropped without a word
+            raise bad_request("a remix edits the finished video: leave input_reference out (or "
+                              "create a new video with it)", param="input_reference",
+                              code="unsupported_parameter")
         self._check_model(req.model)
         source = await self._call_store("remix_source", video_id)
         clip = await asyncio.to_thread(decode_video_bytes, source["content"], "video_id")

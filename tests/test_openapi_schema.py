@@ -219,3 +219,10 @@ def test_the_documented_examples_are_valid_and_accepted(client, spec):
                     assert _status(client, path, example["value"]) == 503, (path, name)
                 seen += 1
     assert seen >= 8
+
+
+def test_a_remix_refuses_input_reference_as_its_schema_says(client, spec):
+    body = {"prompt": "the cube turns blue", "input_reference": {"image_url": "data:image/png;base64,AA"}}
+    assert not _validator(spec, "VideoRemixBody").is_valid(body)
+    r = client.post("/v1/videos/video_x/remix", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "input_reference"
