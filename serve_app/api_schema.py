@@ -25,7 +25,7 @@ meaningless) is a 400 naming the field, documented as such. Errors are OpenAI er
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 from pydantic.fields import FieldInfo
@@ -98,7 +98,6 @@ def limit_constraints(limits: RequestLimits) -> dict[str, dict]:
         "stop": dict(json_schema_extra={"minLength": 1, "maxItems": 4,
                                         "items": {"type": "string", "minLength": 1}}),
         # request_parsing._check_images_fields
-        "response_format_images": dict(json_schema_extra={"enum": [None, "b64_json"]}),
         "output_format": dict(json_schema_extra={"enum": [None, *IMAGE_FORMATS]}),
         "output_compression": dict(ge=0, le=100),
         # videos_api.frames_of_seconds
@@ -263,7 +262,7 @@ class RequestBodies:
 
 def request_bodies(limits: RequestLimits) -> RequestBodies:
     limit = limit_constraints(limits)
-    knobs, others = knob_fields(limit), other_fields()
+    others = other_fields()
 
     def container(name: str, route: str, nested: type[BaseModel] | None) -> type[BaseModel]:
         fields = knob_fields({**limit, **ROUTE_OVERRIDES.get(route, {})}) | others
