@@ -363,9 +363,16 @@ def stop_server(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             pass
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)   # what is left of its local Ray cluster
     except ProcessLookupError:
         pass
+    import socket
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:   # the port is free for the next server
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", 8000)) != 0:
+                return
+        time.sleep(1)
 
 
 def main() -> int:
