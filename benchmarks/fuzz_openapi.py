@@ -95,8 +95,8 @@ def _cheap_value(name: str, value):
         return _same_type(value, min(n, CHEAP_FRAMES))
     if name in ("n", "num_outputs_per_prompt") and n is not None and 1 <= n <= 4:
         return _same_type(value, min(n, CHEAP_N))
-    if name in ("max_tokens", "max_completion_tokens") and n is not None and n >= 1:
-        return _same_type(value, min(n, CHEAP_TOKENS)) if n <= 1 << 20 else value
+    if name in ("max_tokens", "max_completion_tokens") and n is not None and 1 <= n <= 4096:
+        return _same_type(value, min(n, CHEAP_TOKENS))
     if name == "resolution" and isinstance(value, str):
         return {"image_768res": "image_256res", "image_512res": "image_256res",
                 "video_480p": "video_192p", "video_360p": "video_192p"}.get(value, value)
@@ -132,12 +132,13 @@ def _given(containers: list[dict], *names: str) -> bool:
     return False
 
 
-def cheapen(path: str, body, form: bool) -> None:
-    """Make an accepted request cheap, in place (see the module docstring)."""
+def cheapen(path: str, body, form: bool, positive: bool = True) -> None:
+    """Make an accepted request cheap, in place (see the module docstring). A negative case only
+    gets the knobs it lacks: its values stay as generated (one of them is the invalid one)."""
     if not isinstance(body, dict):
         return
     containers = _containers(body)
-    for c in containers:
+    for c in containers if positive else ():
         for key in list(c):
             if not isinstance(key, str):
                 continue
@@ -194,8 +195,11 @@ try:
     @schemathesis.hook
     def before_call(context, case, kwargs):
         if case.operation.path in GENERATING and case.method.upper() == "POST":
-            cheapen(case.operation.path, case.body, form=(case.media_type or "").startswith(
-                "multipart/"))
+            meta = getattr(case, "_meta", None)
+            mode = getattr(getattr(getattr(meta, "generation", None), "mode", None), "value", "")
+            cheapen(case.operation.path, case.body,
+                    form=(case.media_type or "").startswith("multipart/"),
+                    positive=mode != "negative")
         _started[id(case)] = time.monotonic()
 
     @schemathesis.hook

@@ -390,6 +390,13 @@ EXAMPLES = {
 SSE_DOC = ("with stream: true, server-sent events: `data: <ChatCompletionChunk JSON>` lines, "
            "ending with `data: [DONE]`; an error after the stream started is a "
            "`data: {\"error\": ...}` event")
+# One event of the stream (what an SSE parser yields): its data is a chunk, an error body, or [DONE]
+SSE_EVENT = {"type": "object", "description": SSE_DOC, "required": ["data"], "properties": {
+    "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"},
+    "data": {"anyOf": [{"const": "[DONE]"}, {
+        "type": "string", "contentMediaType": "application/json", "contentSchema": {
+            "anyOf": [{"$ref": REF.format(model="ChatCompletionChunk")},
+                      {"$ref": REF.format(model="ErrorResponse")}]}}]}}}
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 
 
@@ -405,8 +412,7 @@ def route_docs(bodies: RequestBodies, api_keys: bool) -> dict[tuple[str, str], d
             openapi_extra=request_body({"application/json": bodies.chat}, EXAMPLES["chat"]),
             response_model=oai.ChatCompletion,
             responses={200: {"description": "the completion (JSON), or an SSE stream",
-                             "content": {"text/event-stream": {"schema": {
-                                 "type": "string", "description": SSE_DOC}}}},
+                             "content": {"text/event-stream": {"schema": SSE_EVENT}}},
                        **err(404, 503, 504)}),
         ("POST", "/v1/images/generations"): dict(
             summary="Text to image (OpenAI images API)",
@@ -464,6 +470,10 @@ def install_openapi(app, bodies: RequestBodies, api_keys: bool) -> None:
         _, defs = models_json_schema([(m, "validation") for m in bodies.models()],
                                      ref_template=REF)
         components.update(_shared_properties(defs.get("$defs", {})))
+        _, chunk = models_json_schema([(oai.ChatCompletionChunk, "serialization")],
+                                      ref_template=REF)   # the stream's events (SSE_EVENT)
+        for name, definition in chunk.get("$defs", {}).items():
+            components.setdefault(name, definition)
         for path, item in schema.get("paths", {}).items():
             for method, op in item.items():
                 op.get("responses", {}).pop("422", None)
