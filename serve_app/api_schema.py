@@ -189,6 +189,12 @@ def _model(name: str, fields: _Fields, doc: str, **extra_config) -> type[BaseMod
     return model
 
 
+# What a form's boolean field may say (pydantic's lax bool: case-insensitive; the usual cases here)
+FORM_BOOLEANS = {v: [c for w in words for c in (w, w.capitalize(), w.upper())]
+                 for v, words in ((True, ("true", "1", "yes", "on", "t", "y")),
+                                  (False, ("false", "0", "no", "off", "f", "n")))}
+FORM_BOOLEANS = {v: list(dict.fromkeys(c)) for v, c in FORM_BOOLEANS.items()}
+
 _FORM_STRING = ("Form fields are text: numbers and booleans are their JSON spelling ('30', '0.5', "
                 "'true'); an array is sent as repeated `name[]` fields, or as one field holding a "
                 "JSON array")
@@ -216,12 +222,19 @@ def _form_fields(fields: _Fields) -> _Fields:
         if arrays:
             array = {**arrays[0], **({"items": schema["items"]} if "items" in schema else {})}
             if enum and all(isinstance(v, list) and len(v) == 1 for v in enum):
-                array.update(minItems=1, maxItems=1, items={"enum": [v[0] for v in enum]})
+                array.update(maxItems=1, items={"enum": [v[0] for v in enum]})
+            if array.get("minItems"):   # no field at all is how a form sends an empty array:
+                fields_ = {k: array.pop(k) for k in ("minItems", "maxItems") if k in array}
+                array["anyOf"] = [{"maxItems": 0}, fields_]   # the same as leaving it out
+            array.pop("minItems", None)
             out[f"{name}[]"] = (Any, Field(None, json_schema_extra=_clean({**array, **doc})))
         if scalars:
             scalar = scalars[0] if len(scalars) == 1 else {"anyOf": scalars}
             if enum and not arrays:
                 scalar = {**scalar, "enum": enum}
+            if scalar.get("type") == "boolean":   # form text: the spellings pydantic reads
+                scalar = {"type": "string", "enum": [
+                    t for v in (scalar.get("enum") or [True, False]) for t in FORM_BOOLEANS[v]]}
             if "minLength" in schema and not arrays:
                 scalar = {**scalar, "minLength": schema["minLength"]}
             out[name] = (Any, _form_field(info, {**scalar, **doc}))

@@ -226,3 +226,31 @@ def test_a_remix_refuses_input_reference_as_its_schema_says(client, spec):
     assert not _validator(spec, "VideoRemixBody").is_valid(body)
     r = client.post("/v1/videos/video_x/remix", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == "input_reference"
+
+
+FORM_AGREEMENT = [   # (form field, text values): form text as the server reads it
+    ("stream", ["false", "0", "No", "true", "1", "maybe"]),
+    ("lossless", ["true", "Y", "off", "2", ""]),
+    ("num_inference_steps", ["2", "200", "201", "0", "two"]),
+    ("size", ["64x64", "1024x1024", "1040x64"]),
+]
+
+
+@pytest.mark.parametrize("name,values", FORM_AGREEMENT, ids=[f[0] for f in FORM_AGREEMENT])
+def test_form_schema_accepts_what_the_form_parser_accepts(client, spec, name, values):
+    from helpers import png_bytes
+    validator = _validator(spec, "ImageEditForm")
+    for value in values:
+        r = client.post("/v1/images/edits", data={"prompt": "make it blue", name: value},
+                        files={"image": ("cube.png", png_bytes(), "image/png")})
+        assert r.status_code in (400, 503), r.text
+        prop = _resolve(spec, _resolve(spec, {"$ref": "#/components/schemas/ImageEditForm"})[
+            "properties"][name])
+        typed = value   # the schema's integer / number of a form field is its text
+        if prop.get("type") in ("integer", "number"):
+            try:
+                typed = json.loads(value)
+            except ValueError:
+                pass
+        valid = validator.is_valid({"prompt": "make it blue", "image": "<bytes>", name: typed})
+        assert valid == (r.status_code == 503), (name, value, r.status_code, r.text)
