@@ -253,7 +253,8 @@ def schemathesis_command(url: str, max_examples: int, phases: str, seed: int | N
     exe = shutil.which("schemathesis", path=str(Path(sys.executable).parent)) or "schemathesis"
     cmd = [exe, "run", f"{url}/openapi.json", "--mode", "all", "--checks", checks,
            "--max-examples", str(max_examples), "--phases", phases, "--workers", str(workers),
-           "--request-timeout", "300", "--suppress-health-check", "all", "--no-color"]
+           "--request-timeout", "300", "--suppress-health-check", "all", "--no-color",
+           "--continue-on-failure"]   # every operation gets all its cases, whatever one found
     if seed is not None:
         cmd += ["--seed", str(seed)]
     return cmd
