@@ -144,11 +144,9 @@ def cheapen(path: str, body, form: bool, positive: bool = True) -> None:
                 continue
             m = _NESTED.fullmatch(key)
             c[key] = _cheap_value(m.group(1) if m else key, c[key])
-    text = (lambda v: str(v)) if form else (lambda v: v)
-
-    def add(name, value):
-        if not _given(containers, name):
-            body[name] = text(value)
+    def add(name, value):   # typed as the schema says, also in a form (schemathesis serializes
+        if not _given(containers, name):   # it; text would read as a type violation to its
+            body[name] = value             # re-validation and relabel the case negative)
 
     modalities = next((c.get("modalities") for c in containers if "modalities" in c), None)
     video = path.startswith("/v1/videos") or modalities == ["video"]
