@@ -15,7 +15,7 @@ comma := ,
 VENV_PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.lance-serve-installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: venv test test-fast serve tiny-checkpoint
+.PHONY: venv test test-fast serve tiny-checkpoint fuzz-openapi
 
 venv: $(VENV_STAMP)
 
@@ -52,3 +52,8 @@ serve: venv
 
 tiny-checkpoint: venv
 	$(VENV)/bin/lance-serve make-tiny-checkpoint $(TINY_DIR)
+
+# schemathesis over /openapi.json against a fresh `serve run` (the tiny checkpoint on CPU); the result
+# goes to benchmarks/results/fuzz_openapi_<date>.{json,log} (benchmarks/README.md)
+fuzz-openapi: venv
+	$(VENV_PY) benchmarks/fuzz_openapi.py --start-server

@@ -12,6 +12,7 @@ import sys
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger("ray.serve")
@@ -32,6 +33,23 @@ def client_message(message: str, status: int) -> str:
     if len(message) > MAX_MESSAGE_CHARS:
         message = message[:MAX_MESSAGE_CHARS - 16] + " ... (truncated)"
     return message
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error answer (OpenAIError.body)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
 
 
 class OpenAIError(Exception):
@@ -184,6 +202,17 @@ def stage_error(exc: BaseException, stage: str) -> OpenAIError:
                        type="server_error", code="stage_error")
 
 
+def _allowed_methods(request: Request) -> str:
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE and getattr(route, "methods", None):
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def on_openai_error(_: Request, exc: OpenAIError):
         return exc.response()
@@ -191,9 +220,13 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_validation_error(_: Request, exc: RequestValidationError):
         return validation_error(exc).response()
 
-    async def on_http_error(_: Request, exc: StarletteHTTPException):
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
         err_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return OpenAIError(str(exc.detail), status=exc.status_code, type=err_type).response()
+        response = OpenAIError(str(exc.detail), status=exc.status_code, type=err_type).response()
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:   # RFC 9110: Allow lists every method of the path, not only
+            response.headers["Allow"] = _allowed_methods(request)   # the first route's
+        return response
 
     async def on_bug(_: Request, exc: Exception):
         logger.exception("unhandled error in the ingress", exc_info=exc)

@@ -36,9 +36,9 @@ import time
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import get_args
+from typing import Annotated, Literal, get_args
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
@@ -47,6 +47,7 @@ from stages.lance.requests import (DEFAULT_T2I_SIZE, I2V_DEFAULT_FRAMES, T2V_DEF
                                    VideoRequest, VideoTask)
 
 from . import openai_protocol as oai
+from .api_schema import install_openapi, request_bodies, route_docs
 from .auth import (PUBLIC_PATHS, APIKeyMiddleware, KeyChecker, protected_routes, resolve_api_keys,
                    warn_if_open)
 from .http_limits import RequestLimitMiddleware
@@ -494,21 +495,18 @@ class LanceService:
     async def videos_get(self, video_id: str):
         return await self._call_store("get", video_id)
 
-    async def videos_list(self, after: str | None = None, limit: int = 20, order: str = "desc"):
-        if not 1 <= limit <= 100:
-            raise bad_request(f"limit {limit} is outside [1, 100]", param="limit",
-                              code="invalid_value")
-        if order not in ("asc", "desc"):
-            raise bad_request(f"order {order!r} must be 'asc' or 'desc'", param="order",
-                              code="invalid_value")
+    # The query parameters' types and bounds are FastAPI's (so /openapi.json states them); a value
+    # outside them is a 400 naming the parameter (errors.validation_error).
+    async def videos_list(self, after: str | None = None,
+                          limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                          order: Literal["asc", "desc"] = "desc"):
         return await self._call_store("list", after, limit, order)
 
-    async def videos_content(self, video_id: str, variant: str = "video"):
+    async def videos_content(self, video_id: str,
+                             variant: Annotated[Literal["video", "thumbnail"], Query(
+                                 description="video: the MP4; thumbnail: the first frame (WebP)"
+                             )] = "video"):
         from fastapi.responses import Response
-        if variant not in ("video", "thumbnail"):
-            raise bad_request(f"variant {variant!r} is not served: use 'video' (the MP4) or "
-                              "'thumbnail' (the first frame)", param="variant",
-                              code="invalid_value")
         result = await self._call_store("content", video_id, variant)
         return Response(result["content"], media_type=result["media_type"])
 
@@ -518,6 +516,10 @@ class LanceService:
     async def videos_remix(self, video_id: str, request: Request):
         from .videos_api import VideoCreateRequest, parse_video_create
         req = _validated_json(VideoCreateRequest, await self._read_body(request))
+        if req.input_reference is not None:   # was dropped without a word
+            raise bad_request("a remix edits the finished video: leave input_reference out (or "
+                              "create a new video with it)", param="input_reference",
+                              code="unsupported_parameter")
         self._check_model(req.model)
         source = await self._call_store("remix_source", video_id)
         clip = await asyncio.to_thread(decode_video_bytes, source["content"], "video_id")
@@ -652,17 +654,23 @@ def build_fastapi_app(service: LanceService, api_keys: list[str] | None = None) 
 
     app.add_middleware(RetryHeaderMiddleware)   # outermost: its count covers the whole request
 
-    app.post("/v1/chat/completions")(service.chat_completions)
-    app.post("/v1/images/generations")(service.images_generations)
-    app.post("/v1/images/edits")(service.images_edits)
-    app.post("/v1/videos")(service.videos_create)
-    app.get("/v1/videos")(service.videos_list)
-    app.get("/v1/videos/{video_id}")(service.videos_get)
-    app.get("/v1/videos/{video_id}/content")(service.videos_content)
-    app.delete("/v1/videos/{video_id}")(service.videos_delete)
-    app.post("/v1/videos/{video_id}/remix")(service.videos_remix)
-    app.get("/v1/models")(service.models)
-    app.get("/health")(service.health)
+    # /openapi.json: every route's bodies, parameters and errors (api_schema.py)
+    bodies = request_bodies(service.settings.limits)
+    docs = route_docs(bodies, api_keys=bool(api_keys))
+    for method, path, handler in (
+            ("POST", "/v1/chat/completions", service.chat_completions),
+            ("POST", "/v1/images/generations", service.images_generations),
+            ("POST", "/v1/images/edits", service.images_edits),
+            ("POST", "/v1/videos", service.videos_create),
+            ("GET", "/v1/videos", service.videos_list),
+            ("GET", "/v1/videos/{video_id}", service.videos_get),
+            ("GET", "/v1/videos/{video_id}/content", service.videos_content),
+            ("DELETE", "/v1/videos/{video_id}", service.videos_delete),
+            ("POST", "/v1/videos/{video_id}/remix", service.videos_remix),
+            ("GET", "/v1/models", service.models),
+            ("GET", "/health", service.health)):
+        app.add_api_route(path, handler, methods=[method], **docs[(method, path)])
+    install_openapi(app, bodies, api_keys=bool(api_keys))
     add_playground_routes(app)
     if api_keys:
         logger.info("lance-serve: %d API key(s); routes needing one: %s", len(api_keys),

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .errors import ErrorResponse
+
 
 class _Lenient(BaseModel):
     # Parts of OpenAI objects may gain fields over time (e.g. image_url.detail); ignore those.
@@ -108,6 +110,181 @@ class ImageGenerationRequest(BaseModel):
 
 
 # -- responses ------------------------------------------------------------------------------------
+# The models describe what the builders below return (/openapi.json's response bodies); extra="forbid"
+# so that a field added to a builder but not here fails the schema-conformance fuzz and the tests.
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Usage(_Out):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class LanceNotes(_Out):
+    """The `lance` object: the routed task and the accepted parameters that do not apply to it; a
+    finished video also carries its frame count, frame rate and size."""
+
+    task: str
+    ignored_params: list[str]
+    num_frames: Optional[int] = None
+    fps: Optional[float] = None
+    size: Optional[str] = None
+
+
+class MediaURL(_Out):
+    url: str = Field(description="a data: URL of the generated image or video")
+
+
+class ImageOutputPart(_Out):
+    type: Literal["image_url"]
+    image_url: MediaURL
+
+
+class VideoOutputPart(_Out):
+    type: Literal["video_url"]
+    video_url: MediaURL
+
+
+OutputContent = Union[str, list[Annotated[Union[ImageOutputPart, VideoOutputPart],
+                                          Field(discriminator="type")]]]
+
+
+class AssistantMessage(_Out):
+    role: Literal["assistant"]
+    content: OutputContent
+
+
+class ChatChoice(_Out):
+    index: int
+    message: AssistantMessage
+    finish_reason: Optional[str]
+    logprobs: None
+    token_ids: Optional[list[int]] = Field(None, description="with return_token_ids (text output)")
+
+
+class ChatCompletion(_Out):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    lance: LanceNotes
+
+
+class ChunkDelta(_Out):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[OutputContent] = None
+
+
+class ChunkChoice(_Out):
+    index: int
+    delta: ChunkDelta
+    finish_reason: Optional[str]
+    logprobs: None
+    token_ids: Optional[list[int]] = None
+
+
+class Progress(_Out):
+    stage: Optional[Literal["denoise", "decode", "encode"]] = None
+    step: Optional[int]
+    total: Optional[int]
+
+
+class ChatCompletionChunk(_Out):
+    """One SSE event of a stream (`data: {...}`)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Optional[Usage] = None
+    lance: Optional[LanceNotes] = None
+    lance_progress: Optional[Progress] = None
+
+
+class ImageData(_Out):
+    b64_json: str
+
+
+class ImagesResponse(_Out):
+    created: int
+    data: list[ImageData]
+    output_format: str
+    size: str = Field(description="WIDTHxHEIGHT")
+    usage: Usage
+    lance: LanceNotes
+
+
+class ModelLimits(_Out):
+    min_image_side: int
+    size_multiple: int
+    max_inference_steps: int
+    max_images_per_request: int
+    max_image_bytes: int
+    max_num_frames: int
+    max_video_bytes: int
+
+
+class ModelDefaults(_Out):
+    size: str
+    num_inference_steps: int
+    seed: int
+    cfg_text_scale: float
+    timestep_shift: float
+    cfg_interval: list[float]
+    resolution: str
+    max_tokens: int
+    temperature: float
+    video_size: str
+    num_frames: int
+    i2v_num_frames: int
+    fps: float
+    video_resolution: str
+
+
+class ModelLance(_Out):
+    tiny_random_weights: bool
+    stage_graph: str
+    max_image_side: int
+    max_model_len: int
+    tasks: list[str]
+    variants: list[str]
+    limits: ModelLimits
+    defaults: ModelDefaults
+
+
+class ModelCard(_Out):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    lance: ModelLance
+
+
+class ModelList(_Out):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class HealthError(ErrorResponse):
+    """/health's 503: the error, and each stage's state."""
+
+    stages: dict[str, str]
+    dit_jobs: Optional[int]
+
+
+class HealthResponse(_Out):
+    status: Literal["ok"]
+    stages: dict[str, str] = Field(description="stage -> 'ok' or what is wrong")
+    dit_jobs: Optional[int] = Field(description="jobs the DiT stages hold")
+
+
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

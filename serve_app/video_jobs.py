@@ -24,7 +24,9 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
 
 from stages.lance.requests import VideoRequest
 
@@ -47,6 +49,59 @@ def store_error(status: int, message: str, code: str, param: Optional[str] = Non
                                              "code": code}}
 
 
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VideoError(_Out):
+    code: str
+    message: str
+
+
+class VideoLance(_Out):
+    """The routed task and ignored parameters; once finished, what was made."""
+
+    task: str
+    ignored_params: list[str]
+    num_frames: Optional[int] = None
+    fps: Optional[float] = None
+    prompt_tokens: Optional[int] = None
+    target_tokens: Optional[int] = None
+
+
+class Video(_Out):
+    """OpenAI's video object (what _Job.video_object returns)."""
+
+    id: str
+    object: Literal["video"]
+    created_at: int
+    completed_at: Optional[int]
+    expires_at: int
+    error: Optional[VideoError]
+    model: str
+    progress: int = Field(ge=0, le=100)
+    prompt: str
+    remixed_from_video_id: Optional[str]
+    seconds: str
+    size: str
+    status: Literal["queued", "in_progress", "completed", "failed"]
+    lance: VideoLance
+
+
+class VideoList(_Out):
+    object: Literal["list"]
+    data: list[Video]
+    first_id: Optional[str]
+    last_id: Optional[str]
+    has_more: bool
+
+
+class VideoDeleted(_Out):
+    id: str
+    object: Literal["video.deleted"]
+    deleted: bool
+
+
 @dataclass(eq=False)
 class _Job:
     id: str
@@ -67,7 +122,8 @@ class _Job:
     media_type: str = "video/mp4"
     thumbnail: Optional[bytes] = None
     task: Optional[asyncio.Task] = None
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)   # the finished video's notes (VideoLance)
+    seq: int = 0                                # creation order, for listing
 
     def video_object(self) -> dict:
         return {"id": self.id, "object": "video", "created_at": self.created_at,
@@ -142,7 +198,7 @@ class VideoJobStore:
         job = _Job(id=f"video_{uuid.uuid4().hex}", request=request, variant=variant, model=model,
                    size=size, seconds=seconds, created_at=now,
                    expires_at=now + int(self.limits.ttl_s), lance=lance, remixed_from=remix_of)
-        job.extra["seq"] = self._seq
+        job.seq = self._seq
         self.jobs[job.id] = job
         job.task = asyncio.get_running_loop().create_task(self._run(job))
         return job.video_object()
@@ -164,7 +220,7 @@ class VideoJobStore:
 
     async def list(self, after: Optional[str], limit: int, order: str) -> dict:
         self.sweep()
-        jobs = sorted(self.jobs.values(), key=lambda j: (j.created_at, j.extra["seq"]),
+        jobs = sorted(self.jobs.values(), key=lambda j: (j.created_at, j.seq),
                       reverse=order == "desc")
         if after is not None:
             ids = [j.id for j in jobs]
