@@ -77,18 +77,25 @@ class StagePipeline:
                 raise stage_error(e, "thinker") from e
         return handoff
 
-    async def denoise(self, handoff: ContextHandoff, encoding: ImageEncoding | None = None) -> AsyncIterator[dict]:
+    def denoise(self, handoff: ContextHandoff, encoding: ImageEncoding | None = None) -> AsyncIterator[dict]:
         """Progress dicts {"step", "total"}, then the final {"image", "format", "media_type", "width", "height"}."""
+        return self._dit_stream("generate_image", "image", handoff, encoding)
+
+    async def _dit_stream(self, method: str, final_key: str, handoff: ContextHandoff,
+                          encoding) -> AsyncIterator[dict]:
+        """The DiT's stream of `method`: progress dicts, then the one that carries `final_key`.
+        Leaving early (the client went away, a job was deleted) cancels the stream, and the DiT
+        stage drops the job before its next step or decode chunk."""
         if self.dit is None:
             raise _not_connected()
         start = time.perf_counter()
         with self.metrics.stage_call("dit"):
-            stream = self.dit.options(stream=True).generate_image.remote(handoff, encoding)
+            stream = getattr(self.dit.options(stream=True), method).remote(handoff, encoding)
             finished = False
             try:
                 async for item in stream:
-                    finished = "image" in item
-                    if finished:
+                    finished = final_key in item
+                    if finished:   # before the yield: its consumer closes the stream right after
                         self.metrics.call_done("dit", handoff.task, start)
                     yield item
                     if finished:
@@ -99,7 +106,7 @@ class StagePipeline:
                 if not finished:
                     _cancel(stream)
             if not finished:
-                raise OpenAIError("the DiT stage ended without an image", status=500,
+                raise OpenAIError(f"the DiT stage ended without its {final_key}", status=500,
                                   type="server_error", code="stage_error")
 
     async def _retry_wait(self, failures: int, error: StageUnavailable) -> None:
@@ -227,34 +234,11 @@ class StagePipeline:
             except StageUnavailable as e:
                 error = e
 
-    async def denoise_video(self, handoff: ContextHandoff, encoding: VideoEncoding | None = None
-                            ) -> AsyncIterator[dict]:
+    def denoise_video(self, handoff: ContextHandoff, encoding: VideoEncoding | None = None
+                      ) -> AsyncIterator[dict]:
         """Progress dicts {"stage": "denoise" | "decode" | "encode", "step", "total"}, then the final
-        {"video", "format", "media_type", "width", "height", "num_frames", "fps"}. Leaving early (the
-        client went away, a job was deleted) cancels the DiT job: its stream is cancelled, and the
-        DiT stage drops the job before its next step or decode chunk."""
-        if self.dit is None:
-            raise _not_connected()
-        start = time.perf_counter()
-        with self.metrics.stage_call("dit"):
-            stream = self.dit.options(stream=True).generate_video.remote(handoff, encoding)
-            finished = False
-            try:
-                async for item in stream:
-                    finished = "video" in item
-                    if finished:
-                        self.metrics.call_done("dit", handoff.task, start)
-                    yield item
-                    if finished:
-                        return
-            except Exception as e:
-                raise stage_error(e, "dit") from e
-            finally:
-                if not finished:
-                    stream.cancel()
-            if not finished:
-                raise OpenAIError("the DiT stage ended without a video", status=500,
-                                  type="server_error", code="stage_error")
+        {"video", "format", "media_type", "width", "height", "num_frames", "fps"}."""
+        return self._dit_stream("generate_video", "video", handoff, encoding)
 
     async def generate_video(self, req: VideoRequest, on_progress=None
                              ) -> tuple[dict, ContextHandoff]:

@@ -93,23 +93,7 @@ class DiTServingLoop:
 
         waiter = _Waiter(queue, encoding, task=metrics.task_label(handoff.task))
 
-        def prepare_and_submit() -> DenoiseJob:
-            # On the engine thread: device copies never race a running step, and a job prepared before a
-            # step that is already queued behind it joins that step (submitting from the event loop
-            # afterwards would let the queued step start without it).
-            job = self.runner.prepare(handoff, cond_kv, uncond_kv, on_step)
-            self._waiters[job] = waiter
-            waiter.submitted_at = time.perf_counter()
-            self.runner.submit(job)
-            return job
-
-        prepared = self._executor.submit(prepare_and_submit)
-        try:
-            job = await asyncio.wrap_future(prepared)
-        except asyncio.CancelledError:   # the client left while its job was being prepared: drop the job
-            prepared.add_done_callback(self._drop_prepared)
-            raise
-        metrics.set_gauge(metrics.DIT_QUEUE_DEPTH, self.runner.engine.num_pending)
+        job = await self._submit(waiter, handoff, cond_kv, uncond_kv, on_step)
         self._ensure_driver()
         self._wake.set()
         finished = False
@@ -152,20 +136,7 @@ class DiTServingLoop:
 
         waiter = _Waiter(queue, encoding, frames, task=metrics.task_label(handoff.task))
 
-        def prepare_and_submit() -> DenoiseJob:   # on the engine thread, as generate_image's
-            job = self.runner.prepare(handoff, cond_kv, uncond_kv, on_step, on_frames)
-            self._waiters[job] = waiter
-            waiter.submitted_at = time.perf_counter()
-            self.runner.submit(job)
-            return job
-
-        prepared = self._executor.submit(prepare_and_submit)
-        try:
-            job = await asyncio.wrap_future(prepared)
-        except asyncio.CancelledError:   # the client left while its job was being prepared: drop the job
-            prepared.add_done_callback(self._drop_prepared)
-            raise
-        metrics.set_gauge(metrics.DIT_QUEUE_DEPTH, self.runner.engine.num_pending)
+        job = await self._submit(waiter, handoff, cond_kv, uncond_kv, on_step, on_frames)
         encoder = loop.create_task(self._encode_video(frames, queue, encoding, waiter.task))
         self._ensure_driver()
         self._wake.set()
@@ -184,6 +155,27 @@ class DiTServingLoop:
                 job.cancelled = True   # the client left: dropped before its next step or decode chunk
                 encoder.cancel()
             self._waiters.pop(job, None)
+
+    async def _submit(self, waiter: "_Waiter", handoff: ContextHandoff, cond_kv, uncond_kv,
+                      *callbacks) -> DenoiseJob:
+        """Prepare the job and queue it in the engine, on the engine thread: device copies never race
+        a running step, and a job prepared before a step that is already queued behind it joins that
+        step (submitting from the event loop afterwards would let the queued step start without it)."""
+        def prepare_and_submit() -> DenoiseJob:
+            job = self.runner.prepare(handoff, cond_kv, uncond_kv, *callbacks)
+            self._waiters[job] = waiter
+            waiter.submitted_at = time.perf_counter()
+            self.runner.submit(job)
+            return job
+
+        prepared = self._executor.submit(prepare_and_submit)
+        try:
+            job = await asyncio.wrap_future(prepared)
+        except asyncio.CancelledError:   # the client left while its job was being prepared: drop the job
+            prepared.add_done_callback(self._drop_prepared)
+            raise
+        metrics.set_gauge(metrics.DIT_QUEUE_DEPTH, self.runner.engine.num_pending)
+        return job
 
     async def _encode_video(self, frames: asyncio.Queue, queue: asyncio.Queue, encoding: VideoEncoding,
                             task: str = "other") -> None:
