@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -94,22 +95,9 @@ class DiTServingLoop:
         waiter = _Waiter(queue, encoding, task=metrics.task_label(handoff.task))
 
         job = await self._submit(waiter, handoff, cond_kv, uncond_kv, on_step)
-        self._ensure_driver()
-        self._wake.set()
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+        async with aclosing(self._items(job, queue, "image")) as items:   # closed with this one
+            async for item in items:
                 yield item
-                if "image" in item:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                job.cancelled = True   # the client left: the engine drops the job before its next step
-            self._waiters.pop(job, None)
 
     async def generate_video(self, handoff: ContextHandoff, cond_kv, uncond_kv,
                              encoding: VideoEncoding | None = None) -> AsyncIterator[dict]:
@@ -138,23 +126,9 @@ class DiTServingLoop:
 
         job = await self._submit(waiter, handoff, cond_kv, uncond_kv, on_step, on_frames)
         encoder = loop.create_task(self._encode_video(frames, queue, encoding, waiter.task))
-        self._ensure_driver()
-        self._wake.set()
-        finished = False
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
+        async with aclosing(self._items(job, queue, "video", on_leave=encoder.cancel)) as items:
+            async for item in items:
                 yield item
-                if "video" in item:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                job.cancelled = True   # the client left: dropped before its next step or decode chunk
-                encoder.cancel()
-            self._waiters.pop(job, None)
 
     async def _submit(self, waiter: "_Waiter", handoff: ContextHandoff, cond_kv, uncond_kv,
                       *callbacks) -> DenoiseJob:
@@ -176,6 +150,29 @@ class DiTServingLoop:
             raise
         metrics.set_gauge(metrics.DIT_QUEUE_DEPTH, self.runner.engine.num_pending)
         return job
+
+    async def _items(self, job: DenoiseJob, queue: asyncio.Queue, final_key: str, on_leave=None
+                     ) -> AsyncIterator[dict]:
+        """The job's queued progress, then the item carrying `final_key`. Left early (the client went
+        away), the job is cancelled: the engine drops it before its next step or decode chunk."""
+        self._ensure_driver()
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if final_key in item:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                job.cancelled = True
+                if on_leave is not None:
+                    on_leave()
+            self._waiters.pop(job, None)
 
     async def _encode_video(self, frames: asyncio.Queue, queue: asyncio.Queue, encoding: VideoEncoding,
                             task: str = "other") -> None:
