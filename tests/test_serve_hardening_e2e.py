@@ -571,16 +571,22 @@ def _output(path: str, r: httpx.Response):
     return body["choices"][0]["token_ids"], body["choices"][0]["message"]["content"]
 
 
-def _post_all(base_url: str, requests: list[tuple[str, dict]]) -> list[httpx.Response]:
-    """All at once; a streamed answer's events are read into `response.events`."""
+def _post_all(base_url: str, requests: list[tuple[str, dict]],
+              first_event: threading.Event | None = None) -> list[httpx.Response]:
+    """All at once; a streamed answer's events are read into `response.events` (`first_event` is
+    set once any stream has sent its first event)."""
     def one(item):
         path, body = item
         with httpx.Client(base_url=base_url, timeout=REQUEST_TIMEOUT_S + 30) as c:
             if not body.get("stream"):
                 return c.post(path, json=body, headers=auth())
             with c.stream("POST", path, json=body, headers=auth()) as r:
-                r.events = [json.loads(line[6:]) for line in r.iter_lines()
-                            if line.startswith("data: ") and line != "data: [DONE]"]
+                r.events = []
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        r.events.append(json.loads(line[6:]))
+                        if first_event is not None:
+                            first_event.set()
             return r
 
     with ThreadPoolExecutor(len(requests)) as pool:
@@ -601,22 +607,19 @@ def test_thinker_replica_killed_mid_requests_loses_nothing(base_url, cluster):
     old_processes = _processes_of(old_pid)
     assert len(old_processes) >= 2, "the thinker runs vLLM's engine core in a process of its own"
 
-    def kill_when_busy():
-        """Kill once the thinker has several requests in vLLM (prefills, generations): a stream
-        among them is resumed after its headers (no header says so), a plain request is retried
-        with X-Lance-Retries."""
-        deadline = time.monotonic() + 30
-        busy = cluster.thinker_stats()
-        while len(busy["submitted_requests"]) < 3 and time.monotonic() < deadline:
-            busy = cluster.thinker_stats()   # no sleep: the requests' window at the thinker is short
+    def kill_when_streaming(first_event: threading.Event):
+        """Kill once a stream has sent its first event: the thinker is then generating (256-token
+        answers), with the other requests' prefills and generations beside it. The trigger is seen
+        at the client, not asked of the thinker: a stats call to the thinker replica can queue
+        behind the requests (its max_ongoing_requests) and come back only once they are done."""
+        assert first_event.wait(60), "no stream event within 60 s"
         cluster.kill_replica(DEPLOYMENT_NAMES["thinker"])
-        return busy
 
+    first_event = threading.Event()
     with ThreadPoolExecutor(1) as pool:
-        killed = pool.submit(kill_when_busy)
-        responses = _post_all(base_url, requests)
-        busy = killed.result()
-    assert busy["submitted_requests"] or busy["pending_exports"], busy
+        killed = pool.submit(kill_when_streaming, first_event)
+        responses = _post_all(base_url, requests, first_event)
+        killed.result()
     outputs = [_output(path, r) for (path, _), r in zip(requests, responses)]
     assert outputs == reference
     retried = [int(r.headers.get("x-lance-retries", 0)) for r in responses]
