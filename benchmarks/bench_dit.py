@@ -156,11 +156,18 @@ def has(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+# the attention kernel the fast path uses: "flash_attn_4" when the attention section finds FlashAttention-4
+# installed and faster than SDPA's best at the model's shape, else "sdpa" (with the chosen SDPA backend)
+ATTENTION_KERNEL = "sdpa"
+
+
 def fast_forward_options(attn, **kw) -> dict:
     """FastForward keyword arguments the code under test accepts."""
     import inspect
     accepted = inspect.signature(FastForward.__init__).parameters
-    return {k: v for k, v in dict(kernels="triton", attention_backends=attn, **kw).items() if k in accepted}
+    opts = dict(kernels="triton", attention_backends=attn, attention_kernel=ATTENTION_KERNEL)
+    opts.update(kw)
+    return {k: v for k, v in opts.items() if k in accepted}
 
 
 def fp8_model(cfg, m16):
@@ -222,6 +229,10 @@ def self_check():
         if "overlap_markers" in fast_forward_options(None, overlap_markers=False):
             variants["triton+graphs, markers inline"] = FastForward(model, "triton", cuda_graphs=True,
                                                                     overlap_markers=False)
+        fa4 = dtype == torch.bfloat16 and has("flash_attn.cute") and "attention_kernel" in fast_forward_options(None)
+        if fa4:
+            variants["triton+flash_attn_4+graphs"] = FastForward(model, "triton", cuda_graphs=True,
+                                                                 attention_kernel="flash_attn_4")
         if has("stages.dit.quantize") and dtype == torch.bfloat16:   # FP8 against the bf16 model core
             from stages.dit.quantize import quantize_dit_model
             m8 = build_dit_model(cfg, "cuda", dtype)
@@ -231,6 +242,9 @@ def self_check():
             emulated.linears.native = False        # fp32 dequantized matmuls, torch quantizers
             variants.update({"fp8 triton+scaled_mm+graphs": FastForward(m8, "triton", cuda_graphs=True),
                              "fp8 emulated (fp32)": emulated})
+            if fa4:
+                variants["fp8 triton+scaled_mm+flash_attn_4+graphs"] = FastForward(
+                    m8, "triton", cuda_graphs=True, attention_kernel="flash_attn_4")
         ref = ReferenceForward(model)
         for name, fwd in variants.items():
             worst = 0.0
@@ -241,7 +255,10 @@ def self_check():
                         worst = max(worst, ((a - b).norm() / b.norm()).item())
                 out[f"{dtype}/{name}"] = worst
                 limit = 0.15 if name.startswith("fp8") else tol   # FP8: quantization error, reported not hidden
-                log.info("self-check %s %-30s max rel err %.2e %s", dtype, name, worst, "ok" if worst < limit else "FAIL")
+                kernel = getattr(fwd, "attention_kernel", "")   # what ran: an optional kernel may have fallen back
+                out[f"{dtype}/{name}/attention_kernel"] = kernel
+                log.info("self-check %s %-30s max rel err %.2e %s %s", dtype, name, worst, "ok" if worst < limit else "FAIL",
+                         kernel)
             except RuntimeError as e:
                 if "float32" in str(dtype) and name in ("triton+flash", "triton+cudnn"):
                     continue   # those kernels take 16-bit inputs only
@@ -280,6 +297,21 @@ def gemms(cfg):
     log.info("GEMM TFLOP/s: %s", out)
 
 
+def graph_time(fn, reps: int = 20) -> float:
+    """Seconds per call of `fn` replayed from a CUDA graph, as the engine runs it (no host overhead: a
+    Python-heavy kernel wrapper would otherwise be timed by its launch cost)."""
+    fn()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return cuda_time(graph.replay, reps=reps)
+
+
 @section("attention backends at the 1024^2 shape (2 rows, 4098 queries, 4354 keys)")
 def attention_backends():
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -306,14 +338,57 @@ def attention_backends():
                 out[key] = {"ms": t * 1e3, "tflops": flops / t / 1e12, "rel_err": err}
             except RuntimeError as e:
                 out[key] = {"error": str(e).splitlines()[0][:160]}
-    RESULTS["attention"] = out
-    for k_, v_ in out.items():
-        log.info("attention %-22s %s", k_, v_)
     ok = {k_: v_["tflops"] for k_, v_ in out.items() if "tflops" in v_ and v_["rel_err"] < 2e-2 and k_.endswith("_gqa")}
     best = max(ok, key=ok.get) if ok else None
+    backends = {"flash_gqa": [SDPBackend.FLASH_ATTENTION], "cudnn_gqa": [SDPBackend.CUDNN_ATTENTION],
+                "efficient_gqa": [SDPBackend.EFFICIENT_ATTENTION]}.get(best)
+    # the model's own case: CFG's cond and uncond rows have contexts of different lengths (256 / 232), so
+    # SDPA needs one call per row where a variable-length kernel takes both rows in one call; timed from
+    # CUDA graphs, as the engine runs them
+    rows_q = torch.randn(2 * 4098, 16, 128, device="cuda", dtype=torch.bfloat16)
+    lens = (COND_CONTEXT + 4098, UNCOND_CONTEXT + 4098)
+    rows_k = torch.randn(sum(lens), 2, 128, device="cuda", dtype=torch.bfloat16)
+    rows_v = torch.randn_like(rows_k)
+    flops2 = sum(4 * 4098 * n * 16 * 128 for n in lens)
+    bounds = [(0, lens[0]), (lens[0], sum(lens))]
+
+    def per_row_sdpa():
+        outs = []
+        for r, (a, b) in enumerate(bounds):
+            qr = rows_q[r * 4098:(r + 1) * 4098].unsqueeze(0).transpose(1, 2)
+            kr, vr = (t[a:b].unsqueeze(0).transpose(1, 2) for t in (rows_k, rows_v))
+            with sdpa_kernel(backends or [SDPBackend.MATH]):
+                outs.append(torch.nn.functional.scaled_dot_product_attention(qr, kr, vr, enable_gqa=True)
+                            .transpose(1, 2)[0])
+        return torch.cat(outs)
+    ref2 = per_row_sdpa().float()
+    t = graph_time(per_row_sdpa)
+    out["model_rows_sdpa_per_row"] = {"ms": t * 1e3, "tflops": flops2 / t / 1e12, "backend": best}
+    global ATTENTION_KERNEL
+    ATTENTION_KERNEL = "sdpa"
+    if has("flash_attn.cute"):
+        try:
+            from flash_attn.cute import flash_attn_varlen_func
+            cu_q = torch.tensor([0, 4098, 2 * 4098], dtype=torch.int32, device="cuda")
+            cu_k = torch.tensor([0, lens[0], sum(lens)], dtype=torch.int32, device="cuda")
+
+            def fa4():
+                o = flash_attn_varlen_func(rows_q, rows_k, rows_v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+                                           max_seqlen_q=4098, max_seqlen_k=max(lens))
+                return o[0] if isinstance(o, tuple) else o
+            err = ((fa4().float() - ref2).norm() / ref2.norm()).item()
+            t4 = graph_time(fa4)
+            out["model_rows_flash_attn_4_varlen"] = {"ms": t4 * 1e3, "tflops": flops2 / t4 / 1e12, "rel_diff_vs_sdpa": err}
+            if err < 2e-2 and t4 < t:
+                ATTENTION_KERNEL = "flash_attn_4"
+        except Exception as e:  # noqa: BLE001 - an optional kernel that fails here is a result, not a crash
+            out["model_rows_flash_attn_4_varlen"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    RESULTS["attention"] = out
+    for k_, v_ in out.items():
+        log.info("attention %-32s %s", k_, v_)
     RESULTS["attention_choice"] = best
-    return {"flash_gqa": [SDPBackend.FLASH_ATTENTION], "cudnn_gqa": [SDPBackend.CUDNN_ATTENTION],
-            "efficient_gqa": [SDPBackend.EFFICIENT_ATTENTION]}.get(best)
+    RESULTS["attention_kernel"] = ATTENTION_KERNEL
+    return backends
 
 
 def copy_weights(dst, src):
@@ -340,7 +415,8 @@ def accuracy(cfg, m16, vae, steps512: int, with_1024: bool, attn):
             job = DenoiseEngine(model, "reference").prepare(h, h.cond.kv, h.uncond.kv)
             rows += [Row(b, job.x.to(model.vae2llm.weight.dtype), torch.tensor(0.7), request=job)
                      for b in (job.cond, job.uncond)]
-        fast = FastForward(model, kernels=kernels, attention_backends=attn if label == "bf16" else None)(rows)
+        opts = fast_forward_options(attn) if label == "bf16" else {}
+        fast = FastForward(model, **dict(opts, kernels=kernels))(rows)
         ref = ReferenceForward(model)(rows)
         errs = [((a - b).norm() / b.norm()).item() for a, b in zip(fast, ref)]
         out[f"forward_fast_vs_reference_{label}_rel"] = max(errs)
@@ -356,7 +432,7 @@ def accuracy(cfg, m16, vae, steps512: int, with_1024: bool, attn):
         log.info("fp32 reference %d^2 took %.1fs", side, time.perf_counter() - t0)
         e = DenoiseEngine(m32, "fast", kernels="triton")
         x_fast32 = e.run(jobs_for(e, [h32]))[0]
-        e = DenoiseEngine(m16, "fast", kernels="triton", attention_backends=attn, cuda_graphs=True)
+        e = DenoiseEngine(m16, "fast", **fast_forward_options(attn, cuda_graphs=True))
         x_fast16 = e.run(jobs_for(e, [h16]))[0]
         e = DenoiseEngine(m16, "reference")
         x_ref16 = e.run(jobs_for(e, [h16]))[0]
@@ -405,14 +481,26 @@ def forward_ladder(cfg, m16, m8, attn):
         if side == 1024:
             variants.update({"reference (model core)": ReferenceForward(m16),
                              "fast: packed, torch ops, SDPA default": FastForward(m16, "torch"),
-                             "+ triton fused element-wise": FastForward(m16, **fast_forward_options(None, overlap_markers=False)),
-                             "+ chosen attention backend": FastForward(m16, **fast_forward_options(attn, overlap_markers=False))})
-        variants["+ CUDA graph"] = FastForward(m16, **fast_forward_options(attn, cuda_graphs=True, overlap_markers=False))
+                             "+ triton fused element-wise": FastForward(m16, **fast_forward_options(
+                                 None, overlap_markers=False, attention_kernel="sdpa")),
+                             "+ chosen attention backend": FastForward(m16, **fast_forward_options(
+                                 attn, overlap_markers=False, attention_kernel="sdpa"))})
+        sdpa = dict(attention_kernel="sdpa", cuda_graphs=True)
+        variants["+ CUDA graph"] = FastForward(m16, **fast_forward_options(attn, overlap_markers=False, **sdpa))
         if "overlap_markers" in fast_forward_options(attn, overlap_markers=True):
-            variants["+ und markers on a side stream"] = FastForward(m16, **fast_forward_options(attn, cuda_graphs=True))
+            variants["+ und markers on a side stream"] = FastForward(
+                m16, **fast_forward_options(attn, overlap_markers=True, **sdpa))
+        if ATTENTION_KERNEL != "sdpa":   # the code under test takes it (an old checkout does not)
+            for where, overlap in (("markers inline", False), ("markers on a side stream", True)):
+                variants[f"+ {ATTENTION_KERNEL} (one variable-length call), {where}"] = FastForward(
+                    m16, **fast_forward_options(attn, cuda_graphs=True, overlap_markers=overlap))
         if m8 is not None:
-            variants["FP8 weights + activations (graph, side stream)"] = FastForward(
-                m8, **fast_forward_options(attn, cuda_graphs=True))
+            variants["FP8 weights + activations (graph, SDPA, side stream)"] = FastForward(
+                m8, **fast_forward_options(attn, overlap_markers=True, **sdpa))
+            if ATTENTION_KERNEL != "sdpa":
+                for where, overlap in (("markers inline", False), ("markers on a side stream", True)):
+                    variants[f"FP8 + {ATTENTION_KERNEL}, {where}"] = FastForward(
+                        m8, **fast_forward_options(attn, cuda_graphs=True, overlap_markers=overlap))
         res = {}
         for name, fwd in variants.items():
             t = cuda_time(lambda: fwd(rows), reps=7, warmup=3)

@@ -47,6 +47,13 @@ INTERPRETED = textwrap.dedent("""
                  *zip(K.qk_norm_rope_torch(qkv, qw, kw, 1e-6, cos, sin, 4, 2),
                       K.qk_norm_rope_triton(qkv, qw, kw, 1e-6, cos, sin, 4, 2)),
                  (K.silu_mul_torch(gu), K.silu_mul_triton(gu))]
+        # the same op writing K/V into rows of packed buffers (rows not named by the index stay untouched)
+        kv_index = torch.tensor([11, 0, 5, 3, 9, 7, 1])
+        bufs = {impl: (torch.zeros(12, 2, 64, dtype=dt), torch.zeros(12, 2, 64, dtype=dt)) for impl in ("torch", "triton")}
+        q_torch = K.qk_norm_rope_into_torch(qkv, qw, kw, 1e-6, cos, sin, 4, 2, *bufs["torch"], kv_index)
+        q_triton = K.qk_norm_rope_into_triton(qkv, qw, kw, 1e-6, cos, sin, 4, 2, *bufs["triton"], kv_index)
+        pairs += [(q_torch, q_triton), *zip(bufs["torch"], bufs["triton"]), (q_torch, pairs[1][0])]
+        out[name + "_kv_rows_untouched"] = all(not b[[2, 4, 6, 8, 10]].any() for b in bufs["triton"])
         out[name] = max(((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in pairs)
         # FP8 outputs: the same E4M3 codes and per-row scales as the torch reference in fp32; in bf16 the
         # inputs to the quantizer already differ by a bf16 rounding (as above), so a code may move one step
@@ -88,6 +95,7 @@ def test_triton_kernels_and_fused_forward_match_plain_ops(tiny_ckpt_dir, golden_
     errs = json.loads(proc.stdout.strip().splitlines()[-1])
     assert errs["float32"] < 1e-6, errs
     assert errs["bfloat16"] < 2e-2, errs      # one bf16 rounding apart at most
+    assert errs["float32_kv_rows_untouched"] and errs["bfloat16_kv_rows_untouched"], errs
     assert errs["forward"] < 1e-5, errs
     assert errs["float32_fp8_codes_differing"] == 0 and errs["float32_fp8_scale_rel"] < 1e-6, errs
     assert errs["bfloat16_fp8_codes_differing"] < 0.1 and errs["bfloat16_fp8_scale_rel"] < 2e-2, errs
@@ -108,6 +116,18 @@ def test_unavailable_attention_backend_falls_back_to_sdpa_choice(dit_model, gold
     assert fast.attention_backends is None and fast.expand_kv is False
     for a, b in zip(got, want):
         assert ((a - b).norm() / b.norm()) < 1e-5
+
+
+def test_flash_attention_4_where_it_cannot_run_falls_back_to_sdpa(dit_model, golden):
+    h = golden_handoff(golden("t2i"), "t2i")
+    rows = DenoiseEngine(dit_model, "reference").prepare(h, h.cond.kv, h.uncond.kv).rows(torch.float32)
+    fast = FastForward(dit_model, attention_kernel="flash_attn_4")   # a CPU: no FlashAttention-4
+    got, want = fast(rows), ReferenceForward(dit_model)(rows)
+    assert fast.attention_kernel == "sdpa"
+    for a, b in zip(got, want):
+        assert ((a - b).norm() / b.norm()) < 1e-5
+    with pytest.raises(ValueError, match="attention kernel"):
+        FastForward(dit_model, attention_kernel="flash")
 
 
 def test_frame_decoder_layouts_agree(tiny_ckpt_dir):

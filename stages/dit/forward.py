@@ -7,15 +7,19 @@ Two implementations of one function, checked against each other:
 * `FastForward` - every row of every request packed into one token stream. The gen expert runs on
   all tokens and the und expert re-runs only the two markers of each row, whose results are patched
   in (2 tokens per row of wasted gen work instead of a gather/scatter of every activation); residual
-  adds ride in the GEMM epilogue (addmm); attention runs per group of rows with equal shapes as one
-  dense SDPA call without a mask, so flash/cuDNN kernels apply. Token order inside a row is
+  adds ride in the GEMM epilogue (addmm); each row attends to its own [context; query] keys, which the
+  qk-norm/RoPE kernel writes in place into one packed key/value buffer, without a mask: one
+  variable-length FlashAttention-4 call for all rows, or one dense SDPA call (flash/cuDNN kernels) per
+  group of rows with equal shapes. Token order inside a row is
   [latents, vision_start, vision_end]: the query block is non-causal and RoPE uses explicit positions,
   so the order does not change the result.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
+import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -33,6 +37,7 @@ from .model import MARKER_IDS
 from .quantize import DenseLinears, Fp8Linears, is_quantized
 
 _uids = itertools.count()
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -119,7 +124,8 @@ class ReferenceForward:
 
 @dataclass
 class _Group:
-    """Rows with equal (context length, query length), contiguous in the packed token stream."""
+    """Rows with equal (context length, query length), contiguous in the packed token stream and in the
+    packed key/value rows (each row's [context; query] keys one after the other)."""
 
     token_start: int
     token_end: int
@@ -127,6 +133,12 @@ class _Group:
     query_len: int
     keys: torch.Tensor    # [num_layers, rows, L, Hkv, d]
     values: torch.Tensor
+    kv_start: int = 0
+    kv_end: int = 0
+
+    @property
+    def context_len(self) -> int:
+        return self.keys.shape[2]
 
 
 @dataclass
@@ -143,6 +155,14 @@ class _Plan:
     sin: torch.Tensor
     pos_embed: torch.Tensor       # [T_lat, hidden] latent position embeddings
     tokens: int
+    # the attention's packed key/value rows: row r holds [its context; its query block] at cu_seqlens_k[r]
+    kv_rows: int = 0
+    kv_index: torch.Tensor | None = None        # [T] key/value row of each packed token
+    marker_kv_index: torch.Tensor | None = None  # [2R] key/value rows of the markers (= kv_index[marker_index])
+    cu_seqlens_q: torch.Tensor | None = None    # [R + 1] int32, for a variable-length attention kernel
+    cu_seqlens_k: torch.Tensor | None = None
+    max_query_len: int = 0
+    max_kv_len: int = 0
     clean_index: torch.Tensor | None = None  # [C] latent tokens embedded at timestep 0 (i2v's first frame)
     uid: int = field(default_factory=lambda: next(_uids))
 
@@ -152,10 +172,11 @@ class _Plan:
         return tuple((g.rows, g.query_len, g.keys.shape[2]) for g in self.groups)
 
     def static_copy(self) -> "_Plan":
-        groups = [_Group(g.token_start, g.token_end, g.rows, g.query_len, g.keys.clone(), g.values.clone())
-                  for g in self.groups]
-        return _Plan(self.order, self.latent_counts, self.latent_index.clone(), self.latent_row, self.marker_index.clone(), groups,
-                     self.cos.clone(), self.sin.clone(), self.pos_embed, self.tokens, self.clean_index)
+        """A copy a captured graph owns: the per-request data cloned; the index tensors are fixed by the
+        signature, so they are shared."""
+        groups = [dataclasses.replace(g, keys=g.keys.clone(), values=g.values.clone()) for g in self.groups]
+        return dataclasses.replace(self, latent_index=self.latent_index.clone(), marker_index=self.marker_index.clone(),
+                                   groups=groups, cos=self.cos.clone(), sin=self.sin.clone(), uid=next(_uids))
 
     def load_into(self, static: "_Plan") -> None:
         """Copy this plan's per-request data into a captured graph's static plan of the same signature."""
@@ -221,13 +242,28 @@ def _side_stream(device: torch.device):
     return _SIDE_STREAMS[key]
 
 
+def flash_attn_4_available(device: torch.device) -> bool:
+    """Is FlashAttention-4 (the `flash-attn-4` package, CuTe DSL kernels) installed, for a Hopper or newer GPU?"""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9:
+        return False
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("flash_attn.cute") is not None
+    except ModuleNotFoundError:   # no flash_attn package at all
+        return False
+
+
 class FastForward:
     """All rows in one packed forward (see the module docstring). Same function as ReferenceForward."""
 
     def __init__(self, model: LanceModel, kernels: str = "torch", attention_backends=None, cuda_graphs: bool = False,
                  max_plans: int = 8, max_graphs: int = 16, overlap_markers: bool = True,
-                 max_graph_tokens: int = 40000):
-        """`overlap_markers` (GPU): the und expert's marker rows on a second stream (see run_layers).
+                 max_graph_tokens: int = 40000, attention_kernel: str = "sdpa"):
+        """`attention_kernel`: "sdpa" (torch's scaled_dot_product_attention, `attention_backends` pins its
+        kernels) or "flash_attn_4" (FlashAttention-4's variable-length kernel, GPU only; where the package
+        or the GPU does not take it, SDPA runs instead).
+        `overlap_markers` (GPU): the und expert's marker rows on a second stream (see run_layers).
         `max_graph_tokens`: larger forwards run eagerly, never captured (a 121-frame 480p video is 49,292
         tokens per CFG branch; 8 CFG requests at 768^2 are 36,896): such a forward takes seconds, so launch
         overhead is nothing next to it, and its graph would keep gigabytes of activations reserved."""
@@ -239,6 +275,14 @@ class FastForward:
         self.dtype = model.vae2llm.weight.dtype
         # projections: weights in the model dtype, or FP8 with per-token activation scales (quantize.py)
         self.linears = Fp8Linears(self.ops, self.device, self.dtype) if is_quantized(model) else DenseLinears(self.ops)
+        if attention_kernel not in ("sdpa", "flash_attn_4"):
+            raise ValueError(f"unknown attention kernel {attention_kernel!r} (sdpa | flash_attn_4)")
+        if attention_kernel == "flash_attn_4" and not flash_attn_4_available(self.device):
+            if self.device.type == "cuda":
+                log.info("FlashAttention-4 is not installed for this GPU (the `gpu` extra); the DiT uses SDPA")
+            attention_kernel = "sdpa"
+        self.attention_kernel = attention_kernel
+        self._attention_settled = attention_kernel == "sdpa"
         self.attention_backends = attention_backends   # e.g. [SDPBackend.CUDNN_ATTENTION]; None = SDPA's choice
         self.expand_kv: bool | None = None             # decided on first use: does the backend take GQA?
         self._plans: OrderedDict[tuple, _Plan] = OrderedDict()
@@ -268,15 +312,20 @@ class FastForward:
         shape_of = [(r.branch.length, r.branch.num_latents) for r in rows]
         order = sorted(range(len(rows)), key=lambda i: shape_of[i])   # stable: equal shapes stay in order
         lat_index, mk_index, cos, sin, pos, groups, clean = [], [], [], [], [], [], []
-        at = lat_at = 0
+        kv_index, cu_q, cu_k = [], [0], [0]
+        at = lat_at = kv_at = 0
         for shape, members in itertools.groupby(order, key=lambda i: shape_of[i]):
             members = list(members)
             length, n = shape
-            start = at
+            start, kv_start = at, kv_at
             for i in members:
                 b = rows[i].branch
                 lat_index.append(torch.arange(at, at + n))
                 mk_index.append(torch.tensor([at + n, at + n + 1]))
+                kv_index.append(torch.arange(kv_at + length, kv_at + length + n + 2))
+                kv_at += length + n + 2
+                cu_q.append(at + n + 2)
+                cu_k.append(kv_at)
                 # [vs, latents, ve] -> [latents, vs, ve]
                 perm = torch.cat([torch.arange(1, n + 1), torch.tensor([0, n + 1])]).to(b.positions.device)
                 c, s = mrope_cos_sin(b.positions[:, perm][None].to(self.device), self.cfg, torch.float32)
@@ -289,13 +338,20 @@ class FastForward:
                 lat_at += n
             keys = torch.stack([rows[i].branch.keys for i in members], dim=1)
             values = torch.stack([rows[i].branch.values for i in members], dim=1)
-            groups.append(_Group(start, at, len(members), n + 2, keys, values))
+            groups.append(_Group(start, at, len(members), n + 2, keys, values, kv_start, kv_at))
         counts = [shape_of[i][1] for i in order]
+        marker_index = torch.cat(mk_index)
+        kv_index = torch.cat(kv_index)
         return _Plan(order=order, latent_counts=counts, latent_index=torch.cat(lat_index).to(self.device),
                      latent_row=torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(self.device),
-                     marker_index=torch.cat(mk_index).to(self.device),
+                     marker_index=marker_index.to(self.device),
                      groups=groups, cos=torch.cat(cos).contiguous(), sin=torch.cat(sin).contiguous(),
-                     pos_embed=torch.cat(pos), tokens=at,
+                     pos_embed=torch.cat(pos), tokens=at, kv_rows=kv_at, kv_index=kv_index.to(self.device),
+                     marker_kv_index=kv_index[marker_index].to(self.device),
+                     cu_seqlens_q=torch.tensor(cu_q, dtype=torch.int32, device=self.device),
+                     cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=self.device),
+                     max_query_len=max(b - a for a, b in zip(cu_q, cu_q[1:])),
+                     max_kv_len=max(b - a for a, b in zip(cu_k, cu_k[1:])),
                      clean_index=torch.cat(clean).to(self.device) if clean else None)
 
     # --- the forward --------------------------------------------------------------------------------
@@ -365,7 +421,7 @@ class FastForward:
 
         Two chains: the gen expert on every token (marker rows included, as wasted work), and the und
         expert on the markers' own residual stream `x_u` (2 rows per packed row). They meet once per
-        layer: the markers' q/k/v are patched into the attention input, and the und chain takes the
+        layer: the markers' q (and k/v rows) are patched into the attention input, and the und chain takes the
         markers' attention output. The gen chain's marker rows are never read by anything that matters
         (per-token ops only; the final norm reads latent rows), so they are never patched back. On a
         GPU the und chain runs on a second stream (a parallel branch of the CUDA graph), free to use the
@@ -377,17 +433,22 @@ class FastForward:
         fork = _StreamFork(self.device) if self.overlap_markers else _StreamFork(None)
         x_u = x.index_select(0, mk)
         cos_u, sin_u = plan.cos.index_select(0, mk), plan.sin.index_select(0, mk)
+        # every row's [context; query] keys and values, one layer at a time: the gen chain's qk-norm/RoPE
+        # kernel writes its rows in place, so no per-layer concatenation
+        kv_shape = (plan.kv_rows, self.cfg.num_key_value_heads, self.cfg.head_dim)
+        k_rows, v_rows = x.new_empty(kv_shape), x.new_empty(kv_shape)
         with fork.side():
             qkv_u = self._qkv(layers[0].und, x_u, cos_u, sin_u)
             fork.keep(x_u, cos_u, sin_u, *qkv_u)
         for i, layer in enumerate(layers):
             gen, und = layer.gen, layer.und
-            q, k, v = self._qkv(gen, x, plan.cos, plan.sin)
+            q = self._q_writing_kv(gen, x, plan, k_rows, v_rows)
+            self._load_context(plan, k_rows, v_rows, i)
             fork.join_main()                 # the markers' q/k/v of this layer are ready
             q.index_copy_(0, mk, qkv_u[0])
-            k.index_copy_(0, mk, qkv_u[1])
-            v.index_copy_(0, mk, qkv_u[2])   # v is a view into the gen qkv output, patched in place
-            o = self.attention(q, k, v, plan, i)
+            k_rows.index_copy_(0, plan.marker_kv_index, qkv_u[1])
+            v_rows.index_copy_(0, plan.marker_kv_index, qkv_u[2])
+            o = self.attention(q, k_rows, v_rows, plan)
             o_u = o.index_select(0, mk)
             fork.keep(o_u)
             with fork.side():                # waits for o_u
@@ -409,22 +470,62 @@ class FastForward:
         return self.ops.qk_norm_rope(qkv, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps, cos, sin,
                                      self.cfg.num_attention_heads, self.cfg.num_key_value_heads)
 
+    def _q_writing_kv(self, expert, x, plan: _Plan, k_rows, v_rows):
+        """q of the packed tokens; their k and v go straight into their rows of k_rows / v_rows."""
+        attn = expert.attn
+        qkv = self.linears.norm_linear(x, expert.input_layernorm, attn.qkv_proj)
+        return self.ops.qk_norm_rope_into(qkv, attn.q_norm.weight, attn.k_norm.weight, attn.q_norm.eps,
+                                          plan.cos, plan.sin, self.cfg.num_attention_heads,
+                                          self.cfg.num_key_value_heads, k_rows, v_rows, plan.kv_index)
+
     def _mlp(self, expert, x):
         """x + mlp(post_attention_layernorm(x)), accumulated into x."""
         gate_up = self.linears.norm_linear(x, expert.post_attention_layernorm, expert.mlp.gate_up_proj)
         return self.linears.swiglu_linear_add_(x, gate_up, expert.mlp.down_proj)
 
-    def attention(self, q, k, v, plan: _Plan, layer: int) -> torch.Tensor:
-        """Per group: [context K/V ; the group's own K/V] against its queries, no mask. -> [T, Hq*d]."""
+    @staticmethod
+    def _load_context(plan: _Plan, k_rows: torch.Tensor, v_rows: torch.Tensor, layer: int) -> None:
+        """Layer `layer`'s context keys/values into the head of every row's key/value block."""
+        for g in plan.groups:
+            if g.context_len:
+                shape = (g.rows, g.context_len + g.query_len, *k_rows.shape[1:])
+                k_rows[g.kv_start:g.kv_end].view(shape)[:, :g.context_len].copy_(g.keys[layer])
+                v_rows[g.kv_start:g.kv_end].view(shape)[:, :g.context_len].copy_(g.values[layer])
+
+    def attention(self, q, k_rows, v_rows, plan: _Plan) -> torch.Tensor:
+        """Every row's queries against its [context; query] keys, no mask -> [T, Hq*d].
+
+        With FlashAttention-4 one variable-length call covers all rows (CFG's cond and uncond rows have
+        contexts of different lengths); with SDPA, one dense call per group of equal-shape rows."""
+        if self.attention_kernel == "flash_attn_4":
+            if self._attention_settled:
+                return self._flash_attn_4(q, k_rows, v_rows, plan)
+            try:   # first call (eager, before any capture): compiles the kernel, or finds it does not run here
+                out = self._flash_attn_4(q, k_rows, v_rows, plan)
+                self._attention_settled = True
+                return out
+            except Exception as exc:  # noqa: BLE001 - any failure of the optional kernel means: use SDPA
+                log.warning("FlashAttention-4 does not run here (%s: %s); the DiT uses SDPA", type(exc).__name__, exc)
+                self.attention_kernel, self._attention_settled = "sdpa", True
         outs = []
         for g in plan.groups:
             rows, n = g.rows, g.query_len
             qg = q[g.token_start:g.token_end].view(rows, n, *q.shape[1:]).transpose(1, 2)
-            kg = torch.cat([g.keys[layer], k[g.token_start:g.token_end].view(rows, n, *k.shape[1:])], dim=1)
-            vg = torch.cat([g.values[layer], v[g.token_start:g.token_end].reshape(rows, n, *v.shape[1:])], dim=1)
-            og = self._sdpa(qg, kg.transpose(1, 2), vg.transpose(1, 2))
+            kv_shape = (rows, g.context_len + n, *k_rows.shape[1:])
+            kg = k_rows[g.kv_start:g.kv_end].view(kv_shape).transpose(1, 2)
+            vg = v_rows[g.kv_start:g.kv_end].view(kv_shape).transpose(1, 2)
+            og = self._sdpa(qg, kg, vg)
             outs.append(og.transpose(1, 2).reshape(rows * n, -1))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    @staticmethod
+    def _flash_attn_4(q, k_rows, v_rows, plan: _Plan) -> torch.Tensor:
+        from flash_attn.cute import flash_attn_varlen_func
+
+        out = flash_attn_varlen_func(q, k_rows, v_rows, cu_seqlens_q=plan.cu_seqlens_q,
+                                     cu_seqlens_k=plan.cu_seqlens_k, max_seqlen_q=plan.max_query_len,
+                                     max_seqlen_k=plan.max_kv_len)
+        return (out[0] if isinstance(out, tuple) else out).reshape(q.shape[0], -1)
 
     def _sdpa(self, q, k, v):
         if self.expand_kv is None:

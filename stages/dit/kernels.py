@@ -48,6 +48,17 @@ def qk_norm_rope_torch(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torc
     return rope(q), rope(k), v.unflatten(-1, (num_kv_heads, d))
 
 
+def qk_norm_rope_into_torch(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                            cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+                            k_buf: torch.Tensor, v_buf: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
+    """`qk_norm_rope`, with token t's K and V written to row kv_index[t] of k_buf / v_buf ([S, Hkv, d]: the
+    attention's packed [context; query] key/value rows) instead of returned. -> q [T, Hq, d]."""
+    q, k, v = qk_norm_rope_torch(qkv, q_weight, k_weight, eps, cos, sin, num_heads, num_kv_heads)
+    k_buf.index_copy_(0, kv_index, k)
+    v_buf.index_copy_(0, kv_index, v)
+    return q
+
+
 def silu_mul_torch(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -94,10 +105,17 @@ if triton is not None:
         tl.store(out_ptr + row * stride_out + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _qk_norm_rope_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, stride_qkv, eps,
-                             HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    def _qk_norm_rope_kernel(qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, kv_index_ptr,
+                             stride_qkv, eps, HQ: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr,
+                             BLOCK_H: tl.constexpr, INDEXED: tl.constexpr):
         # One token per program: all q and k heads as rows of a [BLOCK_H, HALF] tile (two halves).
+        # INDEXED: K (and V, copied as is) go to row kv_index[tok] of the attention's packed K/V buffers;
+        # otherwise K goes to row tok and V stays a view of qkv.
         tok = tl.program_id(0).to(tl.int64)
+        if INDEXED:
+            kv_row = tl.load(kv_index_ptr + tok).to(tl.int64)
+        else:
+            kv_row = tok
         heads = tl.arange(0, BLOCK_H)[:, None]
         lanes = tl.arange(0, HALF)[None, :]
         valid = heads < HQ + HKV
@@ -118,12 +136,19 @@ if triton is not None:
         o1 = (n1 * c1 - n2 * s1).to(dt)
         o2 = (n2 * c2 + n1 * s2).to(dt)
         q_dst = q_ptr + tok * HQ * 2 * HALF + heads * (2 * HALF) + lanes
-        k_dst = k_ptr + tok * HKV * 2 * HALF + (heads - HQ) * (2 * HALF) + lanes
+        k_dst = k_ptr + kv_row * HKV * 2 * HALF + (heads - HQ) * (2 * HALF) + lanes
         tl.store(q_dst, o1, mask=is_q)
         tl.store(q_dst + HALF, o2, mask=is_q)
         k_mask = valid & (heads >= HQ)
         tl.store(k_dst, o1, mask=k_mask)
         tl.store(k_dst + HALF, o2, mask=k_mask)
+        if INDEXED:
+            v_heads = tl.arange(0, BLOCK_H)[:, None]
+            v_mask = v_heads < HKV
+            v_src = qkv_ptr + tok * stride_qkv + (HQ + HKV) * (2 * HALF) + v_heads * (2 * HALF) + lanes
+            v_dst = v_ptr + kv_row * HKV * 2 * HALF + v_heads * (2 * HALF) + lanes
+            tl.store(v_dst, tl.load(v_src, mask=v_mask), mask=v_mask)
+            tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=v_mask), mask=v_mask)
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_out, n_cols, BLOCK: tl.constexpr):
@@ -242,20 +267,44 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     return out
 
 
+def _half_head_is_power_of_two(d: int) -> bool:   # tl.arange needs a power-of-two half head
+    return d % 2 == 0 and not (d // 2) & (d // 2 - 1)
+
+
+def _launch_qk_norm_rope(qkv, q_weight, k_weight, eps, cos, sin, num_heads, num_kv_heads, q, k, v, kv_index):
+    assert qkv.dim() == 2 and qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
+    indexed = kv_index is not None
+    if qkv.shape[0]:
+        _qk_norm_rope_kernel[(qkv.shape[0],)](qkv, q_weight, k_weight, cos, sin, q, k, v if indexed else k,
+                                              kv_index if indexed else qkv, qkv.stride(0), eps,
+                                              HQ=num_heads, HKV=num_kv_heads, HALF=q_weight.shape[0] // 2,
+                                              BLOCK_H=triton.next_power_of_2(num_heads + num_kv_heads),
+                                              INDEXED=indexed, num_warps=4)
+
+
 def qk_norm_rope_triton(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
                         cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int):
     tokens, d = qkv.shape[0], q_weight.shape[0]
-    if (d // 2) & (d // 2 - 1) or d % 2:   # tl.arange needs a power-of-two half head
+    if not _half_head_is_power_of_two(d):
         return qk_norm_rope_torch(qkv, q_weight, k_weight, eps, cos, sin, num_heads, num_kv_heads)
-    assert qkv.dim() == 2 and qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous()
     q = qkv.new_empty(tokens, num_heads, d)
     k = qkv.new_empty(tokens, num_kv_heads, d)
-    if tokens:
-        _qk_norm_rope_kernel[(tokens,)](qkv, q_weight, k_weight, cos, sin, q, k, qkv.stride(0), eps,
-                                        HQ=num_heads, HKV=num_kv_heads, HALF=d // 2,
-                                        BLOCK_H=triton.next_power_of_2(num_heads + num_kv_heads), num_warps=4)
+    _launch_qk_norm_rope(qkv, q_weight, k_weight, eps, cos, sin, num_heads, num_kv_heads, q, k, None, None)
     v = qkv[:, (num_heads + num_kv_heads) * d:].unflatten(-1, (num_kv_heads, d))
     return q, k, v
+
+
+def qk_norm_rope_into_triton(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float,
+                             cos: torch.Tensor, sin: torch.Tensor, num_heads: int, num_kv_heads: int,
+                             k_buf: torch.Tensor, v_buf: torch.Tensor, kv_index: torch.Tensor) -> torch.Tensor:
+    d = q_weight.shape[0]
+    if not _half_head_is_power_of_two(d):
+        return qk_norm_rope_into_torch(qkv, q_weight, k_weight, eps, cos, sin, num_heads, num_kv_heads,
+                                       k_buf, v_buf, kv_index)
+    assert k_buf.is_contiguous() and v_buf.is_contiguous() and kv_index.is_contiguous()
+    q = qkv.new_empty(qkv.shape[0], num_heads, d)
+    _launch_qk_norm_rope(qkv, q_weight, k_weight, eps, cos, sin, num_heads, num_kv_heads, q, k_buf, v_buf, kv_index)
+    return q
 
 
 def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
@@ -281,6 +330,7 @@ class ElementwiseOps:
         fused = impl == "triton"
         self.rms_norm = rms_norm_triton if fused else rms_norm_torch
         self.qk_norm_rope = qk_norm_rope_triton if fused else qk_norm_rope_torch
+        self.qk_norm_rope_into = qk_norm_rope_into_triton if fused else qk_norm_rope_into_torch
         self.silu_mul = silu_mul_triton if fused else silu_mul_torch
         self.rms_norm_fp8 = rms_norm_fp8_triton if fused else rms_norm_fp8_torch
         self.silu_mul_fp8 = silu_mul_fp8_triton if fused else silu_mul_fp8_torch
