@@ -1,8 +1,6 @@
 """Probe: CuTe-DSL kernels (FlashAttention-4's SM90 forward, quack's GEMM + SwiGLU epilogue) at the DiT's
 shapes against what the DiT runs today (torch's cuDNN SDPA per group; cuBLAS GEMM + Triton SwiGLU).
 One JSON line per case."""
-import json
-import math
 import os
 import sys
 import time
@@ -11,34 +9,19 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from probe_common import bench, emit, rel   # benchmarks/ is the script's folder
+
 sys.path.insert(0, os.getcwd())
 dev = torch.device("cuda")
 bf = torch.bfloat16
 
 
-def emit(**kw):
-    print(json.dumps(kw), flush=True)
-
-
-def bench(fn, reps=30, warm=5):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / reps
-
-
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
-
-
 def graph_ok(fn, out_fn):
+    """Captures fn in a CUDA graph; replays it; says whether the replay reproduces an eager call's output.
+    (The run recorded in results/probe_cute_h100_20261206.log compared against the graph's output buffer
+    before any replay, an uninitialised buffer: its graph_replay_same fields mean nothing.)"""
     try:
+        expected = fn().clone()
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(s):
@@ -47,10 +30,9 @@ def graph_ok(fn, out_fn):
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
             fn()
-        before = out_fn().clone()
         g.replay()
         torch.cuda.synchronize()
-        return {"graph": True, "graph_replay_same": bool(torch.equal(before, out_fn())), "graph_ms": round(bench(g.replay), 4)}
+        return {"graph": True, "graph_replay_same": bool(torch.equal(expected, out_fn())), "graph_ms": round(bench(g.replay), 4)}
     except Exception as exc:  # noqa: BLE001
         return {"graph": False, "graph_error": repr(exc)[:300]}
 

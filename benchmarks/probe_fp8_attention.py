@@ -2,7 +2,6 @@
 
 Prints one JSON line per case: time (ms), TFLOP/s (real lengths), rel-L2 error against an fp32 reference.
 """
-import json
 import math
 import sys
 import traceback
@@ -10,26 +9,11 @@ import traceback
 import torch
 import torch.nn.functional as F
 
+from probe_common import bench, emit, rel   # benchmarks/ is the script's folder
+
 torch.backends.cudnn.version()   # loads libcudnn into the process before the frontend looks for it
 dev = torch.device("cuda")
 FP8 = torch.float8_e4m3fn
-
-
-def bench(fn, reps=30, warm=5):
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(reps):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / reps
-
-
-def emit(**kw):
-    print(json.dumps(kw), flush=True)
 
 
 def flops(B, Hq, Sq, Skv, D):
@@ -63,8 +47,6 @@ def reference(q, k, v):
     return F.scaled_dot_product_attention(qf, kf, vf, enable_gqa=True).transpose(1, 2)
 
 
-def rel(a, b):
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def quant(t):
