@@ -22,8 +22,6 @@ import base64
 import io
 import json
 import os
-import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -35,6 +33,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+
+from bench_common import cpu_model, free_port   # benchmarks/ is the script's folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
@@ -141,20 +141,6 @@ def throughput(base_url: str, body: dict, concurrency: int, n_requests: int) -> 
             "p50_s": lat[len(lat) // 2], "p95_s": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))]}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def resolve_model(arg: str | None, tmp: Path) -> str:

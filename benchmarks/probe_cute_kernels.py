@@ -9,7 +9,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from probe_common import bench, emit, rel   # benchmarks/ is the script's folder
+from bench_common import bench, emit, rel   # benchmarks/ is the script's folder
 
 sys.path.insert(0, os.getcwd())
 dev = torch.device("cuda")

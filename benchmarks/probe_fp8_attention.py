@@ -9,7 +9,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from probe_common import bench, emit, rel   # benchmarks/ is the script's folder
+from bench_common import bench, emit, rel   # benchmarks/ is the script's folder
 
 torch.backends.cudnn.version()   # loads libcudnn into the process before the frontend looks for it
 dev = torch.device("cuda")

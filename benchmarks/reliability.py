@@ -36,7 +36,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import random
 import shutil
 import socket
@@ -60,6 +59,8 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "tests"))
 
 from ray_driver import RayDriver, leak_census, leaks  # noqa: E402  (tests/ray_driver.py)
+
+from bench_common import cpu_model, free_port   # benchmarks/ is the script's folder
 
 GOLDEN_TINY = Path(os.environ.get("LANCE_GOLDEN_DIR", REPO_ROOT.parent / "shared" / "golden")) / "tiny_ckpt"
 SERVE_CONFIG = REPO_ROOT / "configs" / "lance_2stage.yaml"
@@ -458,11 +459,6 @@ def run_job(job: Job, base_url: str, auth: dict, request_timeout_s: float) -> Jo
 
 # -- the server ------------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class OwnServer:
     """`serve run` of the shipped config on a free port and a private local Ray cluster."""
@@ -615,15 +611,6 @@ def percentile(values: list[float], q: float) -> float | None:
     values = sorted(values)
     return round(values[min(len(values) - 1, int(round(q * (len(values) - 1))))], 3)
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 # -- main ------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Shared test fixtures: the golden data (tiny checkpoint + upstream outputs) and its comparison rule."""
+"""Shared test fixtures: the golden data (tiny checkpoint + upstream outputs) and its comparison rule, and
+an event loop per module for the tests that run vLLM in-process."""
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import re
@@ -84,3 +86,11 @@ def assert_golden(golden_dir: Path):
 
 # One `serve run` for the session, shared by the end-to-end and browser tests (tests/serve_server.py).
 pytest_plugins = ["serve_server"]
+
+
+@pytest.fixture(scope="module")
+def loop():
+    """An event loop per test module: vLLM's AsyncLLM binds to the loop of its first request."""
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()

@@ -12,6 +12,11 @@ from stages.lance.handoff import BranchKV, ContextHandoff
 from stages.lance.requests import DenoiseParams
 
 
+# vLLM engine arguments of the tests that run a Thinker in-process (tiny checkpoint, fp32 on a CPU)
+THINKER_ENGINE_ARGS = {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": 4, "block_size": 32,
+                       "enable_prefix_caching": True, "cpu_kv_cache_space_gib": 0.25}
+
+
 # --- images as clients send them -----------------------------------------------------------------------
 
 def png_bytes(image: Image.Image | None = None, fmt: str = "PNG") -> bytes:
@@ -89,11 +94,12 @@ def synthetic_handoff(g: dict, request_id: str, grid, params: DenoiseParams, con
 
 # --- driving a DiT runner ----------------------------------------------------------------------------------
 
-def drive_runner(runner, handoffs: list[ContextHandoff]) -> list:
+def drive_runner(runner, handoffs: list[ContextHandoff], frame_sinks: list | None = None) -> list:
     """Submit every hand-off to a `DiTRunner`, step it until it is idle, and return each request's
-    result in order (a request's error is raised)."""
-    jobs = [runner.prepare(h, h.cond.fetch(), h.uncond.fetch() if h.uncond is not None else None)
-            for h in handoffs]
+    result in order (a request's error is raised). `frame_sinks`: each video's `on_frames` (None: none)."""
+    frame_sinks = frame_sinks or [None] * len(handoffs)
+    jobs = [runner.prepare(h, h.cond.fetch(), h.uncond.fetch() if h.uncond is not None else None, on_frames=sink)
+            for h, sink in zip(handoffs, frame_sinks)]
     for job in jobs:
         runner.submit(job)
     results = {}

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import yaml
 
@@ -131,6 +132,24 @@ def serve_run(config: str | Path, home: Path, port: int, extra_env: dict | None 
     finally:
         _stop_and_free_port(proc, port)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# how long a test waits for one request to the shared server (the tiny model on 2 CPU cores)
+REQUEST_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def http(server: Server):
+    """Plain HTTP to the shared server."""
+    with httpx.Client(base_url=server.base_url, timeout=REQUEST_TIMEOUT_S) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def client(server: Server) -> openai.OpenAI:
+    """OpenAI's SDK on the shared server, without its retries (a failure is the test's)."""
+    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S,
+                         max_retries=0)
 
 
 @pytest.fixture(scope="session")

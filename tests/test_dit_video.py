@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import golden_handoff, golden_video_params, synthetic_handoff
+from helpers import drive_runner, golden_handoff, golden_video_params, synthetic_handoff
 from stages.dit.engine import DenoiseEngine, DiTRequestError
 from stages.dit.model import load_dit_model
 from stages.lance.checkpoint import resolve_checkpoint
@@ -98,23 +98,6 @@ def video_runner(tiny_ckpt_dir):
     return DiTRunner(str(tiny_ckpt_dir), variant="Lance_3B_Video", dtype="float32", device="cpu")
 
 
-def run_runner(runner, handoffs, sinks=None):
-    sinks = sinks or [None] * len(handoffs)
-    jobs = [runner.prepare(h, h.cond.kv, h.uncond.kv if h.uncond else None, on_frames=s)
-            for h, s in zip(handoffs, sinks)]
-    for j in jobs:
-        runner.submit(j)
-    results = {}
-    while runner.has_work:
-        for job, res in runner.step():
-            results[job] = res
-    out = [results[j] for j in jobs]
-    for r in out:
-        if isinstance(r, BaseException):
-            raise r
-    return out
-
-
 @pytest.mark.slow
 def test_runner_decodes_golden_videos_to_upstreams_frames(video_runner, golden, assert_golden):
     """t2v, i2v, video_edit and an image in one runner: final latents and decoded frames (+-1) are
@@ -125,7 +108,7 @@ def test_runner_decodes_golden_videos_to_upstreams_frames(video_runner, golden, 
     chunks = []
     sink = lambda done, total, frames: chunks.append((done, total, frames))   # noqa: E731
     handoffs = [video_handoff(golden, c, request_id=c)[1] for c in VIDEO_CASES] + [image]
-    results = run_runner(video_runner, handoffs, sinks=[None, sink, None, None])
+    results = drive_runner(video_runner, handoffs, frame_sinks=[None, sink, None, None])
     for case, video in zip(VIDEO_CASES, results):
         g = golden(case)
         assert_golden(video.latents, g["final_latent"], f"{case} final_latent")

@@ -32,28 +32,15 @@ import pytest
 from PIL import Image
 
 from helpers import data_url, png_bytes
-from serve_server import SERVE_CONFIG, VENV_BIN, Server
+from serve_server import REQUEST_TIMEOUT_S, SERVE_CONFIG, VENV_BIN, Server
 
 pytestmark = pytest.mark.heavy   # `serve run` of the whole app
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-REQUEST_TIMEOUT_S = 300
 PROMPT = "A red cube on a blue table"
 
 
 # -- the deployment: the session's one `serve run` (tests/serve_server.py) ----------------------------
-
-@pytest.fixture(scope="module")
-def http(server: Server):
-    with httpx.Client(base_url=server.base_url, timeout=REQUEST_TIMEOUT_S) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", timeout=REQUEST_TIMEOUT_S,
-                         max_retries=0)
-
 
 @pytest.fixture(scope="module")
 def model_info(http) -> dict:

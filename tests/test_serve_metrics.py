@@ -27,7 +27,6 @@ from stages import metrics as m
 
 pytestmark = pytest.mark.heavy   # `serve run` of the whole app (shared with test_serve_e2e.py)
 
-REQUEST_TIMEOUT_S = 300
 SCRAPE_DEADLINE_S = 120
 SMALL = {"size": "64x64", "num_inference_steps": 4}
 UNKNOWN_VIDEO = "video_metrics_test_does_not_exist"
@@ -71,12 +70,6 @@ def exists(samples: Samples, name: str, **labels) -> bool:
 def image_message(image: Image.Image, text: str) -> list:
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(png_bytes(image))}},
                                          {"type": "text", "text": text}]}]
-
-
-@pytest.fixture(scope="module")
-def http(server: Server):
-    with httpx.Client(base_url=server.base_url, timeout=REQUEST_TIMEOUT_S) as client:
-        yield client
 
 
 def send_requests(http: httpx.Client) -> None:

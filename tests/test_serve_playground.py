@@ -16,7 +16,6 @@ import shutil
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -58,12 +57,6 @@ def driver(tmp_path_factory):
     drv.set_script_timeout(TIMEOUT_S)
     yield drv
     drv.quit()
-
-
-@pytest.fixture(scope="module")
-def http(server: Server):
-    with httpx.Client(base_url=server.base_url, timeout=TIMEOUT_S) as client:
-        yield client
 
 
 @pytest.fixture

@@ -18,32 +18,18 @@ import time
 
 import httpx
 import numpy as np
-import openai
 import pytest
 from PIL import Image
 
 from ray_driver import RayDriver
-from serve_server import Server
+from serve_server import REQUEST_TIMEOUT_S, Server
 
 pytestmark = pytest.mark.heavy   # `serve run` of the whole app
 
-REQUEST_TIMEOUT_S = 300
 PROMPT = "A red cube rolls across a blue table"
 # small and fast on the tiny model: 9 frames (3 latent frames) of 64x96, 2 steps
 SMALL = {"num_frames": 9, "size": "96x64", "num_inference_steps": 2, "seed": 7}
 VIDEO_VARIANT = "Lance_3B_Video"
-
-
-@pytest.fixture(scope="module")
-def http(server: Server):
-    with httpx.Client(base_url=server.base_url, timeout=REQUEST_TIMEOUT_S) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused",
-                         timeout=REQUEST_TIMEOUT_S, max_retries=0)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import THINKER_ENGINE_ARGS
 from stages.lance.denoise import BranchState, denoise
 from stages.lance.pipeline import LancePipeline
 from stages.lance.requests import ChatTurn, DenoiseParams, ImageRequest, TextRequest
@@ -30,16 +31,6 @@ from stages.thinker.errors import ContextTooLongError
 from stages.thinker.thinker import Thinker
 
 pytestmark = pytest.mark.heavy   # vLLM and Ray
-
-ENGINE_ARGS = {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": 4, "block_size": 32,
-               "enable_prefix_caching": True, "cpu_kv_cache_space_gib": 0.25}
-
-
-@pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()  # AsyncLLM binds to the loop of its first request: one loop per module
-    yield loop
-    loop.close()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +52,7 @@ class EngineSlot:
 
     def running(self) -> Thinker:
         if self.thinker is None:
-            self.thinker = Thinker(str(self.ckpt_dir), ENGINE_ARGS)
+            self.thinker = Thinker(str(self.ckpt_dir), THINKER_ENGINE_ARGS)
         return self.thinker
 
     def stop(self) -> None:
@@ -377,7 +368,7 @@ def test_second_geometry_matches_the_offline_pipeline_through_the_ray_sink(loop,
     ray = ray_cluster
     engine_slot.stop()  # one engine at a time on a 2-core machine; the next test that needs it restarts it
     pipe = LancePipeline.from_pretrained(str(second_ckpt))
-    th = Thinker(str(second_ckpt), ENGINE_ARGS, export_sink="ray")
+    th = Thinker(str(second_ckpt), THINKER_ENGINE_ARGS, export_sink="ray")
     try:
         assert th.model_info()["num_layers"] == 4 and th.model_info()["num_kv_heads"] == 2
         cluster0 = cluster_objects(settle_at=0)

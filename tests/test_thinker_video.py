@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import THINKER_ENGINE_ARGS
 from stages.dit.engine import DenoiseEngine
 from stages.dit.model import load_dit_model
 from stages.lance.checkpoint import resolve_checkpoint
@@ -18,20 +19,10 @@ from stages.thinker.thinker import Thinker
 
 pytestmark = pytest.mark.heavy   # vLLM
 
-ENGINE_ARGS = {"dtype": "float32", "max_model_len": 1024, "max_num_seqs": 4, "block_size": 32,
-               "enable_prefix_caching": True, "cpu_kv_cache_space_gib": 0.25}
-
-
-@pytest.fixture(scope="module")
-def loop():
-    loop = asyncio.new_event_loop()  # AsyncLLM binds to the loop of its first request: one loop per module
-    yield loop
-    loop.close()
-
 
 @pytest.fixture(scope="module")
 def thinker(loop, tiny_ckpt_dir):
-    th = Thinker(str(tiny_ckpt_dir), ENGINE_ARGS, variant="Lance_3B_Video", put_in_object_store=False)
+    th = Thinker(str(tiny_ckpt_dir), THINKER_ENGINE_ARGS, variant="Lance_3B_Video", put_in_object_store=False)
     yield th
     th.shutdown()
     loop.run_until_complete(asyncio.sleep(0.1))

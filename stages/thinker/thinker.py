@@ -200,14 +200,8 @@ class Thinker:
         else:
             if req.video is None:
                 raise ThinkerRequestError("video_edit needs an input video", param="video")
-            try:
-                _, frames = sample_video(req.video)
-            except (ValueError, TypeError, IndexError) as e:
-                raise ThinkerRequestError(f"cannot read the input video: {e}", param="video") from None
-            cfg = self.vit_config
-            visuals.vit_patches, visuals.vit_patch_grid, vit_grid = self._preprocess(
-                video_patches, frames, req.resolution, cfg.get("patch_size", 14), cfg.get("temporal_patch_size", 2),
-                cfg.get("spatial_merge_size", 2))
+            frames, (visuals.vit_patches, visuals.vit_patch_grid, vit_grid) = self._video_vit_inputs(req.video,
+                                                                                                   req.resolution)
             pixels = self._preprocess(vae_video_tensor, frames, req.resolution)
             self._target_grid(pixels.shape[1], *pixels.shape[-2:])
             with self._vae_lock:
@@ -243,6 +237,16 @@ class Thinker:
                                  cfg.get("spatial_merge_size", 2))
         except ValueError as e:
             raise ThinkerRequestError(str(e), param="resolution") from None
+
+    def _video_vit_inputs(self, video, resolution: str):
+        """The video's sampled frames, and their ViT inputs as `_vit_inputs` gives an image's."""
+        try:
+            _, frames = sample_video(video)
+        except (ValueError, TypeError, IndexError) as e:
+            raise ThinkerRequestError(f"cannot read the input video: {e}", param="video") from None
+        cfg = self.vit_config
+        return frames, self._preprocess(video_patches, frames, resolution, cfg.get("patch_size", 14),
+                                        cfg.get("temporal_patch_size", 2), cfg.get("spatial_merge_size", 2))
 
     def _reference_latent(self, image, resolution: str, seed: int, eps) -> torch.Tensor:
         with self._vae_lock:
@@ -349,14 +353,8 @@ class Thinker:
             visuals.vit_patches, visuals.vit_patch_grid, vit_grid = self._vit_inputs(req.image, req.resolution)
             grids.append(vit_grid)
         elif req.task == "x2t_video":
-            try:
-                _, frames = sample_video(req.video)
-            except (ValueError, TypeError, IndexError) as e:
-                raise ThinkerRequestError(f"cannot read the input video: {e}", param="video") from None
-            cfg = self.vit_config
-            visuals.vit_patches, visuals.vit_patch_grid, vit_grid = self._preprocess(
-                video_patches, frames, req.resolution, cfg.get("patch_size", 14), cfg.get("temporal_patch_size", 2),
-                cfg.get("spatial_merge_size", 2))
+            _, (visuals.vit_patches, visuals.vit_patch_grid, vit_grid) = self._video_vit_inputs(req.video,
+                                                                                              req.resolution)
             grids.append(vit_grid)
         for turn in req.turns:
             if turn.role == "system":
