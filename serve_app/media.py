@@ -35,9 +35,12 @@ def decode_image_bytes(data: bytes, param: str) -> Image.Image:
         raise
     except Image.DecompressionBombError as e:
         raise bad_request(f"the image is too large: {e}", param=param, code="image_too_large")
+    except Image.UnidentifiedImageError:   # its message names an in-memory file object: not for clients
+        raise bad_request("the image could not be decoded: not an image file PIL reads (send PNG, JPEG, "
+                          "WebP, ...)", param=param, code="invalid_image") from None
     except Exception as e:  # PIL raises many types for broken files (OSError, SyntaxError, ...)
         raise bad_request(f"the image could not be decoded ({type(e).__name__}: {e})",
-                          param=param, code="invalid_image")
+                          param=param, code="invalid_image") from None
     if img.mode != "RGB":
         img = img.convert("RGB")
     return img

@@ -678,6 +678,7 @@ def test_invalid_image_edit_is_an_openai_400(client, data, files, param, code):
         r = client.post("/v1/images/edits", content=form,
                         headers={"content-type": "multipart/form-data; boundary=x"})
     assert_openai_error(r, 400, param, code)
+    assert " at 0x" not in r.json()["error"]["message"]   # no repr of a server object (PIL names its BytesIO)
 
 
 def test_edit_must_be_multipart(client):
