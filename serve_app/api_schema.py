@@ -36,7 +36,7 @@ from stages.lance.requests import IMAGE_FORMATS
 from . import openai_protocol as oai
 from .errors import ErrorResponse
 from .knobs import GenerationKnobs, RequestLimits
-from .other_fields import OTHER_FIELDS, _neutral_example
+from .other_fields import FORM_BOOLEANS, OTHER_FIELDS, _neutral_example
 from .video_jobs import Video, VideoDeleted, VideoList
 from .videos_api import FRAMES_PER_SECOND, VideoCreateRequest
 
@@ -188,12 +188,6 @@ def _model(name: str, fields: _Fields, doc: str, **extra_config) -> type[BaseMod
     model = create_model(name, __config__=config, __doc__=doc, **fields.items)
     return model
 
-
-# What a form's boolean field may say (pydantic's lax bool: case-insensitive; the usual cases here)
-FORM_BOOLEANS = {v: [c for w in words for c in (w, w.capitalize(), w.upper())]
-                 for v, words in ((True, ("true", "1", "yes", "on", "t", "y")),
-                                  (False, ("false", "0", "no", "off", "f", "n")))}
-FORM_BOOLEANS = {v: list(dict.fromkeys(c)) for v, c in FORM_BOOLEANS.items()}
 
 _FORM_STRING = ("Form fields are text: numbers and booleans are their JSON spelling ('30', '0.5', "
                 "'true'); an array is sent as repeated `name[]` fields, or as one field holding a "

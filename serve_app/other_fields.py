@@ -16,6 +16,7 @@ The README's "Fields of other servers" table says the same in prose.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -196,18 +197,55 @@ def split_other_fields(values: dict) -> tuple[dict, dict]:
     return lance, other
 
 
+# What a form's boolean field may say (the spellings of pydantic's lax bool, in the usual cases; the
+# form schema in /openapi.json lists exactly these)
+FORM_BOOLEANS = {v: list(dict.fromkeys(c for w in words for c in (w, w.capitalize(), w.upper())))
+                 for v, words in ((True, ("true", "1", "yes", "on", "t", "y")),
+                                  (False, ("false", "0", "no", "off", "f", "n")))}
+
+
+def _reject_constant(name: str):
+    raise ValueError(name)   # NaN / Infinity: not JSON numbers
+
+
+def _form_value(value: Any, kind: tuple[type, ...]) -> Any:
+    """A multipart form value (text; a list from `name[]`, a dict from `name[key]`) read as the JSON
+    type the field has, as a form spells it; None where it is not one."""
+    if not isinstance(value, str):
+        return value if _has_kind(value, kind) else None
+    if str in kind:
+        return value
+    if bool in kind:
+        for truth, spellings in FORM_BOOLEANS.items():
+            if value in spellings:
+                return truth
+    if int in kind or float in kind:
+        try:
+            number = json.loads(value, parse_constant=_reject_constant)
+        except ValueError:
+            return None
+        if not isinstance(number, bool) and _has_kind(number, kind):
+            return number
+    return None
+
+
 def screen_other_fields(values: dict, image_output: bool, *, typed: bool = True) -> list[str]:
     """The names of the fields in `values` that are ignored; a 400 for one that Lance refuses.
 
-    `typed=False` for multipart form values (all strings): types are not checked, and no string is
-    neutral, so a field is refused or ignored by name."""
+    `typed=False` for multipart form values: each must read as its field's type the way a form spells
+    it ('true', '30', repeated `name[]` for an array), like a JSON body's value; no form value is
+    neutral (a form cannot say null, false-as-absent or []), so a field is then refused or ignored by
+    name."""
     ignored = []
     for name, value in values.items():
         field = OTHER_FIELDS[name]
-        if typed and not _has_kind(value, field.kind):
+        checked = value if typed else _form_value(value, field.kind)
+        if not _has_kind(checked, field.kind) or (not typed and checked is None):
             kinds = " or ".join(_KIND_NAMES.get(k, k.__name__) for k in field.kind)
-            raise bad_request(f"{name} must be {kinds}", param=name, code="invalid_type")
-        if _is_neutral(value, field.neutral):
+            raise bad_request(f"{name} must be {kinds}" + ("" if typed else " (as a form spells it: "
+                              "'true', '30', repeated name[] fields for an array)"), param=name,
+                              code="invalid_type")
+        if typed and _is_neutral(value, field.neutral):
             continue
         if field.refuse is not None and not (field.text_only and image_output):
             raise bad_request(field.refuse.format(k=name, n=_neutral_example(field)), param=name,

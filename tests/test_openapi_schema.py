@@ -228,11 +228,19 @@ def test_a_remix_refuses_input_reference_as_its_schema_says(client, spec):
     assert r.status_code == 400 and r.json()["error"]["param"] == "input_reference"
 
 
+def _not_a_json_number(constant: str):
+    raise ValueError(f"{constant} is not JSON")   # json.loads would read NaN / Infinity
+
+
 FORM_AGREEMENT = [   # (form field, text values): form text as the server reads it
     ("stream", ["false", "0", "No", "true", "1", "maybe"]),
     ("lossless", ["true", "Y", "off", "2", ""]),
     ("num_inference_steps", ["2", "200", "201", "0", "two"]),
     ("size", ["64x64", "1024x1024", "1040x64"]),
+    # other servers' fields: typed as in a JSON body (on image output any valid value is ignored)
+    ("logprobs", ["true", "false", "maybe", "2"]),
+    ("frequency_penalty", ["0.5", "-1", "x", "NaN"]),
+    ("top_k", ["5", "-1", "five", "1.5"]),
 ]
 
 
@@ -247,9 +255,10 @@ def test_form_schema_accepts_what_the_form_parser_accepts(client, spec, name, va
         prop = _resolve(spec, _resolve(spec, {"$ref": "#/components/schemas/ImageEditForm"})[
             "properties"][name])
         typed = value   # the schema's integer / number of a form field is its text
-        if prop.get("type") in ("integer", "number"):
+        types = {b.get("type") for b in prop.get("anyOf", [prop])}
+        if types and types <= {"integer", "number"}:
             try:
-                typed = json.loads(value)
+                typed = json.loads(value, parse_constant=_not_a_json_number)
             except ValueError:
                 pass
         valid = validator.is_valid({"prompt": "make it blue", "image": "<bytes>", name: typed})
