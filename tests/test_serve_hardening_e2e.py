@@ -572,9 +572,9 @@ def _output(path: str, r: httpx.Response):
 
 
 def _post_all(base_url: str, requests: list[tuple[str, dict]],
-              first_event: threading.Event | None = None) -> list[httpx.Response]:
-    """All at once; a streamed answer's events are read into `response.events` (`first_event` is
-    set once any stream has sent its first event)."""
+              first_token: threading.Event | None = None) -> list[httpx.Response]:
+    """All at once; a streamed answer's events are read into `response.events` (`first_token` is
+    set once a stream has sent a token of text: the thinker is then generating)."""
     def one(item):
         path, body = item
         with httpx.Client(base_url=base_url, timeout=REQUEST_TIMEOUT_S + 30) as c:
@@ -585,8 +585,10 @@ def _post_all(base_url: str, requests: list[tuple[str, dict]],
                 for line in r.iter_lines():
                     if line.startswith("data: ") and line != "data: [DONE]":
                         r.events.append(json.loads(line[6:]))
-                        if first_event is not None:
-                            first_event.set()
+                        if first_token is not None and any(
+                                isinstance(c.get("delta", {}).get("content"), str) and c["delta"]["content"]
+                                for c in r.events[-1].get("choices", [])):
+                            first_token.set()
             return r
 
     with ThreadPoolExecutor(len(requests)) as pool:
@@ -607,18 +609,20 @@ def test_thinker_replica_killed_mid_requests_loses_nothing(base_url, cluster):
     old_processes = _processes_of(old_pid)
     assert len(old_processes) >= 2, "the thinker runs vLLM's engine core in a process of its own"
 
-    def kill_when_streaming(first_event: threading.Event):
-        """Kill once a stream has sent its first event: the thinker is then generating (256-token
-        answers), with the other requests' prefills and generations beside it. The trigger is seen
-        at the client, not asked of the thinker: a stats call to the thinker replica can queue
+    def kill_when_generating(first_token: threading.Event):
+        """Kill once the text stream has sent its first token: the thinker is then generating its
+        256-token answer, with the two 256-token understanding answers beside it. Not on any first
+        event: the image stream's first chunk can come before the other requests reach the thinker,
+        and a request Serve had not yet sent is routed to the new replica without a retry. The trigger
+        is seen at the client, not asked of the thinker: a stats call to the thinker replica can queue
         behind the requests (its max_ongoing_requests) and come back only once they are done."""
-        assert first_event.wait(60), "no stream event within 60 s"
+        assert first_token.wait(60), "no streamed token within 60 s"
         cluster.kill_replica(DEPLOYMENT_NAMES["thinker"])
 
-    first_event = threading.Event()
+    first_token = threading.Event()
     with ThreadPoolExecutor(1) as pool:
-        killed = pool.submit(kill_when_streaming, first_event)
-        responses = _post_all(base_url, requests, first_event)
+        killed = pool.submit(kill_when_generating, first_token)
+        responses = _post_all(base_url, requests, first_token)
         killed.result()
     outputs = [_output(path, r) for (path, _), r in zip(requests, responses)]
     assert outputs == reference
