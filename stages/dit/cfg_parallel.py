@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import tempfile
 import threading
 import zlib
 from dataclasses import dataclass, replace
@@ -185,10 +186,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _local_rank_main(rank: int, fn, port: int, backend: str, args: tuple) -> None:
+def _local_rank_main(rank: int, fn, init_method: str, backend: str, args: tuple) -> None:
     if backend == "nccl":
         torch.cuda.set_device(rank)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE,
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=WORLD_SIZE,
                             timeout=timedelta(minutes=10))
     try:
         fn(rank, *args)
@@ -198,9 +199,12 @@ def _local_rank_main(rank: int, fn, port: int, backend: str, args: tuple) -> Non
 
 def spawn_local_group(fn, args: tuple = (), backend: str = "gloo") -> None:
     """Run `fn(rank, *args)` in two fresh processes joined in the default process group
-    (`backend` "gloo" on CPU, "nccl" with one GPU per rank). `fn` must be importable (module level)."""
-    torch.multiprocessing.spawn(_local_rank_main, args=(fn, free_port(), backend, args), nprocs=WORLD_SIZE,
-                                join=True)
+    (`backend` "gloo" on CPU, "nccl" with one GPU per rank). `fn` must be importable (module level).
+    The ranks meet through a file, not a TCP port: a port found free here can be taken by another
+    process (a Ray cluster starting beside the tests) before rank 0 binds it."""
+    with tempfile.TemporaryDirectory(prefix="lance-cfg-parallel-") as tmp:
+        torch.multiprocessing.spawn(_local_rank_main, args=(fn, f"file://{tmp}/rendezvous", backend, args),
+                                    nprocs=WORLD_SIZE, join=True)
 
 
 # --- Ray: two actors in one placement group ----------------------------------------------------------
