@@ -605,10 +605,6 @@ def test_thinker_replica_killed_mid_requests_loses_nothing(base_url, cluster):
     undisturbed = _post_all(base_url, requests)
     reference = [_output(path, r) for (path, _), r in zip(requests, undisturbed)]
     assert not any("x-lance-retries" in r.headers for r in undisturbed)
-    cluster.wait_idle(60)
-    old_pid = cluster.thinker_stats()["pid"]
-    old_processes = _processes_of(old_pid)
-    assert len(old_processes) >= 2, "the thinker runs vLLM's engine core in a process of its own"
 
     def kill_when_generating(first_token: threading.Event):
         """Kill once the text stream has sent its first token: the thinker is then generating its
@@ -621,26 +617,37 @@ def test_thinker_replica_killed_mid_requests_loses_nothing(base_url, cluster):
         cluster.kill_replica(DEPLOYMENT_NAMES["thinker"])
         return time.monotonic()
 
-    first_token = threading.Event()
-    with ThreadPoolExecutor(1) as pool:
-        killed = pool.submit(kill_when_generating, first_token)
-        responses = _post_all(base_url, requests, first_token)
-        killed_at = killed.result()
-    outputs = [_output(path, r) for (path, _), r in zip(requests, responses)]
-    assert outputs == reference
-    # in flight on the killed thinker: a request retried whole (its header says so), or the text
-    # stream, which had sent a token before the kill and ended after it (a stream's retry resumes
-    # behind headers already sent: it has no header to show)
-    retried = [int(r.headers.get("x-lance-retries", 0)) for r in responses]
-    stream_spanned_kill = any(body.get("stream") and "modalities" not in body and r.finished_at > killed_at
-                              for (_, body), r in zip(requests, responses))
-    assert any(retried) or stream_spanned_kill, "no request was in flight on the killed thinker"
-    # the killed replica could not shut its engine down: its processes exit by themselves
-    assert not _wait_gone(old_processes, 30), "orphaned vLLM processes of the killed thinker"
-    t, _ = cluster.wait_idle(60)
-    assert t["pid"] != old_pid
-    # and its successor removed the killed replica's export directory (unclaimed KV in tmpfs)
-    assert not list(Path("/dev/shm").glob(f"lance-kv-*-{old_pid}-*"))
+    # The kill is a race with the answers (on 2 loaded cores they can all be done before the kill,
+    # sent through the driver process, lands): each round must lose nothing; a round in which no
+    # request was in flight on the killed thinker proves nothing, so it is run again (3 rounds at most)
+    for _ in range(3):
+        cluster.wait_idle(120)
+        old_pid = cluster.thinker_stats()["pid"]
+        old_processes = _processes_of(old_pid)
+        assert len(old_processes) >= 2, "the thinker runs vLLM's engine core in a process of its own"
+        first_token = threading.Event()
+        with ThreadPoolExecutor(1) as pool:
+            killed = pool.submit(kill_when_generating, first_token)
+            responses = _post_all(base_url, requests, first_token)
+            killed_at = killed.result()
+        outputs = [_output(path, r) for (path, _), r in zip(requests, responses)]
+        assert outputs == reference
+        # the killed replica could not shut its engine down: its processes exit by themselves
+        assert not _wait_gone(old_processes, 30), "orphaned vLLM processes of the killed thinker"
+        t, _ = cluster.wait_idle(120)
+        assert t["pid"] != old_pid
+        # and its successor removed the killed replica's export directory (unclaimed KV in tmpfs)
+        assert not list(Path("/dev/shm").glob(f"lance-kv-*-{old_pid}-*"))
+        # in flight on the killed thinker: a request retried whole (its header says so), or the text
+        # stream, which had sent a token before the kill and ended after it (a stream's retry resumes
+        # behind headers already sent: it has no header to show)
+        retried = [int(r.headers.get("x-lance-retries", 0)) for r in responses]
+        stream_spanned_kill = any(body.get("stream") and "modalities" not in body and r.finished_at > killed_at
+                                  for (_, body), r in zip(requests, responses))
+        if any(retried) or stream_spanned_kill:
+            break
+    else:
+        raise AssertionError("no request was in flight on the killed thinker in 3 rounds")
 
 
 def test_a_dead_vllm_engine_fails_health_and_its_replica_is_replaced(http, cluster):
