@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 from collections import OrderedDict
@@ -252,6 +253,14 @@ def flash_attn_4_available(device: torch.device) -> bool:
         return importlib.util.find_spec("flash_attn.cute") is not None
     except ModuleNotFoundError:   # no flash_attn package at all
         return False
+
+
+@functools.cache
+def _flash_attn_varlen():
+    """FlashAttention-4's variable-length forward, imported once (eager forwards call it every layer)."""
+    from flash_attn.cute import flash_attn_varlen_func
+
+    return flash_attn_varlen_func
 
 
 class FastForward:
@@ -520,11 +529,9 @@ class FastForward:
 
     @staticmethod
     def _flash_attn_4(q, k_rows, v_rows, plan: _Plan) -> torch.Tensor:
-        from flash_attn.cute import flash_attn_varlen_func
-
-        out = flash_attn_varlen_func(q, k_rows, v_rows, cu_seqlens_q=plan.cu_seqlens_q,
-                                     cu_seqlens_k=plan.cu_seqlens_k, max_seqlen_q=plan.max_query_len,
-                                     max_seqlen_k=plan.max_kv_len)
+        out = _flash_attn_varlen()(q, k_rows, v_rows, cu_seqlens_q=plan.cu_seqlens_q,
+                                   cu_seqlens_k=plan.cu_seqlens_k, max_seqlen_q=plan.max_query_len,
+                                   max_seqlen_k=plan.max_kv_len)
         return (out[0] if isinstance(out, tuple) else out).reshape(q.shape[0], -1)
 
     def _sdpa(self, q, k, v):
