@@ -159,13 +159,16 @@ def has(module: str) -> bool:
 # the attention kernel the fast path uses: "flash_attn_4" when the attention section finds FlashAttention-4
 # installed and faster than SDPA's best at the model's shape, else "sdpa" (with the chosen SDPA backend)
 ATTENTION_KERNEL = "sdpa"
+# the MLP's gate_up GEMM: with SwiGLU in its epilogue (Triton), as the serving fast path runs it
+GATE_UP_KERNEL = "triton_swiglu"
 
 
 def fast_forward_options(attn, **kw) -> dict:
     """FastForward keyword arguments the code under test accepts."""
     import inspect
     accepted = inspect.signature(FastForward.__init__).parameters
-    opts = dict(kernels="triton", attention_backends=attn, attention_kernel=ATTENTION_KERNEL)
+    opts = dict(kernels="triton", attention_backends=attn, attention_kernel=ATTENTION_KERNEL,
+                gate_up_kernel=GATE_UP_KERNEL)
     opts.update(kw)
     return {k: v for k, v in opts.items() if k in accepted}
 
@@ -233,6 +236,10 @@ def self_check():
         if fa4:
             variants["triton+flash_attn_4+graphs"] = FastForward(model, "triton", cuda_graphs=True,
                                                                  attention_kernel="flash_attn_4")
+        if dtype == torch.bfloat16 and "gate_up_kernel" in fast_forward_options(None):
+            fused = FastForward(model, "triton", cuda_graphs=True, gate_up_kernel="triton_swiglu")
+            fused.linears.fused_min_rows = 1   # these rows are few: run the fused kernel on them anyway
+            variants["triton+gate_up swiglu epilogue+graphs"] = fused
         if has("stages.dit.quantize") and dtype == torch.bfloat16:   # FP8 against the bf16 model core
             from stages.dit.quantize import quantize_dit_model
             m8 = build_dit_model(cfg, "cuda", dtype)
@@ -478,14 +485,15 @@ def forward_ladder(cfg, m16, m8, attn):
                 for b in (job.cond, job.uncond)]
         flops = row_flops(cfg, n, COND_CONTEXT) + row_flops(cfg, n, UNCOND_CONTEXT)
         variants = {}
+        cublas = dict(gate_up_kernel="cublas")   # the rows before the fused gate_up row
         if side == 1024:
             variants.update({"reference (model core)": ReferenceForward(m16),
                              "fast: packed, torch ops, SDPA default": FastForward(m16, "torch"),
                              "+ triton fused element-wise": FastForward(m16, **fast_forward_options(
-                                 None, overlap_markers=False, attention_kernel="sdpa")),
+                                 None, overlap_markers=False, attention_kernel="sdpa", **cublas)),
                              "+ chosen attention backend": FastForward(m16, **fast_forward_options(
-                                 attn, overlap_markers=False, attention_kernel="sdpa"))})
-        sdpa = dict(attention_kernel="sdpa", cuda_graphs=True)
+                                 attn, overlap_markers=False, attention_kernel="sdpa", **cublas))})
+        sdpa = dict(attention_kernel="sdpa", cuda_graphs=True, **cublas)
         variants["+ CUDA graph"] = FastForward(m16, **fast_forward_options(attn, overlap_markers=False, **sdpa))
         if "overlap_markers" in fast_forward_options(attn, overlap_markers=True):
             variants["+ und markers on a side stream"] = FastForward(
@@ -493,7 +501,10 @@ def forward_ladder(cfg, m16, m8, attn):
         if ATTENTION_KERNEL != "sdpa":   # the code under test takes it (an old checkout does not)
             for where, overlap in (("markers inline", False), ("markers on a side stream", True)):
                 variants[f"+ {ATTENTION_KERNEL} (one variable-length call), {where}"] = FastForward(
-                    m16, **fast_forward_options(attn, cuda_graphs=True, overlap_markers=overlap))
+                    m16, **fast_forward_options(attn, cuda_graphs=True, overlap_markers=overlap, **cublas))
+        if "gate_up_kernel" in fast_forward_options(attn):
+            variants[f"+ gate_up GEMM with SwiGLU in its epilogue ({GATE_UP_KERNEL})"] = FastForward(
+                m16, **fast_forward_options(attn, cuda_graphs=True, overlap_markers=True))
         if m8 is not None:
             variants["FP8 weights + activations (graph, SDPA, side stream)"] = FastForward(
                 m8, **fast_forward_options(attn, overlap_markers=True, **sdpa))

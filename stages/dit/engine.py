@@ -107,7 +107,7 @@ class DenoiseEngine:
 
     def __init__(self, model: LanceModel, forward: str | VelocityForward = "fast", *, kernels: str = "torch",
                  attention_backends=None, attention_kernel: str = "sdpa", cuda_graphs: bool = False,
-                 max_batch_size: int = 8,
+                 gate_up_kernel: str = "cublas", max_batch_size: int = 8,
                  max_tokens_per_forward: int = 65536):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
@@ -117,7 +117,7 @@ class DenoiseEngine:
         self.dtype = model.vae2llm.weight.dtype
         if forward == "fast":
             forward = FastForward(model, kernels=kernels, attention_backends=attention_backends,
-                                  attention_kernel=attention_kernel,
+                                  attention_kernel=attention_kernel, gate_up_kernel=gate_up_kernel,
                                   cuda_graphs=cuda_graphs)
         elif forward == "reference":
             forward = ReferenceForward(model)

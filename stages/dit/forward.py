@@ -268,10 +268,12 @@ class FastForward:
 
     def __init__(self, model: LanceModel, kernels: str = "torch", attention_backends=None, cuda_graphs: bool = False,
                  max_plans: int = 8, max_graphs: int = 16, overlap_markers: bool = True,
-                 max_graph_tokens: int = 40000, attention_kernel: str = "sdpa"):
+                 max_graph_tokens: int = 40000, attention_kernel: str = "sdpa", gate_up_kernel: str = "cublas"):
         """`attention_kernel`: "sdpa" (torch's scaled_dot_product_attention, `attention_backends` pins its
         kernels) or "flash_attn_4" (FlashAttention-4's variable-length kernel, GPU only; where the package
         or the GPU does not take it, SDPA runs instead).
+        `gate_up_kernel` (bf16/fp16 weights): "cublas" or "triton_swiglu" (the MLP's gate_up GEMM with SwiGLU
+        in its epilogue; see quantize.DenseLinears).
         `overlap_markers` (GPU): the und expert's marker rows on a second stream (see run_layers).
         `max_graph_tokens`: larger forwards run eagerly, never captured (a 121-frame 480p video is 49,292
         tokens per CFG branch; 8 CFG requests at 768^2 are 36,896): such a forward takes seconds, so launch
@@ -283,7 +285,8 @@ class FastForward:
         self.device = model.vae2llm.weight.device
         self.dtype = model.vae2llm.weight.dtype
         # projections: weights in the model dtype, or FP8 with per-token activation scales (quantize.py)
-        self.linears = Fp8Linears(self.ops, self.device, self.dtype) if is_quantized(model) else DenseLinears(self.ops)
+        self.linears = (Fp8Linears(self.ops, self.device, self.dtype) if is_quantized(model)
+                        else DenseLinears(self.ops, gate_up_kernel))
         if attention_kernel not in ("sdpa", "flash_attn_4"):
             raise ValueError(f"unknown attention kernel {attention_kernel!r} (sdpa | flash_attn_4)")
         if attention_kernel == "flash_attn_4" and not flash_attn_4_available(self.device):
@@ -489,8 +492,8 @@ class FastForward:
 
     def _mlp(self, expert, x):
         """x + mlp(post_attention_layernorm(x)), accumulated into x."""
-        gate_up = self.linears.norm_linear(x, expert.post_attention_layernorm, expert.mlp.gate_up_proj)
-        return self.linears.swiglu_linear_add_(x, gate_up, expert.mlp.down_proj)
+        mlp = expert.mlp
+        return self.linears.mlp_add_(x, x, expert.post_attention_layernorm, mlp.gate_up_proj, mlp.down_proj)
 
     @staticmethod
     def _load_context(plan: _Plan, k_rows: torch.Tensor, v_rows: torch.Tensor, layer: int) -> None:

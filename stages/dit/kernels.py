@@ -17,6 +17,10 @@ try:  # Triton is only needed (and only present) where the fast GPU path runs
     import triton.language as tl
 except ImportError:  # pragma: no cover - CPU-only installs
     triton = None
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,6 +153,43 @@ if triton is not None:
             v_dst = v_ptr + kv_row * HKV * 2 * HALF + v_heads * (2 * HALF) + lanes
             tl.store(v_dst, tl.load(v_src, mask=v_mask), mask=v_mask)
             tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=v_mask), mask=v_mask)
+    @triton.jit
+    def _gate_up_swiglu_kernel(x_desc, w_desc, out_desc, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                               WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr,
+                               DOT_IN_FP32: tl.constexpr):
+        # Output tiles of silu(x @ Wg^T) * (x @ Wu^T), [Wg; Wu] being the gate_up weight [2F, K]; the
+        # [M, 2F] gate_up activation is never written. w_desc is a 3-d view [F, 2, K] of that weight
+        # (strides K, F*K, 1): its [BLOCK_N, 2, BLOCK_K] box holds gate row j and up row j side by side, so
+        # one dot of N = 2 * BLOCK_N (wgmma's widest) serves both halves, and each thread's accumulator
+        # holds gate j and up j in neighbouring registers (benchmarks/probe_swiglu_gemm.py: two N = BLOCK_N
+        # dots were 2-7 % slower). Columns past F are TMA's zero fill; the store clips them.
+        dtype: tl.constexpr = out_desc.dtype
+        tiles_m = tl.cdiv(M, BLOCK_M)
+        tiles_n = tl.cdiv(F, BLOCK_N)
+        k_steps = tl.cdiv(K, BLOCK_K)
+        for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=FLATTEN,
+                             warp_specialize=WARP_SPECIALIZE):
+            # grouped order: GROUP_M row tiles share each weight tile while it is in L2
+            group = tile // (GROUP_M * tiles_n)
+            first_m = group * GROUP_M
+            group_rows = min(tiles_m - first_m, GROUP_M)
+            m0 = (first_m + tile % group_rows) * BLOCK_M
+            n0 = ((tile % (GROUP_M * tiles_n)) // group_rows) * BLOCK_N
+            acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+            for step in range(k_steps):
+                k0 = step * BLOCK_K
+                x = x_desc.load([m0, k0])
+                w = tl.reshape(w_desc.load([n0, 0, k0]), (2 * BLOCK_N, BLOCK_K))
+                if DOT_IN_FP32:   # the interpreter multiplies bf16 tiles as raw integers
+                    x, w = x.to(tl.float32), w.to(tl.float32)
+                acc = tl.dot(x, w.T, acc)
+            gate, up = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+            # the unfused path's roundings: gate and up in the model dtype, silu rounded before the product
+            gate = gate.to(dtype).to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            out_desc.store([m0, n0], (act * up.to(dtype).to(tl.float32)).to(dtype))
+
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_out, n_cols, BLOCK: tl.constexpr):
@@ -315,6 +356,53 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     if tokens:
         _silu_mul_kernel[(tokens, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n,
                                                           BLOCK=block, num_warps=4)
+    return out
+
+
+# The fused gate_up + SwiGLU GEMM's launch: block_n output columns per tile (2 * block_n of gate_up);
+# persistent: one program per SM walking the tiles, else one program per tile. The fastest of the configs
+# benchmarks/probe_swiglu_gemm.py tried on an H100 (3 runs; flattened loops, 64-wide or 256-row tiles,
+# BLOCK_K 32/128 and 4 stages were slower, some by 2x).
+GATE_UP_SWIGLU_CONFIG = dict(block_m=128, block_n=128, block_k=64, group_m=8, warps=8, stages=3, persistent=True,
+                             warp_specialize=True, flatten=False)
+
+
+def gate_up_swiglu_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """TMA descriptors: a Hopper-or-newer GPU (or Triton's interpreter) and 16-byte aligned rows; 16-bit
+    weights (a GPU's fp32 tl.dot would be tf32; the interpreter's is exact, so it takes fp32 too)."""
+    if triton is None or TensorDescriptor is None or weight.dtype != x.dtype:
+        return False
+    if x.dtype not in (torch.bfloat16, torch.float16) and not (_INTERPRETED and x.dtype == torch.float32):
+        return False
+    if (x.shape[-1] * x.element_size()) % 16 or (weight.shape[0] // 2 * x.element_size()) % 16:
+        return False
+    if _INTERPRETED:
+        return True
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+def gate_up_swiglu_triton(x: torch.Tensor, weight: torch.Tensor, config: dict | None = None) -> torch.Tensor:
+    """silu(x @ Wg^T) * (x @ Wu^T) for the gate_up weight [2F, K] = [Wg; Wu], without writing x @ W^T."""
+    assert x.dim() == 2 and x.is_contiguous() and weight.is_contiguous()
+    rows, k = x.shape
+    f = weight.shape[0] // 2
+    out = x.new_empty(rows, f)
+    if not rows:
+        return out
+    c = {**GATE_UP_SWIGLU_CONFIG, **(config or {})}
+    bm, bn, bk = c["block_m"], c["block_n"], c["block_k"]
+    tiles = triton.cdiv(rows, bm) * triton.cdiv(f, bn)
+    if c["persistent"]:
+        sms = 4 if _INTERPRETED else torch.cuda.get_device_properties(x.device).multi_processor_count
+        programs = min(sms, tiles)
+    else:
+        programs = tiles
+    paired_rows = TensorDescriptor(weight, [f, 2, k], [k, f * k, 1], [bn, 2, bk])   # [j, gate|up, :]
+    _gate_up_swiglu_kernel[(programs,)](
+        TensorDescriptor.from_tensor(x, [bm, bk]), paired_rows,
+        TensorDescriptor.from_tensor(out, [bm, bn]), rows, f, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        GROUP_M=c["group_m"], NUM_PROGRAMS=programs, WARP_SPECIALIZE=c["warp_specialize"], FLATTEN=c["flatten"],
+        DOT_IN_FP32=_INTERPRETED, num_warps=c["warps"], num_stages=c["stages"])
     return out
 
 

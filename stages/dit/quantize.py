@@ -19,11 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import FP8_DTYPE, FP8_MAX, ElementwiseOps
+from .kernels import FP8_DTYPE, FP8_MAX, ElementwiseOps, gate_up_swiglu_supported, gate_up_swiglu_triton
 
 log = logging.getLogger(__name__)
 QUANTIZATIONS = (None, "fp8")
 LINEARS = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+GATE_UP_KERNELS = ("cublas", "triton_swiglu")
+# The fused gate_up GEMM tiles 128 rows: the und expert's 2-4 marker rows are a matrix-vector product, which
+# cuBLAS's split-K kernels do far faster (in the fused kernel they cost more at 512^2 than fusion saved).
+FUSED_SWIGLU_MIN_ROWS = 1024
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,10 +96,18 @@ def fp8_matmul(q: torch.Tensor, scale: torch.Tensor, lin: nn.Linear, out_dtype: 
 
 
 class DenseLinears:
-    """The layer's projections on weights in the model dtype (residual adds in the GEMM epilogue)."""
+    """The layer's projections on weights in the model dtype (residual adds in the GEMM epilogue).
 
-    def __init__(self, ops: ElementwiseOps):
+    `gate_up_kernel`: "cublas" (the gate_up GEMM, then SwiGLU as its own pass) or "triton_swiglu" (one
+    Triton GEMM with SwiGLU in its epilogue: the [tokens, 2F] gate_up activation is never written; Hopper
+    or newer, else the cuBLAS path runs)."""
+
+    def __init__(self, ops: ElementwiseOps, gate_up_kernel: str = "cublas"):
+        if gate_up_kernel not in GATE_UP_KERNELS:
+            raise ValueError(f"unknown gate_up kernel {gate_up_kernel!r} ({' | '.join(GATE_UP_KERNELS)})")
         self.ops = ops
+        self.fused_swiglu = gate_up_kernel == "triton_swiglu"
+        self.fused_min_rows = FUSED_SWIGLU_MIN_ROWS
 
     def norm_linear(self, x, norm, lin):
         return F.linear(self.ops.rms_norm(x, norm.weight, norm.eps), lin.weight, lin.bias)
@@ -104,8 +116,15 @@ class DenseLinears:
         """residual += x @ W^T, in place (cuBLAS reads the residual as C: no copy)."""
         return residual.addmm_(x, lin.weight.t())
 
-    def swiglu_linear_add_(self, residual, gate_up, lin):
-        return residual.addmm_(self.ops.silu_mul(gate_up), lin.weight.t())
+    def mlp_add_(self, residual, x, norm, gate_up, down):
+        """residual += down(silu(gate) * up) of gate_up(norm(x))."""
+        h = self.ops.rms_norm(x, norm.weight, norm.eps)
+        if (self.fused_swiglu and h.shape[0] >= self.fused_min_rows and gate_up.bias is None
+                and gate_up_swiglu_supported(h, gate_up.weight)):
+            act = gate_up_swiglu_triton(h, gate_up.weight)
+        else:
+            act = self.ops.silu_mul(F.linear(h, gate_up.weight, gate_up.bias))
+        return residual.addmm_(act, down.weight.t())
 
 
 class Fp8Linears:
@@ -132,5 +151,5 @@ class Fp8Linears:
     def linear_add_(self, residual, x, lin):
         return residual.add_(self._mm(*self.ops.quantize_rows(x), lin))
 
-    def swiglu_linear_add_(self, residual, gate_up, lin):
-        return residual.add_(self._mm(*self.ops.silu_mul_fp8(gate_up), lin))
+    def mlp_add_(self, residual, x, norm, gate_up, down):
+        return residual.add_(self._mm(*self.ops.silu_mul_fp8(self.norm_linear(x, norm, gate_up)), down))

@@ -50,15 +50,16 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
 
 
 def fast_path_options(compile: bool, device: torch.device) -> dict:
-    """`compile` on a GPU: fused Triton element-wise kernels, CUDA graphs per batch shape, and the fastest
-    attention benchmarks/bench_dit.py measured on an H100: FlashAttention-4 where the `flash-attn-4`
-    package is installed (the `gpu` extra), else cuDNN through SDPA; otherwise plain torch ops."""
+    """`compile` on a GPU: fused Triton element-wise kernels, the MLP's gate_up GEMM with SwiGLU in its
+    epilogue (Hopper or newer), CUDA graphs per batch shape, and the fastest attention
+    benchmarks/bench_dit.py measured on an H100: FlashAttention-4 where the `flash-attn-4` package is
+    installed (the `gpu` extra), else cuDNN through SDPA; otherwise plain torch ops."""
     if not (compile and device.type == "cuda"):
         return {"kernels": "torch"}
     from torch.nn.attention import SDPBackend
 
     return {"kernels": "triton", "cuda_graphs": True, "attention_kernel": "flash_attn_4",
-            "attention_backends": [SDPBackend.CUDNN_ATTENTION]}
+            "attention_backends": [SDPBackend.CUDNN_ATTENTION], "gate_up_kernel": "triton_swiglu"}
 
 
 def require_image_grid(latent_grid) -> None:

@@ -1,0 +1,195 @@
+"""Probe: the gate_up GEMM with SwiGLU in its epilogue (stages/dit/kernels.py, Triton, TMA) against what the
+DiT runs today (cuBLAS gate_up GEMM, then the Triton SwiGLU kernel), at the Lance_3B MLP's shapes
+(K = 2048, F = 11008) and the token counts the DiT sees (512^2 / 1024^2 CFG rows, batches). Every launch
+config is checked against an fp32 product before it is timed (CUDA graphs, as the engine runs them).
+One JSON line per case, a table last."""
+import os
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from bench_common import bench, emit, rel   # benchmarks/ is the script's folder
+
+sys.path.insert(0, os.getcwd())
+from stages.dit import kernels as K   # noqa: E402
+
+dev, bf = torch.device("cuda"), torch.bfloat16
+HIDDEN, FFN = 2048, 11008
+TOKENS = {"1024^2 cfg": 8196, "512^2 cfg": 2052, "512^2 cfg b4": 8208, "512^2 cfg b8": 16416}
+CALLS_PER_GRAPH = 10
+
+BASE = dict(group_m=8, persistent=True, warp_specialize=False, flatten=True)
+# run 1 (results/probe_swiglu_gemm_h100_20261206_run1.log) tried flatten, persistence, 64/128/256 blocks and
+# BLOCK_K 32: only the 128 x (2 x 128) x 64 tile with flatten off came near cuBLAS; run 2 varies around it.
+WS = dict(warp_specialize=True, flatten=False)
+CONFIGS = [dict(BASE, block_m=bm, block_n=bn, block_k=bk, warps=w, stages=s, **extra)
+           for bm, bn, bk, w, s, extra in [
+               (128, 128, 64, 8, 3, WS), (128, 128, 64, 8, 3, dict(WS, group_m=16))]]
+# run 2: the weight's rows interleaved (gate j, up j) let one N = 256 dot replace two N = 128 dots (3 % at
+# 1024^2, 7 % at 512^2); run 3 also tries that layout read through a 3-d TMA view of the unmoved weight
+INTERLEAVED = [dict(c, interleaved=True) for c in CONFIGS] + [dict(c, paired_view=True) for c in CONFIGS] + [
+    dict(c, paired_view=True, stages=4) for c in CONFIGS]
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
+
+
+@triton.jit
+def _interleaved_kernel(x_desc, w_desc, out_desc, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                        WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr):
+    # the gate_up weight's rows interleaved (gate 0, up 0, gate 1, up 1, ...): one N = 2 * BLOCK_N dot per
+    # K step (wgmma's widest shape) instead of two N = BLOCK_N dots over the same x tile; each thread's
+    # accumulator holds column pairs, so gate j and up j sit side by side in registers
+    dtype: tl.constexpr = out_desc.dtype
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(F, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
+        group = tile // (GROUP_M * tiles_n)
+        first_m = group * GROUP_M
+        group_rows = min(tiles_m - first_m, GROUP_M)
+        m0 = (first_m + tile % group_rows) * BLOCK_M
+        n0 = ((tile % (GROUP_M * tiles_n)) // group_rows) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for step in range(k_steps):
+            k0 = step * BLOCK_K
+            acc = tl.dot(x_desc.load([m0, k0]), w_desc.load([2 * n0, k0]).T, acc)
+        g, u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+        gate = g.to(dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        out_desc.store([m0, n0], (act * u.to(dtype).to(tl.float32)).to(dtype))
+
+
+@triton.jit
+def _paired_view_kernel(x_desc, w_desc, out_desc, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                        WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr):
+    # the interleaved layout without moving the weight: a 3-d TMA view [F, 2, K] of [Wg; Wu] (strides K,
+    # F*K, 1) loads gate row j and up row j next to each other, so one [2 * BLOCK_N, BLOCK_K] tile
+    dtype: tl.constexpr = out_desc.dtype
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(F, BLOCK_N)
+    k_steps = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=FLATTEN,
+                         warp_specialize=WARP_SPECIALIZE):
+        group = tile // (GROUP_M * tiles_n)
+        first_m = group * GROUP_M
+        group_rows = min(tiles_m - first_m, GROUP_M)
+        m0 = (first_m + tile % group_rows) * BLOCK_M
+        n0 = ((tile % (GROUP_M * tiles_n)) // group_rows) * BLOCK_N
+        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+        for step in range(k_steps):
+            k0 = step * BLOCK_K
+            w = tl.reshape(w_desc.load([n0, 0, k0]), (2 * BLOCK_N, BLOCK_K))
+            acc = tl.dot(x_desc.load([m0, k0]), w.T, acc)
+        g, u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+        gate = g.to(dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        out_desc.store([m0, n0], (act * u.to(dtype).to(tl.float32)).to(dtype))
+
+
+def paired_view_swiglu(x, w, c):
+    rows, k = x.shape
+    f = w.shape[0] // 2
+    out = x.new_empty(rows, f)
+    bm, bn, bk = c["block_m"], c["block_n"], c["block_k"]
+    tiles = triton.cdiv(rows, bm) * triton.cdiv(f, bn)
+    programs = min(torch.cuda.get_device_properties(x.device).multi_processor_count, tiles)
+    w_view = TensorDescriptor(w, [f, 2, k], [k, f * k, 1], [bn, 2, bk])
+    _paired_view_kernel[(programs,)](
+        TensorDescriptor.from_tensor(x, [bm, bk]), w_view,
+        TensorDescriptor.from_tensor(out, [bm, bn]), rows, f, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        GROUP_M=c["group_m"], NUM_PROGRAMS=programs, WARP_SPECIALIZE=c["warp_specialize"], FLATTEN=c["flatten"],
+        num_warps=c["warps"], num_stages=c["stages"])
+    return out
+
+
+def interleaved_swiglu(x, w_il, c):
+    rows, k = x.shape
+    f = w_il.shape[0] // 2
+    out = x.new_empty(rows, f)
+    bm, bn, bk = c["block_m"], c["block_n"], c["block_k"]
+    tiles = triton.cdiv(rows, bm) * triton.cdiv(f, bn)
+    programs = min(torch.cuda.get_device_properties(x.device).multi_processor_count, tiles)
+    _interleaved_kernel[(programs,)](
+        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w_il, [2 * bn, bk]),
+        TensorDescriptor.from_tensor(out, [bm, bn]), rows, f, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        GROUP_M=c["group_m"], NUM_PROGRAMS=programs, WARP_SPECIALIZE=c["warp_specialize"], FLATTEN=c["flatten"],
+        num_warps=c["warps"], num_stages=c["stages"])
+    return out
+
+
+def graph_ms(fn) -> float:
+    """Milliseconds per call, replayed from a CUDA graph of CALLS_PER_GRAPH calls."""
+    fn()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(CALLS_PER_GRAPH):
+            fn()
+    return bench(g.replay, reps=10, warm=2) / CALLS_PER_GRAPH
+
+
+def main():
+    torch.manual_seed(0)
+    import triton
+    emit(case="env", device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
+    w = (torch.randn(2 * FFN, HIDDEN, device=dev) / HIDDEN ** 0.5).to(bf)
+    w_il = torch.stack(w.chunk(2), dim=1).reshape(2 * FFN, HIDDEN).contiguous()
+    table = []
+    for label, m in TOKENS.items():
+        x = torch.randn(m, HIDDEN, device=dev).to(bf)
+        ref32 = K.silu_mul_torch(x.float() @ w.float().t())
+        unfused = K.silu_mul_triton(F.linear(x, w))
+        flops = 2 * m * HIDDEN * 2 * FFN
+        gemm_ms = graph_ms(lambda: F.linear(x, w))
+        unfused_ms = graph_ms(lambda: K.silu_mul_triton(F.linear(x, w)))
+        row = dict(case="baseline", tokens=label, m=m, cublas_gate_up_ms=gemm_ms, cublas_tflops=flops / gemm_ms / 1e9,
+                   unfused_ms=unfused_ms, unfused_err_vs_fp32=rel(unfused, ref32))
+        emit(**row)
+        best = None
+        for cfg in CONFIGS + INTERLEAVED:
+            out = {"case": "fused", "tokens": label, "m": m, **cfg}
+
+            def fused(cfg=cfg):
+                if cfg.get("interleaved"):
+                    return interleaved_swiglu(x, w_il, cfg)
+                if cfg.get("paired_view"):
+                    return paired_view_swiglu(x, w, cfg)
+                return K.gate_up_swiglu_triton(x, w, cfg)
+            try:
+                got = fused()
+                out["err_vs_fp32"] = rel(got, ref32)
+                out["err_vs_unfused"] = rel(got, unfused)
+                out["finite"] = bool(torch.isfinite(got).all())
+                ms = graph_ms(fused)
+                out.update(ms=ms, tflops=flops / ms / 1e9, speedup_vs_unfused=unfused_ms / ms)
+                ok = out["finite"] and out["err_vs_fp32"] < 1e-2
+                if ok and (best is None or ms < best["ms"]):
+                    best = out
+            except Exception as e:   # a config that does not compile (shared memory) or run
+                out["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                traceback.print_exc(limit=2)
+            emit(**out)
+        table.append((label, m, gemm_ms, unfused_ms, best))
+    print("\n| tokens | M | cuBLAS gate_up ms (TFLOP/s) | + SwiGLU ms | fused best ms (TFLOP/s) | config |")
+    print("|---|---|---|---|---|---|")
+    for label, m, g, u, b in table:
+        flops = 2 * m * HIDDEN * 2 * FFN
+        cfg = {k: b[k] for k in ("block_m", "block_n", "block_k", "warps", "stages", "persistent",
+                                 "warp_specialize", "flatten", "group_m", "interleaved", "paired_view") if k in b} if b else None
+        fused = f"{b['ms']:.3f} ({b['tflops']:.0f})" if b else "-"
+        print(f"| {label} | {m} | {g:.3f} ({flops / g / 1e9:.0f}) | {u:.3f} | {fused} | {cfg} |")
+
+
+if __name__ == "__main__":
+    main()
