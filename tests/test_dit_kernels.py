@@ -89,7 +89,7 @@ INTERPRETED = textwrap.dedent("""
     out["forward"] = max(((a - b).norm() / b.norm()).item() for a, b in zip(fast, ref))
     fused = FastForward(model, kernels="triton", gate_up_kernel="triton_swiglu")
     assert fused.linears.fused_swiglu
-    fused.linears.fused_min_rows = 1   # the tiny image's rows too (a GPU runs it from 1024 rows on)
+    fused.linears.fused_min_rows = 1   # the tiny image's rows too (a GPU runs it from 8192 rows on)
     out["forward_fused_swiglu"] = max(((a - b).norm() / b.norm()).item() for a, b in zip(fused(rows), ref))
     from stages.dit.quantize import quantize_dit_model
     quantize_dit_model(model, "fp8")

@@ -25,9 +25,13 @@ log = logging.getLogger(__name__)
 QUANTIZATIONS = (None, "fp8")
 LINEARS = ("attn.qkv_proj", "attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 GATE_UP_KERNELS = ("cublas", "triton_swiglu")
-# The fused gate_up GEMM tiles 128 rows: the und expert's 2-4 marker rows are a matrix-vector product, which
-# cuBLAS's split-K kernels do far faster (in the fused kernel they cost more at 512^2 than fusion saved).
-FUSED_SWIGLU_MIN_ROWS = 1024
+# The fused gate_up GEMM runs from this many rows on; fewer stay on cuBLAS + SwiGLU. On an H100
+# (benchmarks/README.md, "third pass") it won from ~8k rows on (a 1024^2 CFG forward, 8196 rows: -3.3 ms;
+# the 512^2 loop per image: b4 -1.4 %, b16 -4.2 %) but not below (512^2 b1, 2052 rows: +0.1 ms a forward;
+# b2, 4104 rows: +1.1 % a loop): the Triton GEMM runs ~15 % below cuBLAS, which at few rows eats the saved
+# SwiGLU pass. The und expert's 2-4 marker rows are a matrix-vector product that cuBLAS's split-K kernels
+# do far faster.
+FUSED_SWIGLU_MIN_ROWS = 8192
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
