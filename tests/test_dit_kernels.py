@@ -147,6 +147,36 @@ def test_flash_attention_4_where_it_cannot_run_falls_back_to_sdpa(dit_model, gol
         FastForward(dit_model, attention_kernel="flash")
 
 
+def test_fused_gate_up_kernel_that_fails_to_build_falls_back_to_cublas(dit_model, golden, monkeypatch, caplog):
+    """A GPU/Triton that cannot build the fused gate_up + SwiGLU kernel: the first call's error is logged and
+    the unfused path serves this and every later forward (here the kernel's failure is injected: a CPU
+    without Triton's interpreter never reaches it)."""
+    from stages.dit import quantize
+
+    calls = []
+
+    def cannot_build(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(quantize, "gate_up_swiglu_supported", lambda x, w: True)
+    monkeypatch.setattr(quantize, "gate_up_swiglu_triton", cannot_build)
+    h = golden_handoff(golden("t2i"), "t2i")
+    rows = DenoiseEngine(dit_model, "reference").prepare(h, h.cond.kv, h.uncond.kv).rows(torch.float32)
+    fast = FastForward(dit_model, gate_up_kernel="triton_swiglu")
+    fast.linears.fused_min_rows = 1
+    with caplog.at_level("WARNING", logger="stages.dit.quantize"):
+        got = fast(rows)
+        again = fast(rows)
+    want = ReferenceForward(dit_model)(rows)
+    assert len(calls) == 1 and not fast.linears.fused_swiglu
+    assert "fused gate_up + SwiGLU kernel failed" in caplog.text
+    for a, b, c in zip(got, again, want):
+        assert ((a - c).norm() / c.norm()) < 1e-5 and torch.equal(a, b)
+    with pytest.raises(ValueError, match="gate_up kernel"):
+        FastForward(dit_model, gate_up_kernel="cutlass")
+
+
 def test_frame_decoder_layouts_agree(tiny_ckpt_dir):
     vae = LanceVAE.from_wan22_pth(tiny_ckpt_dir / "Wan2.2_VAE.pth", encoder=False)
     z = torch.randn(2, 48, 1, 4, 6, generator=torch.Generator().manual_seed(3))

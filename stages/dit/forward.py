@@ -493,7 +493,7 @@ class FastForward:
     def _mlp(self, expert, x):
         """x + mlp(post_attention_layernorm(x)), accumulated into x."""
         mlp = expert.mlp
-        return self.linears.mlp_add_(x, x, expert.post_attention_layernorm, mlp.gate_up_proj, mlp.down_proj)
+        return self.linears.mlp_add_(x, expert.post_attention_layernorm, mlp.gate_up_proj, mlp.down_proj)
 
     @staticmethod
     def _load_context(plan: _Plan, k_rows: torch.Tensor, v_rows: torch.Tensor, layer: int) -> None:

@@ -153,6 +153,7 @@ if triton is not None:
             v_dst = v_ptr + kv_row * HKV * 2 * HALF + v_heads * (2 * HALF) + lanes
             tl.store(v_dst, tl.load(v_src, mask=v_mask), mask=v_mask)
             tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=v_mask), mask=v_mask)
+
     @triton.jit
     def _gate_up_swiglu_kernel(x_desc, w_desc, out_desc, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
@@ -189,7 +190,6 @@ if triton is not None:
             gate = gate.to(dtype).to(tl.float32)
             act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
             out_desc.store([m0, n0], (act * up.to(dtype).to(tl.float32)).to(dtype))
-
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_out, n_cols, BLOCK: tl.constexpr):

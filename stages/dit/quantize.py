@@ -120,15 +120,21 @@ class DenseLinears:
         """residual += x @ W^T, in place (cuBLAS reads the residual as C: no copy)."""
         return residual.addmm_(x, lin.weight.t())
 
-    def mlp_add_(self, residual, x, norm, gate_up, down):
-        """residual += down(silu(gate) * up) of gate_up(norm(x))."""
+    def mlp_add_(self, x, norm, gate_up, down):
+        """x += down(silu(gate) * up) of gate_up(norm(x)), in place."""
         h = self.ops.rms_norm(x, norm.weight, norm.eps)
+        act = None
         if (self.fused_swiglu and h.shape[0] >= self.fused_min_rows and gate_up.bias is None
                 and gate_up_swiglu_supported(h, gate_up.weight)):
-            act = gate_up_swiglu_triton(h, gate_up.weight)
-        else:
+            try:   # its first call compiles it, eagerly (a CUDA graph is captured on a later call)
+                act = gate_up_swiglu_triton(h, gate_up.weight)
+            except Exception as e:   # a Triton or GPU that cannot build it: the unfused path, from now on
+                log.warning("the fused gate_up + SwiGLU kernel failed (%s: %s); the DiT uses cuBLAS + SwiGLU",
+                            type(e).__name__, str(e)[:200])
+                self.fused_swiglu = False
+        if act is None:
             act = self.ops.silu_mul(F.linear(h, gate_up.weight, gate_up.bias))
-        return residual.addmm_(act, down.weight.t())
+        return x.addmm_(act, down.weight.t())
 
 
 class Fp8Linears:
@@ -155,5 +161,5 @@ class Fp8Linears:
     def linear_add_(self, residual, x, lin):
         return residual.add_(self._mm(*self.ops.quantize_rows(x), lin))
 
-    def mlp_add_(self, residual, x, norm, gate_up, down):
-        return residual.add_(self._mm(*self.ops.silu_mul_fp8(self.norm_linear(x, norm, gate_up)), down))
+    def mlp_add_(self, x, norm, gate_up, down):
+        return x.add_(self._mm(*self.ops.silu_mul_fp8(self.norm_linear(x, norm, gate_up)), down))
