@@ -21,16 +21,18 @@ TOKENS = {"1024^2 cfg": 8196, "512^2 cfg": 2052, "512^2 cfg b4": 8208, "512^2 cf
 CALLS_PER_GRAPH = 10
 
 BASE = dict(group_m=8, persistent=True, warp_specialize=False, flatten=True)
-# run 1 (results/probe_swiglu_gemm_h100_20261206_run1.log) tried flatten, persistence, 64/128/256 blocks and
-# BLOCK_K 32: only the 128 x (2 x 128) x 64 tile with flatten off came near cuBLAS; run 2 varies around it.
 WS = dict(warp_specialize=True, flatten=False)
-CONFIGS = [dict(BASE, block_m=bm, block_n=bn, block_k=bk, warps=w, stages=s, **extra)
-           for bm, bn, bk, w, s, extra in [
-               (128, 128, 64, 8, 3, WS), (128, 128, 64, 8, 3, dict(WS, group_m=16))]]
-# run 2: the weight's rows interleaved (gate j, up j) let one N = 256 dot replace two N = 128 dots (3 % at
-# 1024^2, 7 % at 512^2); run 3 also tries that layout read through a 3-d TMA view of the unmoved weight
-INTERLEAVED = [dict(c, interleaved=True) for c in CONFIGS] + [dict(c, paired_view=True) for c in CONFIGS] + [
-    dict(c, paired_view=True, stages=4) for c in CONFIGS]
+# Runs 1-3 (results/probe_swiglu_gemm_h100_20261206_run{1,2,3}.log). Run 1 tried the "two dots" layout
+# (below) over flatten, persistence, 64/128/256 blocks, BLOCK_K 32/128: only the 128 x (2 x 128) x 64 tile,
+# warp-specialized with the loop not flattened, came near cuBLAS. Run 2 added gate/up rows interleaved in a
+# copy of the weight (one N = 256 dot per K step: 3-7 % faster). Run 3 added "paired": the same pairing read
+# through a 3-d TMA view of the unmoved weight - what stages/dit/kernels.py now runs. This file's list is
+# run 3's.
+TILE = [(128, 128, 64, 8, 3, WS), (128, 128, 64, 8, 3, dict(WS, group_m=16))]
+CONFIGS = [dict(BASE, block_m=bm, block_n=bn, block_k=bk, warps=w, stages=s, layout=layout, **extra)
+           for layout in ("two_dots", "interleaved", "paired") for bm, bn, bk, w, s, extra in TILE] + [
+    dict(BASE, block_m=128, block_n=128, block_k=64, warps=8, stages=4, layout="paired", **extra)
+    for extra in (WS, dict(WS, group_m=16))]
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -38,12 +40,12 @@ from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 
 @triton.jit
-def _interleaved_kernel(x_desc, w_desc, out_desc, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                        WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr):
-    # the gate_up weight's rows interleaved (gate 0, up 0, gate 1, up 1, ...): one N = 2 * BLOCK_N dot per
-    # K step (wgmma's widest shape) instead of two N = BLOCK_N dots over the same x tile; each thread's
-    # accumulator holds column pairs, so gate j and up j sit side by side in registers
+def _layout_variant_kernel(x_desc, w_desc, out_desc, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
+                           WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr, INTERLEAVED: tl.constexpr):
+    # the layouts stages/dit/kernels.py's kernel was chosen against (same tile walk and epilogue):
+    # INTERLEAVED: w_desc over a copy of the weight with rows gate 0, up 0, gate 1, ... (one N = 2 * BLOCK_N
+    # dot); else "two dots": w_desc over [Wg; Wu] as is, gate and up tiles F rows apart
     dtype: tl.constexpr = out_desc.dtype
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(F, BLOCK_N)
@@ -55,72 +57,39 @@ def _interleaved_kernel(x_desc, w_desc, out_desc, M, F, K, BLOCK_M: tl.constexpr
         group_rows = min(tiles_m - first_m, GROUP_M)
         m0 = (first_m + tile % group_rows) * BLOCK_M
         n0 = ((tile % (GROUP_M * tiles_n)) // group_rows) * BLOCK_N
-        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-        for step in range(k_steps):
-            k0 = step * BLOCK_K
-            acc = tl.dot(x_desc.load([m0, k0]), w_desc.load([2 * n0, k0]).T, acc)
-        g, u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+        if INTERLEAVED:
+            acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
+            for step in range(k_steps):
+                k0 = step * BLOCK_K
+                acc = tl.dot(x_desc.load([m0, k0]), w_desc.load([2 * n0, k0]).T, acc)
+            g, u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
+        else:
+            g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for step in range(k_steps):
+                k0 = step * BLOCK_K
+                x = x_desc.load([m0, k0])
+                g = tl.dot(x, w_desc.load([n0, k0]).T, g)
+                u = tl.dot(x, w_desc.load([F + n0, k0]).T, u)
         gate = g.to(dtype).to(tl.float32)
         act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
         out_desc.store([m0, n0], (act * u.to(dtype).to(tl.float32)).to(dtype))
 
 
-@triton.jit
-def _paired_view_kernel(x_desc, w_desc, out_desc, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
-                        WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr):
-    # the interleaved layout without moving the weight: a 3-d TMA view [F, 2, K] of [Wg; Wu] (strides K,
-    # F*K, 1) loads gate row j and up row j next to each other, so one [2 * BLOCK_N, BLOCK_K] tile
-    dtype: tl.constexpr = out_desc.dtype
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(F, BLOCK_N)
-    k_steps = tl.cdiv(K, BLOCK_K)
-    for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=FLATTEN,
-                         warp_specialize=WARP_SPECIALIZE):
-        group = tile // (GROUP_M * tiles_n)
-        first_m = group * GROUP_M
-        group_rows = min(tiles_m - first_m, GROUP_M)
-        m0 = (first_m + tile % group_rows) * BLOCK_M
-        n0 = ((tile % (GROUP_M * tiles_n)) // group_rows) * BLOCK_N
-        acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
-        for step in range(k_steps):
-            k0 = step * BLOCK_K
-            w = tl.reshape(w_desc.load([n0, 0, k0]), (2 * BLOCK_N, BLOCK_K))
-            acc = tl.dot(x_desc.load([m0, k0]), w.T, acc)
-        g, u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
-        gate = g.to(dtype).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        out_desc.store([m0, n0], (act * u.to(dtype).to(tl.float32)).to(dtype))
-
-
-def paired_view_swiglu(x, w, c):
+def layout_variant(x, w, c):
+    """`w`: [Wg; Wu] for "two_dots", the interleaved copy for "interleaved"."""
     rows, k = x.shape
     f = w.shape[0] // 2
     out = x.new_empty(rows, f)
     bm, bn, bk = c["block_m"], c["block_n"], c["block_k"]
+    interleaved = c["layout"] == "interleaved"
     tiles = triton.cdiv(rows, bm) * triton.cdiv(f, bn)
     programs = min(torch.cuda.get_device_properties(x.device).multi_processor_count, tiles)
-    w_view = TensorDescriptor(w, [f, 2, k], [k, f * k, 1], [bn, 2, bk])
-    _paired_view_kernel[(programs,)](
-        TensorDescriptor.from_tensor(x, [bm, bk]), w_view,
+    _layout_variant_kernel[(programs,)](
+        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w, [2 * bn if interleaved else bn, bk]),
         TensorDescriptor.from_tensor(out, [bm, bn]), rows, f, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         GROUP_M=c["group_m"], NUM_PROGRAMS=programs, WARP_SPECIALIZE=c["warp_specialize"], FLATTEN=c["flatten"],
-        num_warps=c["warps"], num_stages=c["stages"])
-    return out
-
-
-def interleaved_swiglu(x, w_il, c):
-    rows, k = x.shape
-    f = w_il.shape[0] // 2
-    out = x.new_empty(rows, f)
-    bm, bn, bk = c["block_m"], c["block_n"], c["block_k"]
-    tiles = triton.cdiv(rows, bm) * triton.cdiv(f, bn)
-    programs = min(torch.cuda.get_device_properties(x.device).multi_processor_count, tiles)
-    _interleaved_kernel[(programs,)](
-        TensorDescriptor.from_tensor(x, [bm, bk]), TensorDescriptor.from_tensor(w_il, [2 * bn, bk]),
-        TensorDescriptor.from_tensor(out, [bm, bn]), rows, f, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        GROUP_M=c["group_m"], NUM_PROGRAMS=programs, WARP_SPECIALIZE=c["warp_specialize"], FLATTEN=c["flatten"],
-        num_warps=c["warps"], num_stages=c["stages"])
+        INTERLEAVED=interleaved, num_warps=c["warps"], num_stages=c["stages"])
     return out
 
 
@@ -141,7 +110,6 @@ def graph_ms(fn) -> float:
 
 def main():
     torch.manual_seed(0)
-    import triton
     emit(case="env", device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__)
     w = (torch.randn(2 * FFN, HIDDEN, device=dev) / HIDDEN ** 0.5).to(bf)
     w_il = torch.stack(w.chunk(2), dim=1).reshape(2 * FFN, HIDDEN).contiguous()
@@ -157,15 +125,13 @@ def main():
                    unfused_ms=unfused_ms, unfused_err_vs_fp32=rel(unfused, ref32))
         emit(**row)
         best = None
-        for cfg in CONFIGS + INTERLEAVED:
+        for cfg in CONFIGS:
             out = {"case": "fused", "tokens": label, "m": m, **cfg}
 
             def fused(cfg=cfg):
-                if cfg.get("interleaved"):
-                    return interleaved_swiglu(x, w_il, cfg)
-                if cfg.get("paired_view"):
-                    return paired_view_swiglu(x, w, cfg)
-                return K.gate_up_swiglu_triton(x, w, cfg)
+                if cfg["layout"] == "paired":
+                    return K.gate_up_swiglu_triton(x, w, cfg)
+                return layout_variant(x, w_il if cfg["layout"] == "interleaved" else w, cfg)
             try:
                 got = fused()
                 out["err_vs_fp32"] = rel(got, ref32)
@@ -186,7 +152,7 @@ def main():
     for label, m, g, u, b in table:
         flops = 2 * m * HIDDEN * 2 * FFN
         cfg = {k: b[k] for k in ("block_m", "block_n", "block_k", "warps", "stages", "persistent",
-                                 "warp_specialize", "flatten", "group_m", "interleaved", "paired_view") if k in b} if b else None
+                                 "warp_specialize", "flatten", "group_m", "layout")} if b else None
         fused = f"{b['ms']:.3f} ({b['tflops']:.0f})" if b else "-"
         print(f"| {label} | {m} | {g:.3f} ({flops / g / 1e9:.0f}) | {u:.3f} | {fused} | {cfg} |")
 
