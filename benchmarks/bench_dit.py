@@ -815,7 +815,9 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench_out"))
     ap.add_argument("--quick", action="store_true", help="small batches only")
     ap.add_argument("--fp32-1024", action="store_true", help="also the fp32 accuracy run at 1024^2 (~1 min)")
-    ap.add_argument("--skip", default="", help="comma list: accuracy,ladder,loops,vae,micro,serving,encoding,reference")
+    ap.add_argument("--skip", default="", help="comma list: accuracy,ladder,loops,vae,micro,attention,serving,"
+                                                 "encoding,reference (attention: the kernel choice too; without "
+                                                 "it every section runs SDPA's default)")
     ap.add_argument("--code-root", default=None, help="import stages/ from this checkout (old rows)")
     ap.add_argument("--label", default="new", help="names the code under test in the JSON")
     ap.add_argument("--compare", default=None, help="an earlier run's bench_dit.json: print its rows next to these")
@@ -843,6 +845,7 @@ def main():
     attn = None
     if "micro" not in skip:
         gemms(cfg)
+    if "attention" not in skip:   # also picks the attention kernel every later section runs (FA4 or SDPA)
         attn = attention_backends()
     m16 = build_dit_model(cfg, "cuda", torch.bfloat16)
     random_init_(m16, seed=0)
