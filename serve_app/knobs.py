@@ -24,7 +24,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from stages.lance.limits import (CFG_RENORM_TYPES, IMAGE_SIDE_MULTIPLE, MAX_CFG_RENORM_MIN, MAX_CFG_TEXT_SCALE,
                                  MAX_IMAGE_SIDE, MAX_INFERENCE_STEPS, MAX_INPUT_IMAGES, MAX_TIMESTEP_SHIFT,
-                                 MIN_IMAGE_SIDE)
+                                 MIN_IMAGE_SIDE, MIN_VIDEO_FPS)
 from stages.lance.requests import DenoiseParams
 
 from .errors import bad_request, validation_error
@@ -79,7 +79,7 @@ class GenerationKnobs(StrictModel):
     resolution: Optional[Literal["image_768res", "image_512res", "image_256res",
                                  "video_480p", "video_360p", "video_192p"]] = None
     num_frames: Optional[int] = None                 # videos: 4k+1 output frames (checked by route)
-    fps: Optional[float] = Field(None, gt=0)         # videos: output frame rate (default 12)
+    fps: Optional[float] = Field(None, ge=MIN_VIDEO_FPS)   # videos: output frame rate (default 12)
     lossless: Optional[bool] = None                  # videos: H.264 RGB qp 0 (exact frames, big)
     do_sample: Optional[bool] = None                 # vLLM-Omni x2t sampling switch
     text_temperature: Optional[float] = Field(None, ge=0, le=2)
@@ -252,8 +252,8 @@ def check_num_frames(value: int, limits: "RequestLimits", param: str = "num_fram
 def video_knobs(k: GenerationKnobs, limits: "RequestLimits") -> tuple[Optional[int], Optional[float]]:
     """(num_frames, fps), checked whatever the task; None = the default."""
     frames = None if k.num_frames is None else check_num_frames(k.num_frames, limits)
-    if k.fps is not None and k.fps > limits.max_fps:
-        raise bad_request(f"fps {k.fps} is outside (0, {limits.max_fps:g}]", param="fps",
+    if k.fps is not None and not MIN_VIDEO_FPS <= k.fps <= limits.max_fps:
+        raise bad_request(f"fps {k.fps} is outside [{MIN_VIDEO_FPS:g}, {limits.max_fps:g}]", param="fps",
                           code="invalid_value")
     return frames, k.fps
 

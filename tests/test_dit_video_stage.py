@@ -162,7 +162,9 @@ def test_mp4_encoder_rejects_bad_input():
     with pytest.raises(ValueError, match=r"frames must be \[f, 64, 96, 3\]"):
         encoder.write(np.zeros((2, 64, 94, 3), np.uint8))
     encoder.abort()
-    with pytest.raises(ValueError, match="fps"):
-        VideoEncoding(fps=0)
+    for fps in (0, 5e-324, 0.0009):   # below 1/1000 the writer's rate (denominator <= 1001) would be 0
+        with pytest.raises(ValueError, match="fps"):
+            VideoEncoding(fps=fps)
+    Mp4Encoder(96, 64, VideoEncoding(fps=0.001)).abort()   # the slowest rate it takes
     with pytest.raises(ValueError, match="crf"):
         VideoEncoding(crf=60)

@@ -119,7 +119,7 @@ AGREEMENT = [
     ("/v1/chat/completions", CHAT_IMAGE, "ChatCompletionBody", "n", [0, 1, 4, 5]),
     ("/v1/chat/completions", CHAT_IMAGE, "ChatCompletionBody", "num_frames",
      [0, 1, 2, 5, 117, 121, 125]),
-    ("/v1/chat/completions", CHAT_IMAGE, "ChatCompletionBody", "fps", [0, 0.5, 120, 121]),
+    ("/v1/chat/completions", CHAT_IMAGE, "ChatCompletionBody", "fps", [0, 5e-324, 0.0009, 0.001, 0.5, 120, 121]),
     ("/v1/chat/completions", CHAT_IMAGE, "ChatCompletionBody", "cfg_interval",
      [[0, 1], [0.4, 1.0], [-0.1, 1], [0, 1.5], [0.5], [0.1, 0.2, 0.3]]),
     ("/v1/chat/completions", CHAT_IMAGE, "ChatCompletionBody", "cfg_img_scale", [1.0, 1, 2.0]),

@@ -94,6 +94,8 @@ def test_an_input_video_is_sampled_as_upstream():
                                           ({"num_frames": 125}, "num_frames"),
                                           ({"num_frames": 0}, "num_frames"),
                                           ({"fps": 0}, "fps"), ({"fps": 500}, "fps"),
+                                          # below what the MP4 writer's rate can express (was a 500)
+                                          ({"fps": 5e-324}, "fps"), ({"fps": 0.0009}, "fps"),
                                           ({"size": "1280x720"}, "width"),
                                           ({"n": 2}, "n")])
 def test_invalid_video_knobs_are_400s_that_name_the_field(knobs, param):

@@ -92,6 +92,7 @@ class Mp4Encoder:
         if width % 2 or height % 2:
             raise ValueError(f"H.264 needs even frame sizes, got {width}x{height}")
         self.encoding = encoding
+        # denominators up to 1001 keep NTSC rates (30000/1001) exact; a rate >= MIN_VIDEO_FPS never rounds to 0
         self.rate = Fraction(encoding.fps).limit_denominator(1001)
         # faststart puts the index in front (a player can start before the whole file has arrived); the
         # muxer rewrites the file for it by name, so it is written to a temporary file, not to memory

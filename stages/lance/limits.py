@@ -22,6 +22,9 @@ MIN_IMAGE_SIDE = 64     # what the API serves: smaller than 4x4 latents is not a
 
 # Videos: 4k+1 frames, at most 121 (31 latent frames, the latent position table of Lance_3B_Video).
 MAX_NUM_FRAMES = LatentConfig().max_num_frames
+# The MP4 writer's frame rate is a fraction with a denominator of at most 1001 (stages/dit/video.py): a
+# rate much below 1/1000 fps (one frame per ~17 minutes) rounds to 0 there.
+MIN_VIDEO_FPS = 0.001
 
 # Inputs: Lance_3B edits and understands one image per request.
 MAX_INPUT_IMAGES = 1

@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 from PIL import Image
 
-from .limits import CFG_RENORM_TYPES
+from .limits import CFG_RENORM_TYPES, MIN_VIDEO_FPS
 
 ImageTask = Literal["t2i", "image_edit"]
 VideoTask = Literal["t2v", "i2v", "video_edit"]
@@ -127,8 +127,8 @@ class VideoEncoding:
     def __post_init__(self):
         if self.format not in VIDEO_FORMATS:
             raise ValueError(f"unknown video format {self.format!r} ({', '.join(VIDEO_FORMATS)})")
-        if not 0 < self.fps <= 240:
-            raise ValueError(f"fps must be in (0, 240], got {self.fps}")
+        if not MIN_VIDEO_FPS <= self.fps <= 240:
+            raise ValueError(f"fps must be in [{MIN_VIDEO_FPS:g}, 240], got {self.fps}")
         if not 0 <= self.crf <= 51:
             raise ValueError(f"crf must be in [0, 51], got {self.crf}")
         if self.preset not in X264_PRESETS:
