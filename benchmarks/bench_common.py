@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts (each runs as `python benchmarks/NAME.py`, so this folder is on
-sys.path): the machine's description, a free port, and the kernel probes' timing and output."""
+sys.path): the machine's description, a free port, and the kernel probes' timing, CUDA-graph capture and output."""
 import json
 import platform
 import socket
@@ -36,6 +36,23 @@ def bench(fn, reps=30, warm=5):
     e.record()
     torch.cuda.synchronize()
     return s.elapsed_time(e) / reps
+
+
+def capture_graph(fn, calls: int = 1):
+    """A CUDA graph of `calls` calls of fn (run it eagerly first: compiling inside a capture fails),
+    warmed on a side stream as capture needs; `graph.replay()` runs it."""
+    import torch
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph
 
 
 def emit(**kw):

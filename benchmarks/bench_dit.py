@@ -45,6 +45,8 @@ def _code_root() -> str:
 
 sys.path.insert(0, _code_root())
 
+from bench_common import capture_graph                          # noqa: E402  (benchmarks/: the script's folder)
+
 from stages.dit.engine import DenoiseEngine                      # noqa: E402
 from stages.dit.forward import BranchContext, FastForward, ReferenceForward, Row   # noqa: E402
 from stages.dit.model import build_dit_model, random_init_       # noqa: E402
@@ -308,15 +310,7 @@ def graph_time(fn, reps: int = 20) -> float:
     """Seconds per call of `fn` replayed from a CUDA graph, as the engine runs it (no host overhead: a
     Python-heavy kernel wrapper would otherwise be timed by its launch cost)."""
     fn()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return cuda_time(graph.replay, reps=reps)
+    return cuda_time(capture_graph(fn).replay, reps=reps)
 
 
 @section("attention backends at the 1024^2 shape (2 rows, 4098 queries, 4354 keys)")

@@ -9,7 +9,7 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from bench_common import bench, emit, rel   # benchmarks/ is the script's folder
+from bench_common import bench, capture_graph, emit, rel   # benchmarks/ is the script's folder
 
 sys.path.insert(0, os.getcwd())
 dev = torch.device("cuda")
@@ -22,14 +22,7 @@ def graph_ok(fn, out_fn):
     before any replay, an uninitialised buffer: its graph_replay_same fields mean nothing.)"""
     try:
         expected = fn().clone()
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            fn()
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn()
+        g = capture_graph(fn)
         g.replay()
         torch.cuda.synchronize()
         return {"graph": True, "graph_replay_same": bool(torch.equal(expected, out_fn())), "graph_ms": round(bench(g.replay), 4)}

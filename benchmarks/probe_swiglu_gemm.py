@@ -10,10 +10,11 @@ import traceback
 import torch
 import torch.nn.functional as F
 
-from bench_common import bench, emit, rel   # benchmarks/ is the script's folder
+from bench_common import bench, capture_graph, emit, rel   # benchmarks/ is the script's folder
 
 sys.path.insert(0, os.getcwd())
 from stages.dit import kernels as K   # noqa: E402
+from stages.dit.kernels import grouped_tile_origin   # noqa: E402  (a global of the probe's kernel)
 
 dev, bf = torch.device("cuda"), torch.bfloat16
 HIDDEN, FFN = 2048, 11008
@@ -52,11 +53,7 @@ def _layout_variant_kernel(x_desc, w_desc, out_desc, M, F, K, BLOCK_M: tl.conste
     k_steps = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=FLATTEN,
                          warp_specialize=WARP_SPECIALIZE):
-        group = tile // (GROUP_M * tiles_n)
-        first_m = group * GROUP_M
-        group_rows = min(tiles_m - first_m, GROUP_M)
-        m0 = (first_m + tile % group_rows) * BLOCK_M
-        n0 = ((tile % (GROUP_M * tiles_n)) // group_rows) * BLOCK_N
+        m0, n0 = grouped_tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
         if INTERLEAVED:
             acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
             for step in range(k_steps):
@@ -96,16 +93,7 @@ def layout_variant(x, w, c):
 def graph_ms(fn) -> float:
     """Milliseconds per call, replayed from a CUDA graph of CALLS_PER_GRAPH calls."""
     fn()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(CALLS_PER_GRAPH):
-            fn()
-    return bench(g.replay, reps=10, warm=2) / CALLS_PER_GRAPH
+    return bench(capture_graph(fn, CALLS_PER_GRAPH).replay, reps=10, warm=2) / CALLS_PER_GRAPH
 
 
 def main():

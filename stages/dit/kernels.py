@@ -155,6 +155,16 @@ if triton is not None:
             tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=v_mask), mask=v_mask)
 
     @triton.jit
+    def grouped_tile_origin(tile, tiles_m, tiles_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            GROUP_M: tl.constexpr):
+        """(first row, first column) of output tile number `tile`, in grouped order: GROUP_M row tiles
+        share each weight tile while it is in L2."""
+        group = tile // (GROUP_M * tiles_n)
+        first_m = group * GROUP_M
+        group_rows = min(tiles_m - first_m, GROUP_M)
+        return (first_m + tile % group_rows) * BLOCK_M, ((tile % (GROUP_M * tiles_n)) // group_rows) * BLOCK_N
+
+    @triton.jit
     def _gate_up_swiglu_kernel(x_desc, w_desc, out_desc, M, F, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                                BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_PROGRAMS: tl.constexpr,
                                WARP_SPECIALIZE: tl.constexpr, FLATTEN: tl.constexpr,
@@ -171,12 +181,7 @@ if triton is not None:
         k_steps = tl.cdiv(K, BLOCK_K)
         for tile in tl.range(tl.program_id(0), tiles_m * tiles_n, NUM_PROGRAMS, flatten=FLATTEN,
                              warp_specialize=WARP_SPECIALIZE):
-            # grouped order: GROUP_M row tiles share each weight tile while it is in L2
-            group = tile // (GROUP_M * tiles_n)
-            first_m = group * GROUP_M
-            group_rows = min(tiles_m - first_m, GROUP_M)
-            m0 = (first_m + tile % group_rows) * BLOCK_M
-            n0 = ((tile % (GROUP_M * tiles_n)) // group_rows) * BLOCK_N
+            m0, n0 = grouped_tile_origin(tile, tiles_m, tiles_n, BLOCK_M, BLOCK_N, GROUP_M)
             acc = tl.zeros((BLOCK_M, 2 * BLOCK_N), dtype=tl.float32)
             for step in range(k_steps):
                 k0 = step * BLOCK_K
