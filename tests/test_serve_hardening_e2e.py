@@ -650,14 +650,31 @@ def test_thinker_replica_killed_mid_requests_loses_nothing(base_url, cluster):
         raise AssertionError("no request was in flight on the killed thinker in 3 rounds")
 
 
+def _engine_core_of(pid: int, timeout: float) -> list:
+    """The vLLM engine-core process under a thinker replica. A replica that has just replaced a
+    killed one answers before its engine core has renamed itself (setproctitle), so look again
+    until it has; the kernel's comm name is cut to 15 characters ("VLLM::EngineCor")."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = []
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                if "EngineCor" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                    found.append(child)
+            except psutil.NoSuchProcess:
+                continue
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
+
+
 def test_a_dead_vllm_engine_fails_health_and_its_replica_is_replaced(http, cluster):
     """vLLM's engine core dies under a live thinker replica: check_health raises, /health names the
     thinker (503) while the DiT is fine, Serve replaces the replica, and a request works again."""
     cluster.wait_idle(120)
     old_pid = cluster.thinker_stats()["pid"]
-    engine = [p for p in psutil.Process(old_pid).children()
-              if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())]
-    assert engine, [p.name() for p in psutil.Process(old_pid).children()]
+    engine = _engine_core_of(old_pid, 120)
+    assert engine, [p.name() for p in psutil.Process(old_pid).children(recursive=True)]
     engine[0].kill()
     down = None
     deadline = time.monotonic() + 60
