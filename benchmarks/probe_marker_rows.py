@@ -99,8 +99,10 @@ def attention_cases(n: int, rows: int) -> dict | None:
     return out
 
 
-# Second question (run 2): is it the marker rows, or the row count's alignment? cuBLAS's FP8 kernels ran
-# far slower at 2052 rows than at 2048 (run 1); time the packed counts rounded up to multiples of 16 / 128.
+# Second question (`--padding`): is it the marker rows, or the row count's alignment? cuBLAS's FP8 kernels
+# ran 23 % slower a layer at 2052 rows than at 2048 (run 1); time the packed counts rounded up to multiples
+# of 16 / 128. Answer (H100, results/probe_marker_rows_h100_20261206_padding.log): no faster at 2064 or 2176
+# than at 2052, nor at 8208 / 8320 than at 8196 - only 2048 itself is, so zero-row padding was dropped.
 PADDED = [(2052, (2064, 2176)), (4104, (4112, 4224)), (8196, (8208, 8320)), (16392, (16400, 16512))]
 
 

@@ -76,18 +76,15 @@ FP8_MAX = 448.0
 FP8_MIN_SCALE = 1e-12 / FP8_MAX   # an all-zero row gets a tiny scale, not a division by zero
 
 
-def quantize_rows_torch(x: torch.Tensor, rows_out: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """[M, K] -> (E4M3 [rows_out, K], fp32 scales [rows_out, 1]); rows past M (padding, see
-    quantize.Fp8Linears) are zeros with the smallest scale, as an all-zero row would be."""
+def quantize_rows_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (E4M3 [M, K], fp32 scales [M, 1])."""
     xf = x.float()
-    if rows_out is not None and rows_out > x.shape[0]:
-        xf = F.pad(xf, (0, 0, 0, rows_out - x.shape[0]))
     scale = (xf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=FP8_MIN_SCALE)
     return (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
 
 
-def rms_norm_fp8_torch(x, weight, eps, rows_out: int | None = None):
-    return quantize_rows_torch(rms_norm_torch(x, weight, eps), rows_out)
+def rms_norm_fp8_torch(x, weight, eps):
+    return quantize_rows_torch(rms_norm_torch(x, weight, eps))
 
 
 def silu_mul_fp8_torch(gate_up):
@@ -232,13 +229,12 @@ if triton is not None:
         tl.store(scale_ptr + row, scale)
 
     @triton.jit
-    def _rms_norm_fp8_kernel(x_ptr, w_ptr, q_ptr, scale_ptr, stride_x, n_rows, n_cols, eps, BLOCK: tl.constexpr,
+    def _rms_norm_fp8_kernel(x_ptr, w_ptr, q_ptr, scale_ptr, stride_x, n_cols, eps, BLOCK: tl.constexpr,
                              ROUND_IN_FP32: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)   # rows from n_rows on are padding: zeros
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        x = tl.load(x_ptr + row * stride_x + cols, mask=cols < tl.where(row < n_rows, n_cols, 0),
-                    other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
         dt = x_ptr.dtype.element_ty
         normed = (x * rstd).to(dt).to(tl.float32)
@@ -264,26 +260,23 @@ if triton is not None:
                                                key=["n_cols"])(_silu_mul_fp8_kernel)
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, stride_x, n_rows, n_cols, BLOCK: tl.constexpr,
+    def _quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, stride_x, n_cols, BLOCK: tl.constexpr,
                               ROUND_IN_FP32: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)   # rows from n_rows on are padding: zeros
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
-        y = tl.load(x_ptr + row * stride_x + cols, mask=cols < tl.where(row < n_rows, n_cols, 0),
-                    other=0.0).to(tl.float32)
+        y = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
         _store_fp8_row(y, mask, q_ptr + row * n_cols + cols, scale_ptr, row, ROUND_IN_FP32)
 
 
-def rms_norm_fp8_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, rows_out: int | None = None):
-    """rms_norm_fp8_torch's function; `rows_out` pads the output with zero rows (quantize_rows_torch)."""
+def rms_norm_fp8_triton(x: torch.Tensor, weight: torch.Tensor, eps: float):
     assert x.dim() == 2 and x.stride(1) == 1
     rows, n = x.shape
-    rows_out = max(rows, rows_out or 0)
-    q = torch.empty(rows_out, n, dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty(rows_out, 1, dtype=torch.float32, device=x.device)
-    if rows_out:
-        _rms_norm_fp8_kernel[(rows_out,)](x, weight, q, scale, x.stride(0), rows, n, eps,
-                                          BLOCK=triton.next_power_of_2(n), ROUND_IN_FP32=_INTERPRETED, num_warps=8)
+    q = torch.empty(rows, n, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows:
+        _rms_norm_fp8_kernel[(rows,)](x, weight, q, scale, x.stride(0), n, eps, BLOCK=triton.next_power_of_2(n),
+                                      ROUND_IN_FP32=_INTERPRETED, num_warps=8)
     return q, scale
 
 
@@ -299,17 +292,15 @@ def silu_mul_fp8_triton(gate_up: torch.Tensor):
     return q, scale
 
 
-def quantize_rows_triton(x: torch.Tensor, rows_out: int | None = None):
-    """quantize_rows_torch's function; `rows_out` pads the output with zero rows."""
+def quantize_rows_triton(x: torch.Tensor):
     assert x.dim() == 2 and x.stride(1) == 1
     rows, n = x.shape
-    rows_out = max(rows, rows_out or 0)
-    q = torch.empty(rows_out, n, dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty(rows_out, 1, dtype=torch.float32, device=x.device)
-    if rows_out:
+    q = torch.empty(rows, n, dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty(rows, 1, dtype=torch.float32, device=x.device)
+    if rows:
         block = triton.next_power_of_2(n)
-        _quantize_rows_kernel[(rows_out,)](x, q, scale, x.stride(0), rows, n, BLOCK=block,
-                                           ROUND_IN_FP32=_INTERPRETED, num_warps=max(4, min(16, block // 1024)))
+        _quantize_rows_kernel[(rows,)](x, q, scale, x.stride(0), n, BLOCK=block, ROUND_IN_FP32=_INTERPRETED,
+                                       num_warps=max(4, min(16, block // 1024)))
     return q, scale
 
 

@@ -32,7 +32,6 @@ GATE_UP_KERNELS = ("cublas", "triton_swiglu")
 # SwiGLU pass. The und expert's 2-4 marker rows are a matrix-vector product that cuBLAS's split-K kernels
 # do far faster.
 FUSED_SWIGLU_MIN_ROWS = 8192
-FP8_ROW_MULTIPLE = 16   # see Fp8Linears
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,19 +138,12 @@ class DenseLinears:
 
 
 class Fp8Linears:
-    """The same projections on FP8 weights: activations quantized per token on the way in.
+    """The same projections on FP8 weights: activations quantized per token on the way in."""
 
-    `row_multiple`: the quantized activations (so every FP8 GEMM) get their row count rounded up to a
-    multiple of this, with zero rows; the GEMM outputs' extra rows are dropped (a GEMM's rows are
-    independent, so the kept rows do not change). cuBLAS's FP8 kernels run far slower at the packed
-    token counts the DiT has (2 markers per CFG row: 2052 at 512^2 b1) than at aligned ones (H100,
-    benchmarks/README.md "fourth pass"). Default: FP8_ROW_MULTIPLE with FP8 tensor cores, else 1."""
-
-    def __init__(self, ops: ElementwiseOps, device: torch.device, dtype: torch.dtype, row_multiple: int | None = None):
+    def __init__(self, ops: ElementwiseOps, device: torch.device, dtype: torch.dtype):
         self.ops, self.dtype = ops, dtype
         self.native = scaled_mm_available(device) and dtype == torch.bfloat16   # row-wise scales: bf16 out
         self.bias_in_epilogue: bool | None = None
-        self.row_multiple = row_multiple or (FP8_ROW_MULTIPLE if self.native else 1)
 
     def _mm(self, q, scale, lin):
         if self.bias_in_epilogue is None and lin.bias is not None and self.native:
@@ -163,19 +155,11 @@ class Fp8Linears:
                 self.bias_in_epilogue = False
         return fp8_matmul(q, scale, lin, self.dtype, self.native, bool(self.bias_in_epilogue))
 
-    def _rows_out(self, rows: int) -> int:
-        return -(-rows // self.row_multiple) * self.row_multiple
-
-    def _norm_linear_padded(self, x, norm, lin):
-        return self._mm(*self.ops.rms_norm_fp8(x, norm.weight, norm.eps, self._rows_out(x.shape[0])), lin)
-
     def norm_linear(self, x, norm, lin):
-        return self._norm_linear_padded(x, norm, lin)[:x.shape[0]]
+        return self._mm(*self.ops.rms_norm_fp8(x, norm.weight, norm.eps), lin)
 
     def linear_add_(self, residual, x, lin):
-        out = self._mm(*self.ops.quantize_rows(x, self._rows_out(x.shape[0])), lin)
-        return residual.add_(out[:x.shape[0]])
+        return residual.add_(self._mm(*self.ops.quantize_rows(x), lin))
 
     def mlp_add_(self, x, norm, gate_up, down):
-        gate_up_out = self._norm_linear_padded(x, norm, gate_up)   # padding rows through SwiGLU: dropped at the end
-        return x.add_(self._mm(*self.ops.silu_mul_fp8(gate_up_out), down)[:x.shape[0]])
+        return x.add_(self._mm(*self.ops.silu_mul_fp8(self.norm_linear(x, norm, gate_up)), down))
