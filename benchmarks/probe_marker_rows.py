@@ -1,10 +1,15 @@
 """Probe: what the gen chain's marker rows cost. The fast forward runs the gen expert on every packed token,
 the 2 markers of each CFG row included (8196 rows at 1024^2 b1 instead of 8192, 2052 at 512^2 instead of
-2048), and its attention call has n + 2 queries a row. Both are one row past a multiple of the kernels'
+2048), and its attention call has n + 2 queries a row: a few rows past a multiple of the kernels'
 128-row tiles. This times, at the Lance_3B layer's shapes, each GEMM of a layer (bf16 cuBLAS as the fast
 path calls it, the fused gate_up + SwiGLU kernel, FP8 `_scaled_mm`) with and without those rows, and
 FlashAttention-4's variable-length attention with n + 2 queries a row against n queries a row plus a
-second call for the markers alone. CUDA-graph timed (as the engine runs); one JSON line per case."""
+second call for the markers alone. CUDA-graph timed (as the engine runs); one JSON line per case.
+Run from the repository root: `python3 benchmarks/probe_marker_rows.py [--padding]`.
+
+Answer (H100, results/probe_marker_rows_h100_20261206.log; benchmarks/README.md, fourth pass): without the
+markers, bf16 cuBLAS is no faster (2-3 % slower), attention plus a marker call is slower; only FP8 gains,
+and only at exactly 2048 rows (see PADDED)."""
 import os
 import sys
 
